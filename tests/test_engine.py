@@ -1,0 +1,308 @@
+"""The generation engine: both backends return well-formed completions, agree with each other and
+with a teacher-forced forward pass of the transformers model, and vLLM follows the trainer's
+weights after push_weights (and visibly does not without it)."""
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import HFEngine, Sampling, VLLMEngine, make_engine, stop_token_ids
+from training import Dist, build_tiny_model
+
+SINGLE = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+SHORT_PROMPTS = ["Hi", "Solve 2x+3=7.\n", "abc"]
+LONG_PROMPT = "Solve for x: 3x + 5 = 20, then check the answer. " * 4  # 200 tokens, > one KV block
+
+
+def perturb(model, scale: float, seed: int):
+    """Random-init logits are nearly uniform; noise makes greedy paths and log-probs non-trivial."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    # head_dim 128/4 = 32: vLLM's CPU attention kernels reject smaller heads (e.g. 16).
+    model, tokenizer = build_tiny_model(num_layers=2)
+    perturb(model, 0.3, seed=1).eval()
+    path = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model, tokenizer, str(path)
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(tiny):
+    pytest.importorskip("vllm")
+    model, tokenizer, path = tiny
+    torch.manual_seed(123)
+    rng_before = torch.get_rng_state()
+    # float32: with dtype "auto" vLLM on CPU casts a float32 checkpoint to bfloat16.
+    engine = VLLMEngine(path, tokenizer, SINGLE, dtype="float32", max_model_len=512,
+                        kv_cache_memory_bytes=32 << 20)
+    # vLLM reseeds the global RNG on start; a resumed run's restored RNG state must survive it.
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    return engine
+
+
+def teacher_forced_logprobs(model, tokenizer, prompt: str, token_ids: list[int], temperature: float = 1.0):
+    """log_softmax(logits / T) of each generated token, from one forward pass over prompt + completion."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + token_ids])).logits[0, len(prompt_ids) - 1:-1].float()
+    logprobs = (logits / temperature).log_softmax(-1)
+    return logprobs, logprobs.gather(-1, torch.tensor(token_ids)[:, None]).squeeze(-1)
+
+
+def greedy(engine, prompts, max_new_tokens=24):
+    return [samples[0] for samples in engine.generate(prompts, Sampling(temperature=0, max_new_tokens=max_new_tokens))]
+
+
+def assert_same_greedy(reference, other):
+    for a, b in zip(reference, other):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+
+
+def check_well_formed(completions, tokenizer, stop_ids, max_new_tokens):
+    for c in completions:
+        assert len(c.token_ids) == len(c.logprobs) > 0
+        assert all(lp <= 1e-6 for lp in c.logprobs)
+        assert c.text == tokenizer.decode(c.token_ids, skip_special_tokens=True)
+        assert not any(t in stop_ids for t in c.token_ids[:-1])  # nothing generated past an EOS
+        if c.finish_reason == "stop":
+            assert c.token_ids[-1] in stop_ids
+        else:
+            assert c.finish_reason == "length"
+            assert c.token_ids[-1] not in stop_ids and len(c.token_ids) == max_new_tokens
+
+
+# ----------------------------------------------------------------------------------------------
+# Both engines
+
+
+@pytest.fixture(params=["hf", "vllm"])
+def engine(request, tiny):
+    model, tokenizer, path = tiny
+    if request.param == "hf":
+        return HFEngine(model, tokenizer, SINGLE)
+    return request.getfixturevalue("vllm_engine")
+
+
+def test_completions_are_well_formed(engine, tiny):
+    _, tokenizer, _ = tiny
+    sampling = Sampling(n=16, temperature=1.5, max_new_tokens=24)
+    torch.manual_seed(0)
+    out = engine.generate(SHORT_PROMPTS, sampling)
+    assert [len(samples) for samples in out] == [16] * len(SHORT_PROMPTS)
+    completions = [c for samples in out for c in samples]
+    check_well_formed(completions, tokenizer, [tokenizer.eos_token_id], sampling.max_new_tokens)
+    # At this temperature both endings occur, so both branches of the check above ran.
+    assert {c.finish_reason for c in completions} == {"stop", "length"}
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_logprobs_match_teacher_forcing(engine, tiny, temperature):
+    model, tokenizer, _ = tiny
+    torch.manual_seed(1)
+    out = engine.generate(SHORT_PROMPTS, Sampling(n=4, temperature=temperature, max_new_tokens=12))
+    for prompt, samples in zip(SHORT_PROMPTS, out):
+        assert len({tuple(c.token_ids) for c in samples}) > 1  # it does sample
+        for c in samples:
+            _, reference = teacher_forced_logprobs(model, tokenizer, prompt, c.token_ids, temperature)
+            assert torch.allclose(torch.tensor(c.logprobs), reference, atol=1e-4)
+
+
+def test_top_p_samples_inside_the_nucleus_with_renormalized_logprobs(engine, tiny):
+    model, tokenizer, _ = tiny
+    top_p, temperature = 0.6, 0.8
+    torch.manual_seed(2)
+    out = engine.generate(SHORT_PROMPTS, Sampling(n=4, temperature=temperature, top_p=top_p, max_new_tokens=10))
+    for prompt, samples in zip(SHORT_PROMPTS, out):
+        for c in samples:
+            logprobs, _ = teacher_forced_logprobs(model, tokenizer, prompt, c.token_ids, temperature)
+            probs = logprobs.exp()
+            # vLLM's rule, written without sorting: a token survives when the probability mass of
+            # the tokens at most as likely as it (itself included) exceeds 1 - top_p.
+            mass_at_or_below = (probs[:, None, :] * (probs[:, None, :] <= probs[:, :, None])).sum(-1)
+            kept = mass_at_or_below > 1 - top_p
+            rows = torch.arange(len(c.token_ids))
+            assert kept[rows, c.token_ids].all()
+            renormalized = logprobs[rows, c.token_ids] - (probs * kept).sum(-1).log()
+            assert torch.allclose(torch.tensor(c.logprobs), renormalized, atol=1e-4)
+
+
+def test_first_token_frequencies_follow_the_tempered_distribution(engine, tiny):
+    model, tokenizer, _ = tiny
+    temperature, n = 0.7, 600
+    torch.manual_seed(3)
+    samples = engine.generate(["Hi"], Sampling(n=n, temperature=temperature, max_new_tokens=1))[0]
+    counts = Counter(c.token_ids[0] for c in samples)
+    with torch.no_grad():
+        logits = model(torch.tensor([tokenizer("Hi", add_special_tokens=False).input_ids])).logits[0, -1]
+    expected = (logits / temperature).softmax(-1)
+    observed = torch.tensor([counts[i] / n for i in range(len(expected))])
+    # Total variation: ~0.03 for a correct sampler at n=600; temperature 1 or argmax gives > 0.2.
+    assert 0.5 * (observed - expected).abs().sum() < 0.1
+
+
+def test_restoring_the_rng_state_reproduces_samples(engine):
+    sampling = Sampling(n=3, temperature=1.0, max_new_tokens=10)
+    torch.manual_seed(4)
+    first = engine.generate(SHORT_PROMPTS, sampling)
+    torch.manual_seed(4)
+    again = engine.generate(SHORT_PROMPTS, sampling)
+    other = engine.generate(SHORT_PROMPTS, sampling)
+    ids = lambda out: [[c.token_ids for c in samples] for samples in out]  # noqa: E731
+    assert ids(first) == ids(again)
+    assert ids(first) != ids(other)
+
+
+def test_stop_tokens_include_the_generation_config_eos(tiny):
+    model, tokenizer, _ = tiny
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = [tokenizer.eos_token_id, 97]
+    assert stop_token_ids(tokenizer, config) == sorted({tokenizer.eos_token_id, 97})
+    config.eos_token_id = None
+    assert stop_token_ids(tokenizer, config) == [tokenizer.eos_token_id]
+
+
+# ----------------------------------------------------------------------------------------------
+# HF engine
+
+
+def test_hf_batching_and_left_padding_do_not_change_outputs(tiny):
+    model, tokenizer, _ = tiny
+    prompts = SHORT_PROMPTS + [LONG_PROMPT]
+    one_at_a_time = greedy(HFEngine(model, tokenizer, SINGLE, batch_size=1), prompts)
+    batched = greedy(HFEngine(model, tokenizer, SINGLE, batch_size=64), prompts)
+    assert_same_greedy(one_at_a_time, batched)
+    for prompt, c in zip(prompts, batched):
+        logprobs, reference = teacher_forced_logprobs(model, tokenizer, prompt, c.token_ids)
+        assert c.token_ids == logprobs.argmax(-1).tolist()[:len(c.token_ids)]
+        assert torch.allclose(torch.tensor(c.logprobs), reference, atol=1e-4)
+
+
+def test_hf_restores_train_mode_and_rejects_empty_prompts(tiny):
+    model, tokenizer, _ = tiny
+    engine = make_engine("hf", model, tokenizer, "", SINGLE, batch_size=2, gpu_memory_utilization=0.5)
+    assert isinstance(engine, HFEngine) and engine.batch_size == 2
+    model.train()
+    try:
+        engine.generate(["Hi"], Sampling(temperature=0, max_new_tokens=2))
+        assert model.training
+    finally:
+        model.eval()
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        engine.generate(["Hi", ""], Sampling(max_new_tokens=2))
+    with pytest.raises(ValueError, match="max_new_tokens >= 1"):
+        engine.generate(["Hi"], Sampling(max_new_tokens=0))
+    with pytest.raises(ValueError, match="unknown engine"):
+        make_engine("tgi", model, tokenizer, "", SINGLE)
+
+
+# ----------------------------------------------------------------------------------------------
+# vLLM engine against the HF engine
+
+
+def test_vllm_greedy_matches_hf_for_short_and_long_prompts(tiny, vllm_engine):
+    model, tokenizer, _ = tiny
+    block_size = vllm_engine.llm.llm_engine.vllm_config.cache_config.block_size
+    assert len(tokenizer(LONG_PROMPT, add_special_tokens=False).input_ids) > block_size
+    prompts = SHORT_PROMPTS + [LONG_PROMPT]
+    assert_same_greedy(greedy(HFEngine(model, tokenizer, SINGLE), prompts), greedy(vllm_engine, prompts))
+
+
+def test_vllm_follows_pushed_weights(tiny, vllm_engine):
+    model, tokenizer, _ = tiny
+    prompts = SHORT_PROMPTS + [LONG_PROMPT]
+    greedy(vllm_engine, prompts)  # fills the prefix cache with blocks computed from the old weights
+    trained = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.5)
+    batch = torch.tensor([tokenizer(LONG_PROMPT, add_special_tokens=False).input_ids])
+    for _ in range(3):
+        trained(batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    trained.eval()
+    expected = greedy(HFEngine(trained, tokenizer, SINGLE), prompts)
+    try:
+        # Sync deliberately skipped: vLLM still samples from the old policy.
+        stale = greedy(vllm_engine, prompts)
+        gaps = [max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) for a, b in zip(expected, stale)]
+        assert all(a.token_ids != b.token_ids or gap > 1e-2 for a, b, gap in zip(expected, stale, gaps))
+        vllm_engine.push_weights(trained)
+        assert_same_greedy(expected, greedy(vllm_engine, prompts))
+    finally:
+        vllm_engine.push_weights(model)  # leave the shared engine as the other tests expect it
+    assert_same_greedy(greedy(HFEngine(model, tokenizer, SINGLE), prompts), greedy(vllm_engine, prompts))
+
+
+# ----------------------------------------------------------------------------------------------
+# Two ranks under torchrun: FSDP2-sharded model, different prompt counts per rank.
+
+TWO_RANKS = r'''
+import os, sys, json
+sys.path.insert(0, sys.argv[1])
+import torch
+from torch.distributed.fsdp import fully_shard
+from engine import HFEngine, Sampling, make_engine
+from training import init_distributed, load_model, load_tokenizer
+d = init_distributed()
+model, tokenizer = load_model(sys.argv[2]), load_tokenizer(sys.argv[2])
+greedy = Sampling(temperature=0, max_new_tokens=12)
+# Unsharded (as in evaluate.py), ranks are independent: a rank without prompts may skip generate.
+unsharded = [c[0].token_ids for c in HFEngine(model, tokenizer, d).generate(["Hi"], greedy)] if d.rank == 0 else None
+for layer in model.model.layers:
+    fully_shard(layer)
+fully_shard(model)
+# Rank 0 gets three prompts in three batches, rank 1 one: without lock-step batches and
+# forward passes, the FSDP all-gathers would deadlock.
+prompts = [["Hi", "Solve 2x+3=7.\n", "abc"], ["x" * 150]][d.rank]
+hf = [c[0].token_ids for c in HFEngine(model, tokenizer, d, batch_size=1).generate(prompts, greedy)]
+result = {"hf": hf, "unsharded": unsharded}
+if sys.argv[3] == "vllm":
+    engine = make_engine("vllm", model, tokenizer, sys.argv[2], d, dtype="float32", max_model_len=512,
+                         kv_cache_memory_bytes=32 << 20)
+    # One training step changes the sharded weights; vLLM must follow them.
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    batch = torch.tensor([tokenizer(prompts[0], add_special_tokens=False).input_ids])
+    model(batch, labels=batch).loss.backward()
+    optimizer.step()
+    hf_after = [c[0].token_ids for c in HFEngine(model, tokenizer, d).generate(prompts, greedy)]
+    engine.push_weights(model)
+    result.update(hf_after=hf_after, vllm=[c[0].token_ids for c in engine.generate(prompts, greedy)])
+with open(os.path.join(sys.argv[4], f"rank{d.rank}.json"), "w") as f:
+    json.dump(result, f)
+torch.distributed.destroy_process_group()
+'''
+
+
+def test_two_fsdp_ranks_with_uneven_prompts(tiny, tmp_path):
+    backends = "vllm" if importlib.util.find_spec("vllm") else "hf"  # one launch checks both when it can
+    model, tokenizer, path = tiny
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANKS)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), root, path, backends, str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    prompts = [["Hi", "Solve 2x+3=7.\n", "abc"], ["x" * 150]]
+    assert results[0]["unsharded"] == [c.token_ids for c in greedy(HFEngine(model, tokenizer, SINGLE), ["Hi"], 12)]
+    for rank_prompts, result in zip(prompts, results):
+        assert result["hf"] == [c.token_ids for c in greedy(HFEngine(model, tokenizer, SINGLE), rank_prompts, 12)]
+        if backends == "vllm":
+            assert result["vllm"] == result["hf_after"] != result["hf"]

@@ -1,0 +1,112 @@
+"""GRPO's equations against hand computations, and the update against itself across ranks."""
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import grpo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_group_advantages_match_a_direct_computation():
+    torch.manual_seed(0)
+    rewards = torch.rand(5 * 4)
+    got = grpo.group_advantages(rewards, group_size=4, scale="group")
+    for g in range(5):
+        group = rewards[4 * g:4 * g + 4].tolist()
+        mean = sum(group) / 4
+        std = math.sqrt(sum((r - mean) ** 2 for r in group) / 3)  # unbiased, as torch.std
+        for i in range(4):
+            assert got[4 * g + i].item() == pytest.approx((group[i] - mean) / (std + 1e-4), rel=1e-5)
+    batch_std = rewards.std().item()
+    got = grpo.group_advantages(rewards, 4, scale="batch")
+    assert got[5].item() == pytest.approx((rewards[5] - rewards[4:8].mean()).item() / (batch_std + 1e-4), rel=1e-5)
+    got = grpo.group_advantages(rewards, 4, scale="none")
+    assert got[5].item() == pytest.approx((rewards[5] - rewards[4:8].mean()).item(), abs=1e-6)
+
+
+def test_all_equal_groups_get_zero_advantage_not_nan():
+    rewards = [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.5]
+    for scale in ("group", "batch", "none"):
+        advantages = grpo.group_advantages(rewards, 3, scale)
+        assert not torch.isnan(advantages).any()
+        assert advantages[:6].tolist() == [0.0] * 6
+    assert grpo.group_advantages([2.0] * 6, 3, "batch").tolist() == [0.0] * 6   # batch std 0 too
+    # a binary group: +1 for the right answer, -1 for the wrong one (std of {1, 0} is 1/sqrt(2))
+    a = grpo.group_advantages([1.0, 0.0], 2, "group")
+    assert a.tolist() == pytest.approx([0.5 / (math.sqrt(0.5) + 1e-4), -0.5 / (math.sqrt(0.5) + 1e-4)])
+
+
+def test_clipped_objective_by_hand():
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.1, 0.7]]))
+    old = torch.zeros(1, 4)                                 # rho = 1.5, 0.5, 1.1, 0.7
+    adv = torch.tensor([[1.0]])
+    objective, clipped = grpo.clipped_objective(logp, old, adv, 0.2, 0.28)
+    # A > 0: min(rho, clip(rho)) = 1.28, 0.5, 1.1, 0.7
+    assert objective[0].tolist() == pytest.approx([1.28, 0.5, 1.1, 0.7], rel=1e-6)
+    assert clipped[0].tolist() == [True, False, False, False]
+    objective, clipped = grpo.clipped_objective(logp, old, -adv, 0.2, 0.28)
+    # A < 0: min(-rho, -clip(rho)) = -1.5, -0.8, -1.1, -0.8
+    assert objective[0].tolist() == pytest.approx([-1.5, -0.8, -1.1, -0.8], rel=1e-6)
+    assert clipped[0].tolist() == [False, True, False, True]
+
+
+def test_mu_one_makes_the_ratio_exactly_one_and_keeps_the_policy_gradient():
+    logits = torch.randn(3, 5, requires_grad=True)
+    logp = torch.log_softmax(logits, -1)[:, 0]
+    objective, clipped = grpo.clipped_objective(logp, logp.detach(), torch.tensor(2.0), 0.2, 0.2)
+    assert torch.equal(torch.exp(logp - logp.detach()), torch.ones(3))
+    assert not clipped.any()
+    objective.sum().backward()
+    reference_logits = logits.detach().clone().requires_grad_()
+    (2.0 * torch.log_softmax(reference_logits, -1)[:, 0]).sum().backward()
+    torch.testing.assert_close(logits.grad, reference_logits.grad)   # d/dtheta rho*A = A * dlogp
+
+
+def test_k3_kl_by_hand():
+    logp, ref = torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.0, -1.0, -2.0])
+    expected = [0.0, math.exp(1) - 1 - 1, math.exp(-1.5) + 1.5 - 1]
+    assert grpo.k3_kl(logp, ref).tolist() == pytest.approx(expected, rel=1e-6)
+    assert (grpo.k3_kl(torch.randn(100), torch.randn(100)) >= 0).all()
+
+
+def test_loss_aggregations_by_hand():
+    per_token = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    assert grpo.aggregate_loss(per_token, mask, "grpo", 2, 4, 10).item() == pytest.approx((2.0 + 4.0) / 2)
+    assert grpo.aggregate_loss(per_token, mask, "bnpo", 2, 4, 10).item() == pytest.approx(10.0 / 4)
+    assert grpo.aggregate_loss(per_token, mask, "dr_grpo", 2, 4, 10).item() == pytest.approx(10.0 / 20)
+
+
+def test_token_logprobs_match_log_softmax_at_temperature():
+    import training
+
+    model, _ = training.build_tiny_model(hidden_size=32, num_layers=1, num_heads=2)
+    ids, am, cm = grpo.pack([[5, 6, 7]], [[8, 9]], 0, "cpu")
+    logp, entropy = grpo.token_logprobs(model, ids, am, cm, temperature=0.7, with_entropy=True)
+    logits = model(ids).logits[0] / 0.7
+    expected = torch.log_softmax(logits, -1)
+    assert logp[0, 2].item() == pytest.approx(expected[2, 8].item(), abs=1e-5)
+    assert logp[0, 3].item() == pytest.approx(expected[3, 9].item(), abs=1e-5)
+    assert logp[0, :2].abs().sum().item() == 0.0           # prompt positions carry nothing
+    assert entropy[0, 3].item() == pytest.approx(-(expected[3].exp() * expected[3]).sum().item(), abs=1e-5)
+
+
+def test_two_rank_update_on_fixed_rollouts_equals_one_process(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worker = str(ROOT / "tests" / "grpo_update_worker.py")
+    subprocess.run([sys.executable, worker, str(tmp_path / "one")], cwd=ROOT, env=env, check=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker,
+                    str(tmp_path / "two")], cwd=ROOT, env=env, check=True)
+    one, two = torch.load(tmp_path / "one" / "result.pt"), torch.load(tmp_path / "two" / "result.pt")
+    start = one["start"]
+    assert max((one["weights"][k] - start[k]).abs().max().item() for k in start) > 1e-4   # it moved
+    for k in start:
+        torch.testing.assert_close(one["weights"][k], two["weights"][k], atol=2e-6, rtol=0, msg=k)
+    for key in ("loss", "clip_frac", "kl", "entropy", "grad_norm"):
+        assert one["stats"][key] == pytest.approx(two["stats"][key], rel=1e-4, abs=1e-7), key

@@ -1,0 +1,80 @@
+"""sft.py end to end on CPU: 2 ranks equal 1 process, and a killed run resumes to the same weights."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--preset", "tiny", "--max-steps", "4", "--batch-size", "8", "--micro-batch-size", "2", "--log-steps", "1"]
+
+
+def run(args, nproc=1, check=True, **kwargs):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    return subprocess.run(launcher + args, cwd=ROOT, env=env, check=check, capture_output=True, text=True, **kwargs)
+
+
+def weights(folder) -> dict:
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_two_ranks_reach_the_same_weights_as_one_process(tmp_path):
+    run(["sft.py", *SMALL, "--output-dir", str(tmp_path / "one")])
+    run(["sft.py", *SMALL, "--output-dir", str(tmp_path / "two")], nproc=2)
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    start = weights_of_fresh_tiny_model()
+    assert max_difference(one, start) > 1e-3          # it trained
+    assert max_difference(one, two) < 2e-5            # and the sharded run did the same thing
+
+
+def weights_of_fresh_tiny_model():
+    import training
+
+    model, _ = training.build_tiny_model(seed=0)
+    return {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+
+
+def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
+    args = ["sft.py", "--preset", "tiny", "--max-steps", "8", "--save-steps", "2", "--batch-size", "8",
+            "--micro-batch-size", "4"]
+    run(args + ["--output-dir", str(tmp_path / "straight")])
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen([sys.executable, *args, "--output-dir", str(interrupted)], cwd=ROOT,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (interrupted / "checkpoint-2").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (interrupted / "model.safetensors").exists(), "the run finished before it could be killed"
+    # a checkpoint that was being written when the process died must never be loaded
+    (interrupted / ".partial-checkpoint-6").mkdir()
+    (interrupted / ".partial-checkpoint-6" / "config.json").write_text("{ broken")
+
+    resumed = run(args + ["--output-dir", str(interrupted)])
+    assert "resumed from" in resumed.stdout
+    assert max_difference(weights(tmp_path / "straight"), weights(interrupted)) < 1e-6
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))  # each step logged once, even the ones redone after the kill
+
+
+def test_bad_data_fails_fast_with_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "1+1?", "solution": "2", "answer": "2"}\n{"problem": "2+2?", "solution": "4"}\n')
+    result = run(["sft.py", "--model", "tiny", "--data", str(bad), "--output-dir", str(tmp_path / "o")], check=False)
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert "bad.jsonl" in last_line and "answer" in last_line and "Traceback" not in result.stderr
