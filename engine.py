@@ -137,6 +137,12 @@ class HFEngine:
     def push_weights(self, model) -> None:
         """Nothing to do: this engine samples from the training model itself."""
 
+    def sleep(self) -> None:
+        """Nothing to release: there is no separate KV cache between calls."""
+
+    def wake_up(self) -> None:
+        pass
+
     def generate(self, prompts: list[str], sampling: Sampling) -> list[list[Completion]]:
         check_sampling(sampling)
         prompt_ids = tokenize_prompts(prompts, self.tokenizer)

@@ -137,40 +137,6 @@ def aggregate_loss(per_token, mask, loss_type: str, num_sequences: int, num_toke
     raise ValueError(f"loss_type must be grpo, bnpo or dr_grpo, not {loss_type!r}")
 
 
-def token_logprobs(model, input_ids, attention_mask, completion_mask, temperature: float, with_entropy=False):
-    """log pi(o_t | q, o_<t) of each completion token at the sampling temperature (and entropy)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float() / temperature
-    targets = input_ids[:, 1:]
-    logsumexp = torch.logsumexp(logits, dim=-1)
-    logp = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - logsumexp
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = logsumexp - (torch.softmax(logits, -1) * logits).sum(-1)
-    return logp * completion_mask[:, 1:], entropy
-
-
-def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, device):
-    """Right-padded prompt+completion rows; completion_mask marks the completion's tokens."""
-    width = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids))
-    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    completion_mask = torch.zeros_like(input_ids, dtype=torch.float32)
-    for row, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
-        input_ids[row, :len(p) + len(c)] = torch.tensor(p + c)
-        attention_mask[row, :len(p) + len(c)] = 1
-        completion_mask[row, len(p):len(p) + len(c)] = 1
-    return input_ids.to(device), attention_mask.to(device), completion_mask.to(device)
-
-
-def pack_logprobs(logprobs: list[list[float]], prompt_lengths: list[int], width: int, device):
-    """The engine's log-probs laid out like token_logprobs' output (position t predicts token t+1)."""
-    out = torch.zeros((len(logprobs), width - 1), device=device)
-    for row, (lp, start) in enumerate(zip(logprobs, prompt_lengths)):
-        out[row, start - 1:start - 1 + len(lp)] = torch.tensor(lp)
-    return out
-
-
 def policy_update(policy, reference, optimizer, scheduler, rows, cfg: Config, d, pad_id: int) -> dict:
     """Step 4: mu optimizer steps on this rank's rollouts `rows` = (prompt ids, completion ids,
     engine log-probs, advantage). Losses are normalised by counts over all ranks, so any number of
@@ -178,15 +144,15 @@ def policy_update(policy, reference, optimizer, scheduler, rows, cfg: Config, d,
     micro_batches = [rows[k:k + cfg.micro_batch_size] for k in range(0, len(rows), cfg.micro_batch_size)]
     num_sequences = training.all_reduce_sum(len(rows), d).item()
     num_tokens = training.all_reduce_sum(sum(len(r[1]) for r in rows), d).item()
-    packed = [pack([r[0] for r in mb], [r[1] for r in mb], pad_id, d.device) for mb in micro_batches]
-    engine_logp = [pack_logprobs([r[2] for r in mb], [len(r[0]) for r in mb], ids.shape[1], d.device)
+    packed = [training.pack([r[0] for r in mb], [r[1] for r in mb], pad_id, d.device) for mb in micro_batches]
+    engine_logp = [training.pack_logprobs([r[2] for r in mb], [len(r[0]) for r in mb], ids.shape[1], d.device)
                    for mb, (ids, _, _) in zip(micro_batches, packed)]
     advantages = [torch.tensor([r[3] for r in mb], device=d.device).unsqueeze(1) for mb in micro_batches]
 
     with torch.no_grad():  # pi_old (needed only when mu > 1) and pi_ref, before any update
-        old_logp = [token_logprobs(policy, *batch, cfg.temperature)[0] if cfg.num_iterations > 1 else None
+        old_logp = [training.token_logprobs(policy, *batch, cfg.temperature)[0] if cfg.num_iterations > 1 else None
                     for batch in packed]
-        ref_logp = [token_logprobs(reference, *batch, cfg.temperature)[0] if reference is not None else None
+        ref_logp = [training.token_logprobs(reference, *batch, cfg.temperature)[0] if reference is not None else None
                     for batch in packed]
     policy.train()
     sums = dict.fromkeys(("loss", "clip", "kl", "entropy", "gap"), 0.0)
@@ -196,7 +162,7 @@ def policy_update(policy, reference, optimizer, scheduler, rows, cfg: Config, d,
             training.set_gradient_sync(policy, k == len(packed) - 1)  # reduce gradients once, after the last
             mask = batch[2][:, 1:]
             with training.autocast(d, cfg.bf16):
-                logp, entropy = token_logprobs(policy, *batch, cfg.temperature, with_entropy=iteration == 0)
+                logp, entropy = training.token_logprobs(policy, *batch, cfg.temperature, with_entropy=iteration == 0)
             # pi_old: with mu = 1 the sampling policy is the current one, so rho = exp(logp - logp.detach())
             # is exactly 1 and the gradient is the plain policy gradient: no extra forward pass needed.
             old = old_logp[k] if old_logp[k] is not None else logp.detach()
@@ -227,22 +193,14 @@ def policy_update(policy, reference, optimizer, scheduler, rows, cfg: Config, d,
             "logprob_gap_max": training.all_reduce_max(gap_max, d).item()}
 
 
-def parse_reward_weights(spec: str) -> dict[str, float]:
-    weights = {}
-    for part in spec.split(","):
-        name, _, weight = part.partition(":")
-        if name.strip() not in rewards.REWARD_FUNCTIONS:
-            raise SystemExit(f"error: unknown reward {name.strip()!r} in --rewards {spec!r}; "
-                             f"choose from {', '.join(rewards.REWARD_FUNCTIONS)}")
-        weights[name.strip()] = float(weight or 1.0)
-    return weights
-
-
 def main(argv=None):
     cfg = training.parse_args(Config, PRESETS, argv, description=__doc__.split("\n\n")[0])
     d = training.init_distributed()
     training.seed_everything(cfg.seed)
-    reward_weights = parse_reward_weights(cfg.rewards)
+    try:
+        reward_weights = rewards.parse_weights(cfg.rewards)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
     G = cfg.num_generations
     if G < 2 or cfg.prompts_per_step % d.world_size:
         raise SystemExit(f"error: need --num-generations >= 2 and --prompts-per-step divisible by {d.world_size} ranks")

@@ -105,7 +105,7 @@ def _clean_extracted(answer: str | None) -> str | None:
         return None
     answer = answer.strip()
     answer = re.sub(r"\s*I hope it is correct\.?\s*$", "", answer)
-    answer = answer.strip().strip("$").strip()
+    answer = re.sub(r"^\$+|(?<!\\)\$+$", "", answer.strip()).strip()
     for opener, closer in (("\\(", "\\)"), ("\\[", "\\]")):
         if answer.startswith(opener) and answer.endswith(closer):
             answer = answer[len(opener) : -len(closer)].strip()
@@ -970,9 +970,9 @@ def _serve_sympy_requests() -> None:
         raise _HelperTimeout
 
     signal.signal(signal.SIGALRM, stop_comparison)
-    out = sys.stdout.buffer
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a stray print must not corrupt the answers
     out.write(b"ready\n")
-    out.flush()
     for line in sys.stdin.buffer:
         request = json.loads(line)
         signal.setitimer(signal.ITIMER_REAL, max(0.01, 0.8 * request["seconds"]))
@@ -983,7 +983,6 @@ def _serve_sympy_requests() -> None:
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
         out.write(json.dumps({"equal": bool(equal)}).encode() + b"\n")
-        out.flush()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1144,6 +1143,18 @@ def compute_rewards(completions: list[str], answers: list[str], num_tokens: list
             columns[name] = [_limr_value(c, t, ok) for c, t, ok in zip(completions, truncated, correct)]
     columns["total"] = [sum(weights[name] * columns[name][i] for name in weights) for i in range(n)]
     return columns
+
+
+def parse_weights(spec: str) -> dict[str, float]:
+    """"format:1,cosine:2" -> {"format": 1.0, "cosine": 2.0} (a bare name weighs 1)."""
+    weights = {}
+    for part in spec.split(","):
+        name, _, weight = part.partition(":")
+        if name.strip() not in REWARD_NAMES:
+            raise ValueError(f"unknown reward {name.strip()!r} in --rewards {spec!r}; "
+                             f"choose from {', '.join(REWARD_NAMES)}")
+        weights[name.strip()] = float(weight or 1.0)
+    return weights
 
 
 if __name__ == "__main__" and sys.argv[1:] == [_HELPER_FLAG]:

@@ -281,6 +281,44 @@ def cosine_schedule(optimizer, max_steps: int, warmup_ratio: float, min_lr_ratio
 
 
 # ----------------------------------------------------------------------------------------------
+# Sequences for the RL trainers: prompt + completion rows and the log-probs of completion tokens.
+
+
+def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, device):
+    """Right-padded prompt+completion rows; completion_mask marks the completion's tokens."""
+    width = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids))
+    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    completion_mask = torch.zeros_like(input_ids, dtype=torch.float32)
+    for row, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        input_ids[row, :len(p) + len(c)] = torch.tensor(p + c)
+        attention_mask[row, :len(p) + len(c)] = 1
+        completion_mask[row, len(p):len(p) + len(c)] = 1
+    return input_ids.to(device), attention_mask.to(device), completion_mask.to(device)
+
+
+def pack_logprobs(logprobs: list[list[float]], prompt_lengths: list[int], width: int, device):
+    """The engine's log-probs laid out like token_logprobs' output (position t predicts token t+1)."""
+    out = torch.zeros((len(logprobs), width - 1), device=device)
+    for row, (lp, start) in enumerate(zip(logprobs, prompt_lengths)):
+        out[row, start - 1:start - 1 + len(lp)] = torch.tensor(lp)
+    return out
+
+
+def token_logprobs(model, input_ids, attention_mask, completion_mask, temperature: float, with_entropy=False):
+    """log pi(o_t | q, o_<t) of each completion token at the sampling temperature (and entropy)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float() / temperature
+    targets = input_ids[:, 1:]
+    logsumexp = torch.logsumexp(logits, dim=-1)
+    logp = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - logsumexp
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = logsumexp - (torch.softmax(logits, -1) * logits).sum(-1)
+    return logp * completion_mask[:, 1:], entropy
+
+
+# ----------------------------------------------------------------------------------------------
 # Checkpoints. `D/checkpoint-N/` is a save_pretrained folder (transformers and vLLM load it as it
 # is) plus `trainer_state.pt` (optimizer, scheduler, step, data position, each rank's RNG). It is
 # written under a temporary name and renamed when complete, so a crash mid-write never leaves a

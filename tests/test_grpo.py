@@ -87,8 +87,8 @@ def test_token_logprobs_match_log_softmax_at_temperature():
     import training
 
     model, _ = training.build_tiny_model(hidden_size=32, num_layers=1, num_heads=2)
-    ids, am, cm = grpo.pack([[5, 6, 7]], [[8, 9]], 0, "cpu")
-    logp, entropy = grpo.token_logprobs(model, ids, am, cm, temperature=0.7, with_entropy=True)
+    ids, am, cm = training.pack([[5, 6, 7]], [[8, 9]], 0, "cpu")
+    logp, entropy = training.token_logprobs(model, ids, am, cm, temperature=0.7, with_entropy=True)
     logits = model(ids).logits[0] / 0.7
     expected = torch.log_softmax(logits, -1)
     assert logp[0, 2].item() == pytest.approx(expected[2, 8].item(), abs=1e-5)

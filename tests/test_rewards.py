@@ -130,10 +130,23 @@ def test_not_equivalent(pred, gold):
     ("$\\boxed{4.5\\%}$", "4.5", True),  # MATH drops the percent sign of percent answers
     ("$\\boxed{m_{\\max } = n^{2}-n-1}$", "m_{\\max }=n^{2}-n-1", True),
     ("So we get \\fbox{p - q}", "p - q", True),
+    ("$\\boxed{(1,2)}$", "\\{1,2\\}", False),  # an ordered pair (or interval) is not a set
+    ("$\\boxed{1,1}$", "1", False),
+    ("$\\boxed{\\begin{pmatrix}1\\\\2\\end{pmatrix}}$", "(1,2)", True),  # a column vector as a tuple
+    ("$\\boxed{i}$", "\\sqrt{-1}", True),
+    ("$\\boxed{x>2}$", "(2,\\infty)", True),
+    ("$\\boxed{5 dollars}$", "5", True),
+    ("$\\boxed{\\text{north}}$", "north", True),
     ("<think>reasoning</think>\n<answer>90^\\circ</answer>", "90", True),
 ])
 def test_cases_where_math_verify_disagrees(completion, gold, correct):
     assert is_equiv(extract_answer(completion), gold) is correct
+
+
+def test_a_list_written_as_a_tuple():
+    assert is_equiv("(3,5,7)", "3, 5, 7") and is_equiv("(7,5,3)", "3, 5, 7")  # the gold list is unordered
+    assert is_equiv("3, 5, 7", "(3,5,7)") and not is_equiv("7, 5, 3", "(3,5,7)")  # the gold tuple is ordered
+    assert not is_equiv("(3,5)", "3, 5")  # two items in parentheses may be an open interval
 
 
 def test_plain_numbers_and_their_structures_never_reach_sympy(monkeypatch):

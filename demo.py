@@ -1,0 +1,67 @@
+"""The CPU experiment, end to end: does RL improve on SFT for a tiny model on linear equations?
+
+    .venv/bin/python demo.py                  # about 10 minutes on 2 CPU cores
+
+1. baseline: a fresh ~1M-parameter Qwen2 model with a character tokenizer (it knows nothing)
+2. sft.py --preset tiny: supervised fine-tuning on worked solutions of `linear` train problems
+3. grpo.py --preset tiny: GRPO from the SFT model, rewarded only for the right final answer
+4. evaluate.py on the 200 held-out `linear` test problems: greedy pass@1, and pass@1 / pass@8
+   from 8 samples at temperature 1
+
+Every step is an ordinary command, printed before it runs; rerunning skips finished steps, and
+the trainers resume from their last checkpoint if a step was interrupted.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run(command: list[str]):
+    print("+ " + " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+
+
+def evaluate(model_dir: Path, out: Path, sampled: bool):
+    if out.exists():
+        return
+    flags = ["--n", "8", "--k", "1,8", "--temperature", "1.0"] if sampled else []
+    run([sys.executable, "evaluate.py", "--model", str(model_dir), "--bench", "linear", "--template", "plain",
+         "--max-tokens", "192", *flags, "--out", str(out)])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out-dir", default="runs/demo", help="where models, metrics and results go")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (OMP_NUM_THREADS)")
+    args = parser.parse_args()
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    out = Path(args.out_dir)
+
+    base, sft, grpo = out / "base", out / "sft", out / "grpo"
+    if not (base / "model.safetensors").exists():
+        run([sys.executable, "-c", "import training, sys; m, t = training.build_tiny_model(seed=0); "
+             f"m.save_pretrained({str(base)!r}); t.save_pretrained({str(base)!r})"])
+    if not (sft / "model.safetensors").exists():
+        run([sys.executable, "sft.py", "--preset", "tiny", "--output-dir", str(sft)])
+    if not (grpo / "model.safetensors").exists():
+        run([sys.executable, "grpo.py", "--preset", "tiny", "--model", str(sft), "--output-dir", str(grpo)])
+
+    rows = []
+    for name, model_dir in [("baseline (untrained)", base), ("SFT", sft), ("SFT + GRPO", grpo)]:
+        evaluate(model_dir, model_dir / "eval-greedy.json", sampled=False)
+        evaluate(model_dir, model_dir / "eval-sampled.json", sampled=True)
+        greedy = json.loads((model_dir / "eval-greedy.json").read_text())[0]
+        sampled = json.loads((model_dir / "eval-sampled.json").read_text())[0]
+        rows.append(f"| {name} | {100 * greedy['pass@1']:.1f} | {100 * sampled['pass@1']:.1f} | "
+                    f"{100 * sampled['pass@8']:.1f} | {greedy['mean_response_tokens']:.0f} |")
+    print("\nHeld-out `linear` test set (200 problems):\n")
+    print("| model | greedy pass@1 (%) | sampled pass@1 (%) | pass@8 (%) | mean response tokens |")
+    print("|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

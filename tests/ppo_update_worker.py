@@ -1,0 +1,63 @@
+"""One PPO rollout's experience and updates on fixed rollouts; run as a script (1 process) or under
+torchrun (N ranks).
+
+    python tests/ppo_update_worker.py MODEL_DIR OUT
+
+Writes OUT/result.pt with the updated actor and critic weights, the starting ones and the
+statistics, so tests/test_ppo.py can check that N ranks take exactly the steps one process takes
+(GAE, the whitening over the global batch, and the mini-batch updates of both models).
+"""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import ppo  # noqa: E402
+import training  # noqa: E402
+
+PROMPTS, G = 4, 3
+
+
+def fixed_rollouts():
+    """Prompts and completions of different lengths, engine log-probs, and task scores."""
+    generator = torch.Generator().manual_seed(1)
+    scores = [1.0, -0.5, 1.0, -1.0, -0.5, -0.5, 1.0, 1.0, -1.0, 1.0, -0.5, 1.0]
+    rows = []
+    for i in range(PROMPTS * G):
+        prompt = torch.randint(3, 90, (3 + i // G,), generator=generator).tolist()
+        completion = torch.randint(3, 90, (2 + (5 * i) % 7,), generator=generator).tolist()
+        engine_logprobs = (-torch.rand(len(completion), generator=generator) * 3).tolist()
+        rows.append((prompt, completion, engine_logprobs, scores[i]))
+    return rows
+
+
+def main(model_dir: str, out: str):
+    d = training.init_distributed()
+    torch.manual_seed(0)  # the critic's new value head: the same on every rank
+    actor, reference, critic = training.load_model(model_dir), training.load_model(model_dir), ppo.load_critic(model_dir)
+    with torch.no_grad():  # a reference that differs from the actor, so the KL penalty is not 0
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    start = {"actor": {k: v.clone() for k, v in actor.state_dict().items()},
+             "critic": {k: v.clone() for k, v in critic.state_dict().items()}}
+    cfg = ppo.Config(train_batch_size=6, ppo_epochs=2, micro_batch_size=2, temperature=0.9, kl_coef=0.1,
+                     gamma=1.0, lam=0.95, clip_eps=0.2, value_clip=0.2, actor_lr=1e-2, critic_lr=1e-2,
+                     bf16=False, gradient_checkpointing=False)
+    actor, critic, reference = (training.shard_model(m, d, bf16=False, gradient_checkpointing=False)
+                                for m in (actor, critic, reference))
+    optimizers = {"actor": (actor, torch.optim.AdamW(actor.parameters(), lr=cfg.actor_lr)),
+                  "critic": (critic, torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr))}
+    schedulers = {name: training.cosine_schedule(optimizer, 4, 0.0, 1.0) for name, (_, optimizer) in optimizers.items()}
+    rows = fixed_rollouts()
+    mine = [row for p in range(d.rank, PROMPTS, d.world_size) for row in rows[p * G:(p + 1) * G]]
+    experience, rollout_stats = ppo.make_experience(actor, critic, reference.eval(), mine, cfg, d, pad_id=0)
+    stats = ppo.ppo_update(experience, optimizers, schedulers, cfg, d, train_actor=True)
+    weights = {"actor": training.full_model_state(actor, d), "critic": training.full_model_state(critic, d)}
+    if d.is_main:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        torch.save({"weights": weights, "start": start, "stats": {**rollout_stats, **stats}}, Path(out) / "result.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,212 @@
+"""LIM scores against the formula computed by hand, the baselines, and the script end to end."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+import data
+import lim
+from conftest import shared_file
+
+nan = float("nan")
+
+
+def lim_by_loops(r):
+    """s_i = 1 - sum_k (r_i^k - rbar^k)^2 / sum_k (1 - rbar^k)^2, literally, over observed epochs."""
+    samples, epochs = len(r), len(r[0])
+    rbar = []
+    for k in range(epochs):
+        column = [r[i][k] for i in range(samples) if not math.isnan(r[i][k])]
+        rbar.append(sum(column) / len(column) if column else nan)
+    scores = []
+    for i in range(samples):
+        seen = [k for k in range(epochs) if not math.isnan(r[i][k])]
+        distance = sum((r[i][k] - rbar[k]) ** 2 for k in seen)
+        scale = sum((1 - rbar[k]) ** 2 for k in seen)
+        scores.append(1 - distance / scale)
+    return scores
+
+
+def test_lim_scores_match_the_formula_on_random_trajectories():
+    rng = np.random.default_rng(0)
+    for samples, epochs, missing in [(50, 8, 0.0), (200, 21, 0.0), (100, 6, 0.3)]:
+        r = rng.integers(0, 9, size=(samples, epochs)) / 8  # G = 8 samples per prompt
+        r[rng.random(r.shape) < missing] = nan
+        r[:, 0] = rng.integers(0, 8, size=samples) / 8  # every sample seen once, no epoch at 1
+        got = lim.lim_scores(r)
+        assert got.shape == (samples,)
+        np.testing.assert_allclose(got, lim_by_loops(r.tolist()), rtol=1e-12, atol=1e-12)
+
+
+def test_lim_scores_hand_checked():
+    # rbar = (0.3, 0.6): the third sample is the average curve itself
+    assert lim.lim_scores([[0.2, 0.5], [0.4, 0.7], [0.3, 0.6]])[2] == pytest.approx(1.0)
+    # a sample solved in every epoch is exactly as far from the curve as the normaliser: 0
+    r = [[0.0, 0.25, 0.5], [0.5, 0.5, 0.75], [1.0, 1.0, 1.0]]
+    assert lim.lim_scores(r)[2] == pytest.approx(0.0, abs=1e-12)
+    # rbar = (0.25, 0.75), sum (1 - rbar)^2 = 0.625; each sample is 0.125 away: 1 - 0.125/0.625
+    np.testing.assert_allclose(lim.lim_scores([[0.0, 0.5], [0.5, 1.0]]), [0.8, 0.8])
+    # never solved while the rest of the pool is: far below 0; rbar = 0.75, 1 - 0.5625/0.0625
+    np.testing.assert_allclose(lim.lim_scores([[0.0], [1.0], [1.0], [1.0]]), [-8.0, 0.0, 0.0, 0.0])
+
+
+def test_missing_epochs_score_over_the_epochs_seen():
+    # rbar = (0.5, 0.75): epoch 0 over all three samples, epoch 1 over the two seen in it
+    scores = lim.lim_scores([[0.0, nan], [1.0, 0.5], [0.5, 1.0]])
+    np.testing.assert_allclose(scores, [1 - 0.25 / 0.25, 1 - 0.3125 / 0.3125, 1 - 0.0625 / 0.3125])
+    np.testing.assert_allclose(lim.average_curve([[0.0, nan], [1.0, 0.5], [0.5, 1.0]]), [0.5, 0.75])
+
+
+def test_an_average_curve_at_one_gives_a_defined_score_never_nan():
+    np.testing.assert_array_equal(lim.lim_scores(np.ones((3, 4))), [1.0, 1.0, 1.0])
+    # sample 0 is seen only in epoch 0, where everyone is solved: it matches the curve
+    np.testing.assert_array_equal(lim.lim_scores([[1.0, nan], [1.0, 0.0]]), [1.0, 1.0])
+    # one epoch at 1, one not: the epoch at 1 adds nothing to either sum
+    np.testing.assert_allclose(lim.lim_scores([[1.0, 0.0], [1.0, 1.0]]), [0.0, 0.0])
+
+
+def test_bad_input_is_a_clear_value_error():
+    for empty in ([], [[]], np.empty((0, 3)), np.empty((4, 0))):
+        with pytest.raises(ValueError, match="at least one"):
+            lim.lim_scores(empty)
+    with pytest.raises(ValueError, match="no observed epoch"):
+        lim.lim_scores([[0.5, 0.5], [nan, nan]])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        lim.linear_scores([[0.5, 1.5]])
+
+
+def test_linear_scores_prefer_steady_rises():
+    r = [[0.0, 0.25, 0.5, 0.75],    # a straight rise
+         [0.75, 0.5, 0.25, 0.0],    # a straight fall
+         [0.5, 0.5, 0.5, 0.5],      # flat: no trend
+         [0.0, 0.5, 0.375, 0.875],  # rising, with a dip
+         [0.0, 1.0, 0.0, 1.0],      # a zigzag
+         [0.5, nan, nan, nan],      # one epoch: no trend
+         [0.0, nan, nan, 1.0]]      # two epochs: a line through both
+    scores = lim.linear_scores(r)
+    k = np.arange(4)
+    noisy = np.corrcoef(k, r[3])[0, 1] ** 2  # R^2 of a line fit is the squared correlation
+    zigzag = np.corrcoef(k, r[4])[0, 1] ** 2
+    np.testing.assert_allclose(scores, [1.0, -1.0, 0.0, noisy, zigzag, 0.0, 1.0], atol=1e-12)
+    assert 0.7 < noisy < 1 and zigzag < 0.7
+    assert list(scores >= 0.7) == [True, False, False, True, False, False, True]
+
+
+def test_random_subset_has_the_size_and_depends_only_on_the_seed():
+    a, b, c = (lim.random_subset(100, 17, seed) for seed in (0, 0, 1))
+    assert a.sum() == 17 and c.sum() == 17 and a.dtype == bool
+    assert (a == b).all() and (a != c).any()
+    assert lim.random_subset(5, 5).all() and not lim.random_subset(5, 0).any()
+    with pytest.raises(ValueError):
+        lim.random_subset(5, 6)
+
+
+# ---- the script, on a trajectories file written the way grpo.py writes it
+
+CURVES = {  # id -> r^k over three epochs, G = 4
+    "p0": [0.25, 0.5, 0.75],   # rbar = (0.25, 0.5, 0.75): on the curve
+    "p1": [1.0, 1.0, 1.0],     # solved from the start: score 0
+    "p2": [0.0, 0.0, 0.0],     # never solved
+    "p3": [0.0, 0.5, 1.0],     # a steady rise, close to the curve
+}
+
+
+def write_run(tmp_path, curves=CURVES, extra_ids=("p4",)):
+    problems = [{"id": i, "problem": f"What is {n} + {n}?", "answer": str(2 * n), "solution": f"\\boxed{{{2 * n}}}"}
+                for n, i in enumerate(list(curves) + list(extra_ids))]
+    data_file = tmp_path / "pool.jsonl"
+    data_file.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    loaded = {p["id"].split("/")[-1]: p["id"] for p in data.load_problems(str(data_file))}
+    lines, step = [], 0
+    for epoch in range(3):
+        for name, curve in curves.items():
+            step += 1
+            correct = curve[epoch] * 4
+            if name == "p3" and epoch == 1:  # drawn twice in this epoch: 0 of 2, 3 of 4 -> 3/6 (not mean(0, 0.75))
+                lines.append({"step": step, "id": loaded[name], "epoch": epoch, "correct": 0, "n": 2})
+                correct = 3.0
+            lines.append({"step": step, "id": loaded[name], "epoch": epoch, "correct": correct, "n": 4})
+    trajectories = tmp_path / "trajectories.jsonl"
+    trajectories.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return data_file, trajectories, loaded
+
+
+def test_read_trajectories_aggregates_per_prompt_and_epoch(tmp_path):
+    _, trajectories, loaded = write_run(tmp_path)
+    ids, r = lim.read_trajectories(trajectories)
+    assert ids == [loaded[name] for name in CURVES]
+    np.testing.assert_array_equal(r, list(CURVES.values()))
+    ids, r = lim.read_trajectories(trajectories, epochs=2)
+    np.testing.assert_array_equal(r, [curve[:2] for curve in CURVES.values()])
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="no trajectories"):
+        lim.read_trajectories(tmp_path / "empty.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"id": "a", "epoch": 0, "correct": 5, "n": 4}\n')
+    with pytest.raises(data.DataError, match="line 1.*correct <= n"):
+        lim.read_trajectories(tmp_path / "bad.jsonl")
+
+
+def test_cli_selects_writes_loadable_data_and_scores(tmp_path, capsys):
+    data_file, trajectories, loaded = write_run(tmp_path)
+    out, scores_file = tmp_path / "selected.jsonl", tmp_path / "scores.json"
+    kept = lim.main(["--trajectories", str(trajectories), "--data", str(data_file), "--method", "lim",
+                     "--out", str(out), "--scores", str(scores_file)])
+    printed = capsys.readouterr().out
+    expected = lim.lim_scores(list(CURVES.values()))
+    assert [p["id"] for p in kept] == [loaded[n] for n, s in zip(CURVES, expected) if s >= 0.6] == [loaded["p0"], loaded["p3"]]
+    assert "1 of the 5 problems of --data have no score" in printed and "kept 2 of 4" in printed
+    reloaded = data.load_problems(str(out))  # a file grpo.py / sft.py accept as --data
+    assert [(p["prompt"], p["answer"], p["solution"]) for p in reloaded] == \
+           [(p["prompt"], p["answer"], p["solution"]) for p in kept]
+    assert set(json.loads(out.read_text().splitlines()[0])) == {"id", "prompt", "answer", "solution", "source"}
+    rows = json.loads(scores_file.read_text())
+    assert [row["id"] for row in rows] == [loaded[n] for n in CURVES]
+    np.testing.assert_allclose([row["score"] for row in rows], expected)
+    assert [row["trajectory"] for row in rows] == list(CURVES.values())
+    assert [row["kept"] for row in rows] == [True, False, False, True]
+
+    # LINEAR keeps the steady rises (0.7 by default); RAND as many as LIM, at random, seeded
+    kept = lim.main(["--trajectories", str(trajectories), "--data", str(data_file), "--method", "linear",
+                     "--out", str(tmp_path / "linear.json")])
+    assert [p["id"] for p in kept] == [loaded["p0"], loaded["p3"]]
+    assert len(data.load_problems(str(tmp_path / "linear.json"))) == 2
+    draws = [[p["id"] for p in lim.main(["--trajectories", str(trajectories), "--data", str(data_file), "--method",
+                                         "rand", "--seed", str(seed), "--out", str(tmp_path / "rand.jsonl")])]
+             for seed in (0, 0, 1, 2, 3)]
+    assert all(len(d) == 2 for d in draws) and draws[0] == draws[1] and len({tuple(d) for d in draws}) > 1
+
+    # our own scores file reads back as --scores-file: the same selection
+    kept = lim.main(["--scores-file", str(scores_file), "--data", str(data_file), "--out", str(tmp_path / "again.jsonl")])
+    assert [p["id"] for p in kept] == [loaded["p0"], loaded["p3"]]
+
+
+def test_cli_rejects_ids_the_data_does_not_have(tmp_path):
+    data_file, trajectories, _ = write_run(tmp_path)
+    with open(trajectories, "a") as f:
+        f.write(json.dumps({"step": 99, "id": "elsewhere/7", "epoch": 2, "correct": 1, "n": 4}) + "\n")
+    with pytest.raises(data.DataError, match="1 ids of .* are not in --data .*elsewhere/7"):
+        lim.main(["--trajectories", str(trajectories), "--data", str(data_file), "--out", str(tmp_path / "x.jsonl")])
+    assert not (tmp_path / "x.jsonl").exists()
+    with pytest.raises(SystemExit):  # linear needs trajectories
+        lim.main(["--scores-file", str(trajectories), "--data", str(data_file), "--method", "linear", "--out", "x"])
+
+
+def test_limr_published_scores_select_exactly_the_limr_training_set(tmp_path, capsys):
+    scores_file = shared_file("math_l3to5_8k/limr_scores.json")
+    pool = shared_file("math_l3to5_8k/math.8k.json")
+    out = tmp_path / "limr.jsonl"
+    kept = lim.main(["--scores-file", str(scores_file), "--data", f"math-8k={pool}", "--threshold", "0.6", "--out", str(out)])
+    assert len(kept) == 1389
+    assert "7936 problems scored" in capsys.readouterr().out  # 7935 prompts; one appears twice in the pool (score 0.06)
+    limr = data.load_problems(f"limr={shared_file('limr')}")
+    assert len(limr) == 1389
+    assert {p["prompt"] for p in kept} == {p["prompt"] for p in limr}  # all 1389 prompts are LIMR's
+    assert {p["id"].split("/", 1)[1] for p in kept} == {p["id"].split("/", 1)[1] for p in limr}
+    assert len(data.load_problems(str(out))) == 1389
+    # at a threshold below every score, all are kept, LIMR's 2 rows with an empty answer among them
+    lim.main(["--scores-file", str(scores_file), "--data", f"math-8k={pool}", "--threshold", "-5", "--out", str(out)])
+    assert "2 kept problems have an empty answer" in capsys.readouterr().out
+    with pytest.raises(data.DataError, match="no answer"):
+        data.load_problems(str(out))
+    assert len(data.load_problems(f"math-8k={out}")) == 7936  # as the note says
