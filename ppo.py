@@ -161,11 +161,12 @@ def clipped_objective(logp, old_logp, advantages, clip: float):
 
 
 def clipped_value_loss(values, old_values, returns, clip: float):
-    """Per-token 0.5 * max((V - R)^2, (Vclip - R)^2): the critic may not move a value further than
-    `clip` from the rollout's in one rollout's updates. Also whether the clipped term was the larger."""
+    """Per-token 0.5 * max((V - R)^2, (Vclip - R)^2): moving a value further than `clip` from the
+    rollout's earns no credit. Also where the clip decided (|V - V_old| > clip, clipped term larger)."""
     clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
     unclipped_loss, clipped_loss = (values - returns) ** 2, (clipped_values - returns) ** 2
-    return 0.5 * torch.maximum(unclipped_loss, clipped_loss), clipped_loss > unclipped_loss
+    decided = ((values - old_values).abs() > clip) & (clipped_loss > unclipped_loss)
+    return 0.5 * torch.maximum(unclipped_loss, clipped_loss), decided
 
 
 def make_experience(actor, critic, reference, rows, cfg: Config, d, pad_id: int):

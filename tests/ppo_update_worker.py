@@ -42,12 +42,14 @@ def main(model_dir: str, out: str):
     start = {"actor": {k: v.clone() for k, v in actor.state_dict().items()},
              "critic": {k: v.clone() for k, v in critic.state_dict().items()}}
     cfg = ppo.Config(train_batch_size=6, ppo_epochs=2, micro_batch_size=2, temperature=0.9, kl_coef=0.1,
-                     gamma=1.0, lam=0.95, clip_eps=0.2, value_clip=0.2, actor_lr=1e-2, critic_lr=1e-2,
+                     gamma=1.0, lam=0.95, clip_eps=0.2, value_clip=0.2, actor_lr=0.1, critic_lr=0.1,
                      bf16=False, gradient_checkpointing=False)
     actor, critic, reference = (training.shard_model(m, d, bf16=False, gradient_checkpointing=False)
                                 for m in (actor, critic, reference))
-    optimizers = {"actor": (actor, torch.optim.AdamW(actor.parameters(), lr=cfg.actor_lr)),
-                  "critic": (critic, torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr))}
+    # SGD, not AdamW: Adam's step ignores the scale of the loss, so it would hide a wrong normalisation
+    # (a missing x world_size), and it blows float noise on near-zero gradients up to a fraction of lr.
+    optimizers = {"actor": (actor, torch.optim.SGD(actor.parameters(), lr=cfg.actor_lr)),
+                  "critic": (critic, torch.optim.SGD(critic.parameters(), lr=cfg.critic_lr))}
     schedulers = {name: training.cosine_schedule(optimizer, 4, 0.0, 1.0) for name, (_, optimizer) in optimizers.items()}
     rows = fixed_rollouts()
     mine = [row for p in range(d.rank, PROMPTS, d.world_size) for row in rows[p * G:(p + 1) * G]]

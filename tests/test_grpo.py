@@ -1,4 +1,5 @@
 """GRPO's equations against hand computations, and the update against itself across ranks."""
+import json
 import math
 import os
 import subprocess
@@ -110,3 +111,48 @@ def test_two_rank_update_on_fixed_rollouts_equals_one_process(tmp_path):
         torch.testing.assert_close(one["weights"][k], two["weights"][k], atol=2e-6, rtol=0, msg=k)
     for key in ("loss", "clip_frac", "kl", "entropy", "grad_norm"):
         assert one["stats"][key] == pytest.approx(two["stats"][key], rel=1e-4, abs=1e-7), key
+
+
+def test_killed_grpo_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    import training
+
+    start = tmp_path / "start"
+    model, tokenizer = training.build_tiny_model(hidden_size=64, num_layers=2, num_heads=2, seed=1)
+    model.save_pretrained(start)
+    tokenizer.save_pretrained(start)
+    args = ["grpo.py", "--model", str(start), "--data", "linear", "--template", "plain", "--engine", "hf",
+            "--rewards", "cosine:1", "--max-steps", "4", "--save-steps", "2", "--prompts-per-step", "4",
+            "--num-generations", "4", "--micro-batch-size", "8", "--temperature", "1.0", "--max-prompt-length", "64",
+            "--max-completion-length", "32", "--lr", "3e-3", "--beta", "0.04", "--num-iterations", "2",
+            "--no-bf16", "--no-gradient-checkpointing", "--grader-workers", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, *args, "--output-dir", str(tmp_path / "straight")], cwd=ROOT, env=env,
+                   check=True, capture_output=True)
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen([sys.executable, *args, "--output-dir", str(interrupted)], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (interrupted / "checkpoint-2").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (interrupted / "model.safetensors").exists(), "the run finished before it could be killed"
+    resumed = subprocess.run([sys.executable, *args, "--output-dir", str(interrupted)], cwd=ROOT, env=env,
+                             check=True, capture_output=True, text=True)
+    assert "resumed from" in resumed.stdout
+
+    a, b = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(interrupted / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert max((a[k] - model.state_dict()[k]).abs().max().item() for k in a) > 1e-3   # and it did train
+    for name in ("metrics.jsonl", "trajectories.jsonl"):
+        straight = (tmp_path / "straight" / name).read_text().splitlines()
+        again = (interrupted / name).read_text().splitlines()
+        drop_time = lambda lines: [{k: v for k, v in json.loads(l).items() if not k.startswith("time") and
+                                    k not in ("tokens_per_s",)} for l in lines]
+        assert drop_time(straight) == drop_time(again), name

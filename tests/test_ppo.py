@@ -159,9 +159,9 @@ def test_two_rank_update_on_fixed_rollouts_equals_one_process(tiny_model_dir, tm
     one, two = torch.load(tmp_path / "one" / "result.pt"), torch.load(tmp_path / "two" / "result.pt")
     for model in ("actor", "critic"):
         start = one["start"][model]
-        assert max((one["weights"][model][k] - start[k]).abs().max().item() for k in start) > 1e-4, model  # it moved
+        assert max((one["weights"][model][k] - start[k]).abs().max().item() for k in start) > 1e-3, model  # it moved
         for k in start:
-            torch.testing.assert_close(one["weights"][model][k], two["weights"][model][k], atol=2e-6, rtol=0, msg=k)
+            torch.testing.assert_close(one["weights"][model][k], two["weights"][model][k], atol=1e-6, rtol=0, msg=k)
     for key in ("kl", "value_mean", "return_mean", "explained_variance", "policy_loss", "value_loss",
                 "clip_frac", "value_clip_frac", "entropy", "actor_grad_norm", "critic_grad_norm"):
         assert one["stats"][key] == pytest.approx(two["stats"][key], rel=1e-4, abs=1e-6), key
