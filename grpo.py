@@ -287,8 +287,11 @@ def main(argv=None):
             "truncated": [c.finish_reason == "length" for c in completions], "owners": owners}, d)
         column = lambda key: [x for part in gathered for x in part["scores"][key]]
         lengths = [x for part in gathered for x in part["lengths"]]
-        metrics = {f"reward/{name}": _mean(column(name)) for name in list(reward_weights) + ["total"]}
-        metrics |= {"reward/total_std": torch.tensor(column("total")).std().item(), "accuracy": _mean(column("correct")),
+        metrics = {}
+        for name in list(reward_weights) + ["total"]:
+            metrics[f"reward/{name}"] = _mean(column(name))
+            metrics[f"reward/{name}_std"] = torch.tensor(column(name)).std().item()
+        metrics |= {"accuracy": _mean(column("correct")),
                     "response_length_mean": _mean(lengths), "response_length_max": max(lengths),
                     "truncated_frac": _mean([x for part in gathered for x in part["truncated"]]),
                     **stats, "lr": scheduler.get_last_lr()[0],

@@ -98,3 +98,21 @@ def test_cli_writes_summary_and_samples_and_skips_done_problems(tmp_path, capsys
 def test_k_larger_than_n_is_a_usage_error():
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--model", "m", "--bench", "linear", "--n", "2", "--k", "1,4"])
+
+
+def test_vllm_and_hf_engines_give_the_same_greedy_results(tmp_path):
+    pytest.importorskip("vllm")
+    model_dir = tmp_path / "model"
+    model, tokenizer = training.build_tiny_model(hidden_size=128, num_layers=2, num_heads=4, seed=3)
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    results = {}
+    for engine in ("hf", "vllm"):
+        out = tmp_path / f"{engine}.json"
+        summary = evaluate.main(["--model", str(model_dir), "--bench", "linear", "--limit", "24", "--max-tokens", "40",
+                                 "--template", "plain", "--engine", engine, "--out", str(out)])[0]
+        samples = [json.loads(line) for line in out.with_suffix(".samples.jsonl").read_text().splitlines()]
+        results[engine] = (summary, {s["id"]: s["completions"] for s in samples})
+    assert results["hf"][1] == results["vllm"][1]          # token-for-token the same greedy completions
+    for key in ("pass@1", "mean_response_tokens", "truncated_frac"):
+        assert results["hf"][0][key] == results["vllm"][0][key]
