@@ -83,10 +83,12 @@ class Config:
 
 PRESETS = {
     # The CPU demo: start from the tiny SFT model (sft.py --preset tiny) and improve it on `linear`.
+    # One update per rollout at a small actor lr; 5 steps of critic warm-up. Higher actor lrs (1e-4,
+    # 3e-4) with two updates per rollout made held-out pass@1 worse on the tiny model.
     "tiny": dict(data="linear", template="plain", max_steps=30, prompts_per_step=16, num_generations=8,
-                 train_batch_size=64, micro_batch_size=32, temperature=1.0, max_prompt_length=128,
-                 max_completion_length=192, rewards="accuracy:1", kl_coef=0.01, actor_lr=1e-4, critic_lr=1e-3,
-                 critic_warmup_steps=3, warmup_ratio=0.0, min_lr_ratio=1.0, bf16=False, gradient_checkpointing=False,
+                 train_batch_size=128, micro_batch_size=32, temperature=1.0, max_prompt_length=128,
+                 max_completion_length=192, rewards="accuracy:1", kl_coef=0.01, actor_lr=5e-5, critic_lr=1e-3,
+                 critic_warmup_steps=5, warmup_ratio=0.0, min_lr_ratio=1.0, bf16=False, gradient_checkpointing=False,
                  engine="hf", grader_workers=1, save_steps=10, log_completions_steps=10),
     # LIMR (scripts/train_limr.sh, OpenRLHF): Qwen2.5-Math-7B from the base model on the 1,389 LIMR
     # problems; rollouts of 1024 prompts x 8 at temperature 1.2, 3072 new tokens, updated in mini-batches
@@ -232,7 +234,7 @@ def ppo_update(experience, optimizers: dict, schedulers: dict, cfg: Config, d, t
     critic's warm-up) one actor step. optimizers = {"actor": (actor, optimizer), "critic": (critic, optimizer)}.
     Each loss is a token mean over the global mini-batch, so any number of ranks takes the same step as
     one process. Returns statistics averaged over all optimizer steps and the global batch."""
-    (actor, actor_optimizer), (critic, critic_optimizer) = optimizers["actor"], optimizers["critic"]
+    actor, critic = optimizers["actor"][0], optimizers["critic"][0]
     tokens = training.all_reduce_sum(torch.stack([sum(mb["mask"].sum() for mb in mini) for mini in experience]).double(), d)
     num_updates = len(experience) * cfg.ppo_epochs
     sums = dict.fromkeys(("policy_loss", "value_loss", "clip_frac", "value_clip_frac", "entropy"), 0.0)
@@ -266,9 +268,8 @@ def ppo_update(experience, optimizers: dict, schedulers: dict, cfg: Config, d, t
                 sums["policy_loss"] += policy_loss.item() / num_updates
                 sums["clip_frac"] += (clipped * mask).sum().item() * share
                 sums["entropy"] += (entropy * mask).sum().item() * share
-            for name, (model, optimizer) in optimizers.items():
-                if name == "actor" and not train_actor:
-                    continue
+            for name in ("critic", "actor") if train_actor else ("critic",):
+                model, optimizer = optimizers[name]
                 grad_norms[name] += training.clip_grad_norm(model, cfg.grad_clip) / num_updates
                 optimizer.step()
                 schedulers[name].step()

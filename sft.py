@@ -44,8 +44,8 @@ class Config:
 
 PRESETS = {
     # The CPU run: a tiny model from scratch learns to solve linear systems in a few minutes.
-    "tiny": dict(model="tiny", data="linear", template="plain", max_steps=600, batch_size=32,
-                 micro_batch_size=32, max_length=512, lr=2e-3, warmup_ratio=0.05, save_steps=200),
+    "tiny": dict(model="tiny", data="linear", template="plain", max_steps=1200, batch_size=32,
+                 micro_batch_size=32, max_length=512, lr=3e-3, warmup_ratio=0.05, save_steps=200),
     # LIMO's recipe (817 long solutions): lr 5e-6, cosine, no warm-up, batch 64, 15 epochs
     # (15 * 817 / 64 = 192 steps), 16k context; on a 7B model in bf16 with recomputation.
     "limo": dict(model="Qwen/Qwen2.5-7B-Instruct", data="limo", template="qwen-math", max_steps=192,
