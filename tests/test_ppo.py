@@ -150,6 +150,23 @@ def test_experience_puts_the_score_on_the_last_token_and_the_kl_penalty_on_every
     assert stats["kl"] == pytest.approx(((old - ref) * completion[:, 1:]).sum().item() / 7, rel=1e-5)
 
 
+def test_critic_warm_up_moves_the_critic_only(tiny_model_dir):
+    d = training.Dist(0, 1, 0, torch.device("cpu"))
+    actor, critic = training.load_model(str(tiny_model_dir)), ppo.load_critic(str(tiny_model_dir))
+    rows = [([5, 6, 7], [8, 9, 10], [-1.0] * 3, 1.0), ([5, 6], [12, 13], [-1.0] * 2, 0.0)]
+    cfg = ppo.Config(train_batch_size=2, micro_batch_size=1, kl_coef=0.0, bf16=False, gradient_checkpointing=False)
+    optimizers = {"actor": (actor, torch.optim.AdamW(actor.parameters(), lr=1e-3)),
+                  "critic": (critic, torch.optim.AdamW(critic.parameters(), lr=1e-3))}
+    schedulers = {name: training.cosine_schedule(optimizer, 4, 0.0, 1.0) for name, (_, optimizer) in optimizers.items()}
+    before = {name: {k: v.clone() for k, v in model.state_dict().items()} for name, (model, _) in optimizers.items()}
+    experience, _ = ppo.make_experience(actor, critic, None, rows, cfg, d, pad_id=0)
+    stats = ppo.ppo_update(experience, optimizers, schedulers, cfg, d, train_actor=False)
+    assert all(torch.equal(v, before["actor"][k]) for k, v in actor.state_dict().items())
+    assert any(not torch.equal(v, before["critic"][k]) for k, v in critic.state_dict().items())
+    assert stats["value_loss"] > 0 and stats["actor_grad_norm"] == 0
+    assert schedulers["actor"].last_epoch == 0 and schedulers["critic"].last_epoch == 1
+
+
 def test_two_rank_update_on_fixed_rollouts_equals_one_process(tiny_model_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     worker = str(ROOT / "tests" / "ppo_update_worker.py")
