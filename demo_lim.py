@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from grpo import PRESETS
+
 
 def run(command: list[str]):
     print("+ " + " ".join(command), flush=True)
@@ -57,7 +59,7 @@ def main():
 
     if not (sft / "model.safetensors").exists():
         run([sys.executable, "sft.py", "--preset", "tiny", "--output-dir", str(sft)])
-    prompts_per_step = 16  # grpo.py's tiny preset
+    prompts_per_step = PRESETS["tiny"]["prompts_per_step"]
     grpo(sft, pool, out / "trajectory-run", args.epochs * args.pool // prompts_per_step)
 
     subsets = {}
