@@ -18,3 +18,19 @@ def shared_file(relative: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent (real data copies live beside the project, not in it)")
     return path
+
+
+def kill_after_first_checkpoint(command: list[str], output_dir: Path):
+    """Start a training command and SIGKILL it as soon as output_dir/checkpoint-2 is complete."""
+    import signal
+    import subprocess
+    import time
+
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (output_dir / "checkpoint-2").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (output_dir / "model.safetensors").exists(), "the run finished before it could be killed"

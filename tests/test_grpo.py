@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import kill_after_first_checkpoint
+
 import grpo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,9 +116,7 @@ def test_two_rank_update_on_fixed_rollouts_equals_one_process(tmp_path):
 
 
 def test_killed_grpo_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
-    import signal
-    import time
-
+        
     from safetensors.torch import load_file
 
     import training
@@ -135,14 +135,7 @@ def test_killed_grpo_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path
                    check=True, capture_output=True)
 
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen([sys.executable, *args, "--output-dir", str(interrupted)], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (interrupted / "checkpoint-2").exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (interrupted / "model.safetensors").exists(), "the run finished before it could be killed"
+    kill_after_first_checkpoint([sys.executable, *args, "--output-dir", str(interrupted)], interrupted)
     resumed = subprocess.run([sys.executable, *args, "--output-dir", str(interrupted)], cwd=ROOT, env=env,
                              check=True, capture_output=True, text=True)
     assert "resumed from" in resumed.stdout

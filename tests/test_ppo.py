@@ -1,15 +1,16 @@
 """PPO's equations against direct computations, the update across ranks, and exact resume."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+
 from safetensors.torch import load_file
+
+from conftest import kill_after_first_checkpoint
 
 import ppo
 import training
@@ -197,14 +198,7 @@ def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tiny_model_di
     subprocess.run(run_args(tiny_model_dir, tmp_path / "straight"), cwd=ROOT, env=env, check=True, capture_output=True)
 
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen(run_args(tiny_model_dir, interrupted), cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (interrupted / "checkpoint-2").exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (interrupted / "model.safetensors").exists(), "the run finished before it could be killed"
+    kill_after_first_checkpoint(run_args(tiny_model_dir, interrupted), interrupted)
     resumed = subprocess.run(run_args(tiny_model_dir, interrupted), cwd=ROOT, env=env, check=True,
                              capture_output=True, text=True)
     assert "resumed from" in resumed.stdout

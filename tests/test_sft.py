@@ -1,13 +1,12 @@
 """sft.py end to end on CPU: 2 ranks equal 1 process, and a killed run resumes to the same weights."""
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
+
+from conftest import kill_after_first_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--preset", "tiny", "--max-steps", "4", "--batch-size", "8", "--micro-batch-size", "2", "--log-steps", "1"]
@@ -51,15 +50,7 @@ def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
     run(args + ["--output-dir", str(tmp_path / "straight")])
 
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen([sys.executable, *args, "--output-dir", str(interrupted)], cwd=ROOT,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (interrupted / "checkpoint-2").exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (interrupted / "model.safetensors").exists(), "the run finished before it could be killed"
+    kill_after_first_checkpoint([sys.executable, *args, "--output-dir", str(interrupted)], interrupted)
     # a checkpoint that was being written when the process died must never be loaded
     (interrupted / ".partial-checkpoint-6").mkdir()
     (interrupted / ".partial-checkpoint-6" / "config.json").write_text("{ broken")
