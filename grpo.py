@@ -22,7 +22,6 @@ Options and where they come from: --scale-rewards none and --loss-type dr_grpo a
 importance sampling against engine/trainer mismatch (Yao et al., 2025). The open-rs preset is
 Open-RS (Dang & Ngo, 2025), Table 5.
 """
-import json
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -214,13 +213,8 @@ def main(argv=None):
         raise SystemExit("error: GRPO starts from a trained policy; pass --model <sft output dir>")
     training.check_model_path(cfg.model)
     tokenizer = training.load_tokenizer(cfg.model)
-    prompts = [data.format_prompt(p["prompt"], tokenizer, cfg.template) for p in problems]
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    keep = [i for i, ids in enumerate(prompt_ids) if len(ids) <= cfg.max_prompt_length]
-    if d.is_main and len(keep) < len(problems):
-        print(f"grpo: left out {len(problems) - len(keep)} of {len(problems)} prompts longer than "
-              f"{cfg.max_prompt_length} tokens")
-    problems, prompts, prompt_ids = [problems[i] for i in keep], [prompts[i] for i in keep], [prompt_ids[i] for i in keep]
+    problems, prompts, prompt_ids = training.prepare_prompts(problems, tokenizer, cfg.template,
+                                                             cfg.max_prompt_length, d, "grpo")
 
     # ---- models: the policy (from the newest checkpoint when resuming), the frozen reference
     policy_path = str(checkpoint) if checkpoint else cfg.model
@@ -284,36 +278,12 @@ def main(argv=None):
         t3 = time.time()
 
         # ---- metrics, LIM trajectories, completions, checkpoint
-        gathered = training.all_gather_objects({
-            "scores": scores, "lengths": [len(c.token_ids) for c in completions],
-            "truncated": [c.finish_reason == "length" for c in completions], "owners": owners}, d)
-        column = lambda key: [x for part in gathered for x in part["scores"][key]]
-        lengths = [x for part in gathered for x in part["lengths"]]
-        metrics = {}
-        for name in list(reward_weights) + ["total"]:
-            metrics[f"reward/{name}"] = _mean(column(name))
-            metrics[f"reward/{name}_std"] = torch.tensor(column(name)).std().item()
-        metrics |= {"accuracy": _mean(column("correct")),
-                    "response_length_mean": _mean(lengths), "response_length_max": max(lengths),
-                    "truncated_frac": _mean([x for part in gathered for x in part["truncated"]]),
-                    **stats, "lr": scheduler.get_last_lr()[0],
-                    "time/generation": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2,
-                    "tokens_per_s": sum(lengths) / (t1 - t0), "epoch": (step + 1) * cfg.prompts_per_step / len(problems)}
+        metrics = training.log_rollouts(step, completions, owners, scores, problems, prompts, reward_weights, G,
+                                        cfg.prompts_per_step, cfg.output_dir, cfg.log_completions_steps, d)
+        metrics |= {**stats, "lr": scheduler.get_last_lr()[0], "time/generation": t1 - t0, "time/reward": t2 - t1,
+                    "time/update": t3 - t2, "tokens_per_s": metrics["response_length_mean"] * len(batch) * G / (t1 - t0)}
         logger.log(step + 1, metrics)
         progress.set_postfix(reward=f"{metrics['reward/total']:.3f}", acc=f"{metrics['accuracy']:.3f}")
-        if d.is_main:
-            owners_all = [x for part in gathered for x in part["owners"]]
-            correct_all = column("correct")
-            with open(f"{cfg.output_dir}/trajectories.jsonl", "a") as f:  # for lim.py: r_i^k per prompt and epoch
-                for g in range(0, len(owners_all), G):
-                    f.write(json.dumps({"step": step + 1, "id": problems[owners_all[g]]["id"],
-                                        "epoch": (step * cfg.prompts_per_step + g // G) // len(problems),
-                                        "correct": sum(correct_all[g:g + G]), "n": G}) + "\n")
-            if cfg.log_completions_steps and (step + 1) % cfg.log_completions_steps == 0:
-                with open(f"{cfg.output_dir}/completions.jsonl", "a") as f:
-                    for c, i, r in list(zip(completions, owners, scores["total"]))[:G]:
-                        f.write(json.dumps({"step": step + 1, "prompt": prompts[i], "completion": c.text,
-                                            "answer": problems[i]["answer"], "reward": r}) + "\n")
         if (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
             training.save_checkpoint(cfg.output_dir, step + 1, policy, tokenizer, {"policy": (policy, optimizer)},
                                      {"policy": scheduler}, {"step": step + 1}, d)
@@ -322,11 +292,6 @@ def main(argv=None):
     training.finish(cfg.output_dir, policy, tokenizer, d)
     if d.is_main:
         print(f"grpo: final model in {cfg.output_dir}")
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else 0.0
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from the critic's estimate of the value of each state s_t = (q, o_<t). Per step:
 Data, rewards, engine, sharding, checkpoints and the trajectories lim.py reads are grpo.py's;
 only steps 3 and 4 differ.
 """
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -301,13 +300,8 @@ def main(argv=None):
     training.check_model_path(cfg.model)
     training.check_model_path(cfg.critic or cfg.model)
     tokenizer = training.load_tokenizer(cfg.model)
-    prompts = [data.format_prompt(p["prompt"], tokenizer, cfg.template) for p in problems]
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    keep = [i for i, ids in enumerate(prompt_ids) if len(ids) <= cfg.max_prompt_length]
-    if d.is_main and len(keep) < len(problems):
-        print(f"ppo: left out {len(problems) - len(keep)} of {len(problems)} prompts longer than "
-              f"{cfg.max_prompt_length} tokens")
-    problems, prompts, prompt_ids = [problems[i] for i in keep], [prompts[i] for i in keep], [prompt_ids[i] for i in keep]
+    problems, prompts, prompt_ids = training.prepare_prompts(problems, tokenizer, cfg.template,
+                                                             cfg.max_prompt_length, d, "ppo")
 
     # ---- models: actor and critic (from the newest checkpoint when resuming), the frozen reference
     actor_path = str(checkpoint) if checkpoint else cfg.model
@@ -378,35 +372,15 @@ def main(argv=None):
         t3 = time.time()
 
         # ---- metrics, LIM trajectories, completions, checkpoint
-        gathered = training.all_gather_objects({
-            "scores": scores, "lengths": [len(c.token_ids) for c in completions],
-            "truncated": [c.finish_reason == "length" for c in completions], "owners": owners}, d)
-        column = lambda key: [x for part in gathered for x in part["scores"][key]]
-        lengths = [x for part in gathered for x in part["lengths"]]
-        metrics = {f"reward/{name}": _mean(column(name)) for name in list(reward_weights) + ["total"]}
-        metrics |= {"reward/total_std": torch.tensor(column("total")).std().item(), "accuracy": _mean(column("correct")),
-                    "response_length_mean": _mean(lengths), "response_length_max": max(lengths),
-                    "truncated_frac": _mean([x for part in gathered for x in part["truncated"]]),
-                    **rollout_stats, **stats, "actor_frozen": not train_actor,
+        metrics = training.log_rollouts(step, completions, owners, scores, problems, prompts, reward_weights, G,
+                                        cfg.prompts_per_step, cfg.output_dir, cfg.log_completions_steps, d)
+        metrics |= {**rollout_stats, **stats, "actor_frozen": not train_actor,
                     "lr/actor": schedulers["actor"].get_last_lr()[0], "lr/critic": schedulers["critic"].get_last_lr()[0],
                     "time/generation": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2,
-                    "tokens_per_s": sum(lengths) / (t1 - t0), "epoch": (step + 1) * cfg.prompts_per_step / len(problems)}
+                    "tokens_per_s": metrics["response_length_mean"] * len(batch) * G / (t1 - t0)}
         logger.log(step + 1, metrics)
         progress.set_postfix(reward=f"{metrics['reward/total']:.3f}", acc=f"{metrics['accuracy']:.3f}",
                              ev=f"{metrics['explained_variance']:.2f}")
-        if d.is_main:
-            owners_all = [x for part in gathered for x in part["owners"]]
-            correct_all = column("correct")
-            with open(f"{cfg.output_dir}/trajectories.jsonl", "a") as f:  # for lim.py: r_i^k per prompt and epoch
-                for g in range(0, len(owners_all), G):
-                    f.write(json.dumps({"step": step + 1, "id": problems[owners_all[g]]["id"],
-                                        "epoch": (step * cfg.prompts_per_step + g // G) // len(problems),
-                                        "correct": sum(correct_all[g:g + G]), "n": G}) + "\n")
-            if cfg.log_completions_steps and (step + 1) % cfg.log_completions_steps == 0:
-                with open(f"{cfg.output_dir}/completions.jsonl", "a") as f:
-                    for c, i, r in list(zip(completions, owners, scores["total"]))[:G]:
-                        f.write(json.dumps({"step": step + 1, "prompt": prompts[i], "completion": c.text,
-                                            "answer": problems[i]["answer"], "reward": r}) + "\n")
         if (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
             training.save_checkpoint(cfg.output_dir, step + 1, actor, tokenizer, optimizers, schedulers,
                                      {"step": step + 1}, d, extra_models={"critic": critic})
@@ -416,11 +390,6 @@ def main(argv=None):
     training.save_pretrained(critic, tokenizer, Path(cfg.output_dir) / "critic", d)  # --critic can start from it
     if d.is_main:
         print(f"ppo: final actor in {cfg.output_dir}, critic in {cfg.output_dir}/critic")
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else 0.0
 
 
 if __name__ == "__main__":

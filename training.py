@@ -318,6 +318,51 @@ def token_logprobs(model, input_ids, attention_mask, completion_mask, temperatur
     return logp * completion_mask[:, 1:], entropy
 
 
+def prepare_prompts(problems, tokenizer, template: str, max_prompt_length: int, d: Dist, who: str):
+    """Format and tokenize every prompt once; prompts over the length budget are left out, and said so."""
+    import data
+
+    prompts = [data.format_prompt(p["prompt"], tokenizer, template) for p in problems]
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    keep = [i for i, ids in enumerate(prompt_ids) if len(ids) <= max_prompt_length]
+    if d.is_main and len(keep) < len(problems):
+        print(f"{who}: left out {len(problems) - len(keep)} of {len(problems)} prompts longer than "
+              f"{max_prompt_length} tokens")
+    return [problems[i] for i in keep], [prompts[i] for i in keep], [prompt_ids[i] for i in keep]
+
+
+def log_rollouts(step: int, completions, owners, scores: dict, problems, prompts, reward_names, group_size: int,
+                 prompts_per_step: int, output_dir, log_completions_steps: int, d: Dist) -> dict:
+    """The rollout half of an RL step's metrics (rewards, accuracy, lengths) over all ranks, plus
+    two files on rank 0: trajectories.jsonl (for lim.py: per prompt and epoch, how many of its
+    group were right) and, every log_completions_steps, a sample of completions.jsonl."""
+    gathered = all_gather_objects({"scores": scores, "owners": owners, "lengths": [len(c.token_ids) for c in completions],
+                                   "truncated": [c.finish_reason == "length" for c in completions]}, d)
+    every = lambda key: [x for part in gathered for x in part[key]]
+    column = lambda name: [x for part in gathered for x in part["scores"][name]]
+    lengths = every("lengths")
+    metrics = {}
+    for name in list(reward_names) + ["total"]:
+        metrics[f"reward/{name}"] = float(np.mean(column(name)))
+        metrics[f"reward/{name}_std"] = float(np.std(column(name), ddof=1)) if len(lengths) > 1 else 0.0
+    metrics |= {"accuracy": float(np.mean(column("correct"))), "response_length_mean": float(np.mean(lengths)),
+                "response_length_max": max(lengths), "truncated_frac": float(np.mean(every("truncated"))),
+                "epoch": (step + 1) * prompts_per_step / len(problems)}
+    if d.is_main:
+        all_owners, correct = every("owners"), column("correct")
+        with open(Path(output_dir) / "trajectories.jsonl", "a") as f:
+            for g in range(0, len(all_owners), group_size):
+                f.write(json.dumps({"step": step + 1, "id": problems[all_owners[g]]["id"],
+                                    "epoch": (step * prompts_per_step + g // group_size) // len(problems),
+                                    "correct": sum(correct[g:g + group_size]), "n": group_size}) + "\n")
+        if log_completions_steps and (step + 1) % log_completions_steps == 0:
+            with open(Path(output_dir) / "completions.jsonl", "a") as f:
+                for c, i, r in list(zip(completions, owners, scores["total"]))[:group_size]:
+                    f.write(json.dumps({"step": step + 1, "prompt": prompts[i], "completion": c.text,
+                                        "answer": problems[i]["answer"], "reward": r}) + "\n")
+    return metrics
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints. `D/checkpoint-N/` is a save_pretrained folder (transformers and vLLM load it as it
 # is) plus `trainer_state.pt` (optimizer, scheduler, step, data position, each rank's RNG). It is
