@@ -38,7 +38,7 @@ from engine import Sampling, make_engine
 class Config:
     model: str = field(default="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", metadata={"help": "policy to start from: hub id or local folder"})
     data: str = field(default="open-rs", metadata={"help": "training prompts: a data.load_problems spec (name, file, name=path, mixture a:N,b:M)"})
-    template: str = field(default="auto", metadata={"help": "prompt template: auto, qwen-math, r1, plain"})
+    template: str = field(default="auto", metadata={"help": "prompt template: auto, qwen-math, r1, plain", "choices": ["auto", "qwen-math", "r1", "plain"]})
     output_dir: str = field(default="runs/grpo", metadata={"help": "checkpoints, metrics.jsonl, trajectories.jsonl, final model"})
     max_steps: int = field(default=500, metadata={"help": "generation steps (each followed by num-iterations optimizer steps)"})
     prompts_per_step: int = field(default=16, metadata={"help": "prompts per step over all ranks; each gets num-generations completions"})
@@ -49,8 +49,8 @@ class Config:
     max_prompt_length: int = field(default=512, metadata={"help": "prompts longer than this (tokens) are left out, with a count printed"})
     max_completion_length: int = field(default=3584, metadata={"help": "max new tokens per completion"})
     rewards: str = field(default="format:1,cosine:2", metadata={"help": "weighted reward functions of rewards.py: accuracy, format, cosine, limr"})
-    scale_rewards: str = field(default="group", metadata={"help": "advantage scale: group (GRPO), batch, none (Dr. GRPO)"})
-    loss_type: str = field(default="grpo", metadata={"help": "grpo (sequence mean, then mean), bnpo (token mean over the batch, DAPO), dr_grpo (token sum / (sequences * max length))"})
+    scale_rewards: str = field(default="group", metadata={"help": "advantage scale: group (GRPO), batch, none (Dr. GRPO)", "choices": ["group", "batch", "none"]})
+    loss_type: str = field(default="grpo", metadata={"help": "grpo (sequence mean, then mean), bnpo (token mean over the batch, DAPO), dr_grpo (token sum / (sequences * max length))", "choices": ["grpo", "bnpo", "dr_grpo"]})
     num_iterations: int = field(default=1, metadata={"help": "mu, policy updates per generation batch (1: the ratio is exactly 1)"})
     epsilon_low: float = field(default=0.2, metadata={"help": "clip rho below at 1 - epsilon_low"})
     epsilon_high: float = field(default=0.2, metadata={"help": "clip rho above at 1 + epsilon_high (DAPO: 0.28)"})
@@ -63,13 +63,13 @@ class Config:
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: no clipping)"})
     bf16: bool = field(default=True, metadata={"help": "bf16 compute (GPU); master weights stay fp32"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward"})
-    engine: str = field(default="vllm", metadata={"help": "generation engine: vllm or hf"})
+    engine: str = field(default="vllm", metadata={"help": "generation engine: vllm or hf", "choices": ["vllm", "hf"]})
     vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "GPU memory fraction for the colocated vLLM engine"})
     grader_workers: int = field(default=4, metadata={"help": "processes grading answers, each answer under a time limit"})
     save_steps: int = field(default=50, metadata={"help": "write output-dir/checkpoint-N every N steps"})
     log_completions_steps: int = field(default=10, metadata={"help": "append a sample of completions to completions.jsonl every N steps"})
     seed: int = field(default=0, metadata={"help": "data order, sampling"})
-    report_to: str = field(default="none", metadata={"help": "none, wandb or tensorboard"})
+    report_to: str = field(default="none", metadata={"help": "none, wandb or tensorboard", "choices": ["none", "wandb", "tensorboard"]})
 
 
 PRESETS = {

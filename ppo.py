@@ -44,7 +44,7 @@ class Config:
     model: str = field(default="Qwen/Qwen2.5-Math-7B", metadata={"help": "policy to start from: hub id or local folder"})
     critic: str = field(default="", metadata={"help": "value model to start from: a critic saved by ppo.py (output-dir/critic), or any causal LM, whose LM head is replaced by a fresh scalar head (default: --model)"})
     data: str = field(default="limr", metadata={"help": "training prompts: a data.load_problems spec (name, file, name=path, mixture a:N,b:M)"})
-    template: str = field(default="auto", metadata={"help": "prompt template: auto, qwen-math, r1, plain"})
+    template: str = field(default="auto", metadata={"help": "prompt template: auto, qwen-math, r1, plain", "choices": ["auto", "qwen-math", "r1", "plain"]})
     output_dir: str = field(default="runs/ppo", metadata={"help": "checkpoints, metrics.jsonl, trajectories.jsonl, final actor, final critic in critic/"})
     max_steps: int = field(default=200, metadata={"help": "generation steps (each followed by rollout / train-batch-size x ppo-epochs optimizer steps)"})
     prompts_per_step: int = field(default=1024, metadata={"help": "rollout batch: prompts per step over all ranks; each gets num-generations completions"})
@@ -71,13 +71,13 @@ class Config:
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm of each model (0: no clipping)"})
     bf16: bool = field(default=True, metadata={"help": "bf16 compute (GPU); master weights stay fp32"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward"})
-    engine: str = field(default="vllm", metadata={"help": "generation engine: vllm or hf"})
+    engine: str = field(default="vllm", metadata={"help": "generation engine: vllm or hf", "choices": ["vllm", "hf"]})
     vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "GPU memory fraction for the colocated vLLM engine"})
     grader_workers: int = field(default=4, metadata={"help": "processes grading answers, each answer under a time limit"})
     save_steps: int = field(default=10, metadata={"help": "write output-dir/checkpoint-N every N steps"})
     log_completions_steps: int = field(default=10, metadata={"help": "append a sample of completions to completions.jsonl every N steps"})
     seed: int = field(default=0, metadata={"help": "data order, sampling, value head initialisation"})
-    report_to: str = field(default="none", metadata={"help": "none, wandb or tensorboard"})
+    report_to: str = field(default="none", metadata={"help": "none, wandb or tensorboard", "choices": ["none", "wandb", "tensorboard"]})
 
 
 PRESETS = {

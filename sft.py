@@ -23,7 +23,7 @@ class Config:
                                                          "~1M-parameter Qwen2 model with a character tokenizer)"})
     data: str = field(default="linear", metadata={"help": "data spec for data.load_problems: a name (limo, "
                                                           "linear, ...), a local file, name=path, or a mixture a:N,b"})
-    template: str = field(default="auto", metadata={"help": "prompt template: auto, qwen-math, r1, plain"})
+    template: str = field(default="auto", metadata={"help": "prompt template: auto, qwen-math, r1, plain", "choices": ["auto", "qwen-math", "r1", "plain"]})
     output_dir: str = field(default="runs/sft", metadata={"help": "checkpoints, metrics.jsonl, final model"})
     max_steps: int = field(default=600, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=32, metadata={"help": "global batch (examples per optimizer step, all ranks)"})
@@ -39,7 +39,7 @@ class Config:
     save_steps: int = field(default=200, metadata={"help": "write output-dir/checkpoint-N every N steps"})
     log_steps: int = field(default=10, metadata={"help": "console line every N steps (metrics.jsonl: every step)"})
     seed: int = field(default=0, metadata={"help": "data order, initialisation"})
-    report_to: str = field(default="none", metadata={"help": "none, wandb or tensorboard"})
+    report_to: str = field(default="none", metadata={"help": "none, wandb or tensorboard", "choices": ["none", "wandb", "tensorboard"]})
 
 
 PRESETS = {

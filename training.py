@@ -45,7 +45,8 @@ def parse_args(config_class, presets: dict, argv=None, description: str = ""):
         else:
             kind = {"int": int, "float": float, "str": str}.get(field.type, field.type)
             kind = kind if kind in (int, float, str) else str
-            parser.add_argument(flag, type=kind, default=field.default, help=help_text)
+            parser.add_argument(flag, type=kind, default=field.default, help=help_text,
+                                choices=field.metadata.get("choices"))
     namespace = parser.parse_args(argv)
     values = {f.name: f.default for f in dataclasses.fields(config_class)}
     if namespace.preset:
