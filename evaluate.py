@@ -188,6 +188,7 @@ def main(argv=None):
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(summaries, indent=2) + "\n")
             print(f"evaluate: summary in {args.out}, completions in {samples_path}")
+    training.shutdown(d)
     return summaries
 
 

@@ -292,6 +292,7 @@ def main(argv=None):
     training.finish(cfg.output_dir, policy, tokenizer, d)
     if d.is_main:
         print(f"grpo: final model in {cfg.output_dir}")
+    training.shutdown(d)
 
 
 if __name__ == "__main__":

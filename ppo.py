@@ -390,6 +390,7 @@ def main(argv=None):
     training.save_pretrained(critic, tokenizer, Path(cfg.output_dir) / "critic", d)  # --critic can start from it
     if d.is_main:
         print(f"ppo: final actor in {cfg.output_dir}, critic in {cfg.output_dir}/critic")
+    training.shutdown(d)
 
 
 if __name__ == "__main__":

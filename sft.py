@@ -163,6 +163,7 @@ def main(argv=None):
     training.finish(cfg.output_dir, model, tokenizer, d)
     if d.is_main:
         print(f"sft: final model in {cfg.output_dir}")
+    training.shutdown(d)
 
 
 if __name__ == "__main__":

@@ -126,6 +126,14 @@ def barrier(d: Dist):
         dist.barrier()
 
 
+def shutdown(d: Dist):
+    """Leave the process group before exiting: a rank that exits with gloo's threads still alive
+    can abort ("terminate called without an active exception") while another rank finishes."""
+    if d.enabled and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)

@@ -59,6 +59,7 @@ def main(model_dir: str, out: str):
     if d.is_main:
         Path(out).mkdir(parents=True, exist_ok=True)
         torch.save({"weights": weights, "start": start, "stats": {**rollout_stats, **stats}}, Path(out) / "result.pt")
+    training.shutdown(d)
 
 
 if __name__ == "__main__":
