@@ -1,6 +1,6 @@
 """LIMR's experiment in miniature: does training on LIM-selected samples match training on all?
 
-    .venv/bin/python demo_lim.py              # about 15-20 minutes on 2 CPU cores
+    .venv/bin/python demo_lim.py              # about 15 minutes (measured at 1 thread, shared CPU)
 
 1. start from the tiny SFT model of demo.py (trained here if it is not there yet)
 2. GRPO for several epochs over a pool of `linear` problems, recording for every problem and
