@@ -329,7 +329,7 @@ def main(argv=None):
             print(f"ppo: resumed from {checkpoint} at step {start_step}")
     engine = make_engine(cfg.engine, actor, tokenizer, actor_path, d, batch_size=cfg.micro_batch_size * 4,
                          gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, dtype="bfloat16" if cfg.bf16 else "float32",
-                         max_model_len=cfg.max_prompt_length + cfg.max_completion_length)
+                         max_model_len=cfg.max_prompt_length + cfg.max_completion_length, enable_sleep_mode=True)
     logger = training.MetricsLogger(cfg.output_dir, cfg.report_to, asdict(cfg), d)
     grader = rewards.Grader(num_workers=cfg.grader_workers)
     if d.is_main:
