@@ -22,7 +22,7 @@ Sampling semantics, identical on both backends:
   exactly what a trainer recomputes with a teacher-forced forward pass.
 - Randomness comes from torch's global generators in this process (vLLM runs in-process and its
   sampler draws from them too), so a run that restores the RNG state from a checkpoint
-  samples the same tokens again. Sampling.seed is ignored by both engines: seeding is the
+  samples the same tokens again. Sampling has no seed of its own: seeding is the
   caller's job (training.seed_everything), and a fixed per-call seed would replay the same
   random stream at every training step.
 """
@@ -42,7 +42,6 @@ class Sampling:
     temperature: float = 1.0   # 0 means greedy
     top_p: float = 1.0
     max_new_tokens: int = 512
-    seed: int = 0              # ignored by both engines (see the module docstring)
 
 
 @dataclass

@@ -151,7 +151,7 @@ def main(argv=None):
 
     tokenizer = training.load_tokenizer(args.model)
     sampling = Sampling(n=args.n, temperature=args.temperature, top_p=args.top_p,
-                        max_new_tokens=args.max_tokens, seed=args.seed)
+                        max_new_tokens=args.max_tokens)
     model = None
     if args.engine == "hf":  # vLLM loads the weights itself
         model = training.load_model(args.model, dtype=torch.bfloat16 if args.bf16 else torch.float32)

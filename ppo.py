@@ -345,8 +345,7 @@ def main(argv=None):
         actor.eval()
         engine.wake_up()
         outputs = engine.generate([prompts[i] for i in mine], Sampling(
-            n=G, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_completion_length,
-            seed=cfg.seed * 1_000_003 + step))
+            n=G, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_completion_length))
         engine.sleep()
         completions = [c for group in outputs for c in group]             # G consecutive per prompt
         owners = [i for i in mine for _ in range(G)]
