@@ -116,11 +116,11 @@ def load_critic(name_or_path: str):
     return AutoModelForTokenClassification.from_pretrained(name_or_path, config=config, dtype=torch.float32)
 
 
-def critic_values(critic, input_ids, attention_mask) -> torch.Tensor:
+def critic_values(critic, input_ids) -> torch.Tensor:
     """V in token_logprobs' layout: values[:, t] is the head's output at position t, the value of the
     state (tokens 0..t) in which token t+1 is chosen. So a completion token's log-prob and the value
     V(s_t) of the state it was chosen in share one index, and both are masked by completion_mask[:, 1:]."""
-    return critic(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1, 0].float()
+    return critic(input_ids=input_ids).logits[:, :-1, 0].float()  # rows packed by training.pack
 
 
 # ---- the PPO equations, each a function so the tests can check it against hand computations
@@ -175,16 +175,17 @@ def make_experience(actor, critic, reference, rows, cfg: Config, d, pad_id: int)
     whole groups in prompt order. Returns the experience as mini-batches (train_batch_size / ranks rows)
     of micro-batches (dicts of tensors), and statistics over the global batch."""
     per_rank = cfg.train_batch_size // d.world_size
+    by_length = lambda mini: sorted(mini, key=lambda r: len(r[0]) + len(r[1]))  # less padding per micro-batch
     experience = [[_pack(mini[k:k + cfg.micro_batch_size], pad_id, d.device) for k in range(0, len(mini), cfg.micro_batch_size)]
-                  for mini in (rows[s:s + per_rank] for s in range(0, len(rows), per_rank))]
+                  for mini in (by_length(rows[s:s + per_rank]) for s in range(0, len(rows), per_rank))]
     micro_batches = [mb for mini in experience for mb in mini]
     with torch.no_grad():
         for mb in micro_batches:
-            batch, mask = (mb["input_ids"], mb["attention_mask"], mb["completion_mask"]), mb["mask"]
+            batch, mask = (mb["input_ids"], mb["completion_mask"]), mb["mask"]
             with training.autocast(d, cfg.bf16):
                 mb["old_logp"] = training.token_logprobs(actor, *batch, cfg.temperature)[0]
                 ref_logp = training.token_logprobs(reference, *batch, cfg.temperature)[0] if reference is not None else mb["old_logp"]
-                mb["values"] = critic_values(critic, *batch[:2]) * mask
+                mb["values"] = critic_values(critic, batch[0]) * mask
             mb["kl"] = (mb["old_logp"] - ref_logp) * mask            # log pi_old - log pi_ref, per token
             mb["rewards"] = -cfg.kl_coef * mb["kl"] + mb["score"]    # score: s_i on the last token, else 0
             mb["advantages"], mb["returns"] = gae(mb["rewards"], mb["values"], mask, cfg.gamma, cfg.lam)
@@ -219,12 +220,12 @@ def _token_means(named: dict, masks: list, d) -> dict:
 def _pack(rows, pad_id: int, device) -> dict:
     """One micro-batch: packed sequences, the response mask in token_logprobs' layout, the engine's
     log-probs, and the task score placed on the last response token (index len(prompt) + len(completion) - 2)."""
-    input_ids, attention_mask, completion_mask = training.pack([r[0] for r in rows], [r[1] for r in rows], pad_id, device)
+    input_ids, completion_mask = training.pack([r[0] for r in rows], [r[1] for r in rows], pad_id, device)
     score = torch.zeros(len(rows), input_ids.shape[1] - 1, device=device)
     for row, (prompt, completion, _, s) in enumerate(rows):
         score[row, len(prompt) + len(completion) - 2] = s
     engine_logp = training.pack_logprobs([r[2] for r in rows], [len(r[0]) for r in rows], input_ids.shape[1], device)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
+    return {"input_ids": input_ids, "completion_mask": completion_mask,
             "mask": completion_mask[:, 1:], "score": score, "engine_logp": engine_logp}
 
 
@@ -245,11 +246,11 @@ def ppo_update(experience, optimizers: dict, schedulers: dict, cfg: Config, d, t
             num_tokens = tokens[i].item()
             share = 1 / num_tokens / num_updates  # of the reported averages
             for k, mb in enumerate(mini):
-                batch, mask = (mb["input_ids"], mb["attention_mask"], mb["completion_mask"]), mb["mask"]
+                batch, mask = (mb["input_ids"], mb["completion_mask"]), mb["mask"]
                 # the critic regresses V(s_t) on the GAE return R_t
                 training.set_gradient_sync(critic, k == len(mini) - 1)  # reduce gradients once, after the last
                 with training.autocast(d, cfg.bf16):
-                    values = critic_values(critic, *batch[:2])
+                    values = critic_values(critic, batch[0])
                 value_loss, value_clipped = clipped_value_loss(values, mb["values"], mb["returns"], cfg.value_clip)
                 value_loss = (value_loss * mask).sum() / num_tokens
                 (value_loss * d.world_size).backward()  # FSDP averages gradients over ranks; the loss is a global mean

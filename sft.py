@@ -72,12 +72,10 @@ def collate(examples, pad_id: int, device):
     width = max(len(ids) for ids, _ in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, (ids, labs) in enumerate(examples):
+    for row, (ids, labs) in enumerate(examples):  # right padding: no attention mask needed (see training.pack)
         input_ids[row, :len(ids)] = torch.tensor(ids)
         labels[row, :len(labs)] = torch.tensor(labs)
-        attention_mask[row, :len(ids)] = 1
-    return input_ids.to(device), labels.to(device), attention_mask.to(device)
+    return input_ids.to(device), labels.to(device)
 
 
 def main(argv=None):
@@ -136,10 +134,10 @@ def main(argv=None):
         global_tokens = training.all_reduce_sum(local_tokens, d).item()
         loss_sum = torch.zeros((), device=d.device)
         for index, micro in enumerate(micro_batches):
-            input_ids, labels, attention_mask = collate([examples[i] for i in micro], tokenizer.pad_token_id, d.device)
+            input_ids, labels = collate([examples[i] for i in micro], tokenizer.pad_token_id, d.device)
             training.set_gradient_sync(model, index == len(micro_batches) - 1)
             with training.autocast(d, cfg.bf16):
-                logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+                logits = model(input_ids=input_ids).logits
             token_nll = torch.nn.functional.cross_entropy(           # -log p(x_t | x_<t) on response tokens
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
             (token_nll / global_tokens * d.world_size).backward()

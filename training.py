@@ -294,16 +294,18 @@ def cosine_schedule(optimizer, max_steps: int, warmup_ratio: float, min_lr_ratio
 
 
 def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, device):
-    """Right-padded prompt+completion rows; completion_mask marks the completion's tokens."""
+    """Right-padded prompt+completion rows, and completion_mask marking the completion's tokens.
+
+    No attention mask: with the pads after the real tokens, causal attention never lets a real
+    token see one, so the log-probs are those of each row alone, and attention takes its faster
+    causal-only path. (The pads' own outputs are garbage, and completion_mask drops them.)"""
     width = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids))
     input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
     completion_mask = torch.zeros_like(input_ids, dtype=torch.float32)
     for row, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
         input_ids[row, :len(p) + len(c)] = torch.tensor(p + c)
-        attention_mask[row, :len(p) + len(c)] = 1
         completion_mask[row, len(p):len(p) + len(c)] = 1
-    return input_ids.to(device), attention_mask.to(device), completion_mask.to(device)
+    return input_ids.to(device), completion_mask.to(device)
 
 
 def pack_logprobs(logprobs: list[list[float]], prompt_lengths: list[int], width: int, device):
@@ -314,9 +316,10 @@ def pack_logprobs(logprobs: list[list[float]], prompt_lengths: list[int], width:
     return out
 
 
-def token_logprobs(model, input_ids, attention_mask, completion_mask, temperature: float, with_entropy=False):
-    """log pi(o_t | q, o_<t) of each completion token at the sampling temperature (and entropy)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float() / temperature
+def token_logprobs(model, input_ids, completion_mask, temperature: float, with_entropy=False):
+    """log pi(o_t | q, o_<t) of each completion token at the sampling temperature (and entropy),
+    on rows packed by pack()."""
+    logits = model(input_ids=input_ids).logits[:, :-1].float() / temperature
     targets = input_ids[:, 1:]
     logsumexp = torch.logsumexp(logits, dim=-1)
     logp = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - logsumexp

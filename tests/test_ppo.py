@@ -113,26 +113,27 @@ def test_critic_is_the_language_model_backbone_with_a_scalar_head(tiny_model_dir
     critic = ppo.load_critic(str(tiny_model_dir))
     backbone = critic.model.state_dict()
     assert all(torch.equal(backbone[k], v) for k, v in lm.model.state_dict().items())
-    ids, attention, _ = training.pack([[5, 6, 7]], [[8, 9, 10]], 0, "cpu")
+    ids, _ = training.pack([[5, 6, 7]], [[8, 9, 10]], 0, "cpu")
     critic.train()  # no dropout: a value is a function of the tokens
-    values = ppo.critic_values(critic, ids, attention)
-    assert values.shape == (1, 5) and torch.equal(values, ppo.critic_values(critic, ids, attention))
+    values = ppo.critic_values(critic, ids)
+    assert values.shape == (1, 5) and torch.equal(values, ppo.critic_values(critic, ids))
     critic.save_pretrained(tmp_path / "critic")
     reloaded = ppo.load_critic(str(tmp_path / "critic"))
-    torch.testing.assert_close(ppo.critic_values(reloaded, ids, attention), values)
+    torch.testing.assert_close(ppo.critic_values(reloaded, ids), values)
 
 
 def test_experience_puts_the_score_on_the_last_token_and_the_kl_penalty_on_every_token(tiny_model_dir):
     d = training.Dist(0, 1, 0, torch.device("cpu"))
     actor, critic = training.load_model(str(tiny_model_dir)), ppo.load_critic(str(tiny_model_dir))
     reference, _ = training.build_tiny_model(hidden_size=64, num_layers=2, num_heads=2, seed=1)
-    rows = [([5, 6, 7], [8, 9, 10, 11], [-1.0] * 4, 1.0), ([5, 6], [12], [-1.0], -0.5), ([7] * 5, [8, 9], [-1.0] * 2, 0.0)]
+    # shortest first: make_experience orders a mini-batch's rows by length (less padding per micro-batch)
+    rows = [([5, 6], [12], [-1.0], -0.5), ([5, 6, 7], [8, 9, 10, 11], [-1.0] * 4, 1.0), ([7] * 5, [8, 9], [-1.0] * 2, 0.0)]
     cfg = ppo.Config(train_batch_size=3, micro_batch_size=3, kl_coef=0.1, gamma=1.0, lam=1.0, temperature=1.0, bf16=False)
     experience, stats = ppo.make_experience(actor, critic, reference, rows, cfg, d, pad_id=0)
     (mb,), = experience
-    ids, attention, completion = training.pack([r[0] for r in rows], [r[1] for r in rows], 0, "cpu")
-    old = training.token_logprobs(actor, ids, attention, completion, 1.0)[0]
-    ref = training.token_logprobs(reference, ids, attention, completion, 1.0)[0]
+    ids, completion = training.pack([r[0] for r in rows], [r[1] for r in rows], 0, "cpu")
+    old = training.token_logprobs(actor, ids, completion, 1.0)[0]
+    ref = training.token_logprobs(reference, ids, completion, 1.0)[0]
     kl_penalty = -0.1 * (old - ref) * completion[:, 1:]
     score = torch.zeros_like(kl_penalty)
     for row, (prompt, response, _, s) in enumerate(rows):
@@ -140,7 +141,7 @@ def test_experience_puts_the_score_on_the_last_token_and_the_kl_penalty_on_every
         assert completion[row, last + 1] == 1 and (last + 2 >= completion.shape[1] or completion[row, last + 2] == 0)
         score[row, last] = s
     torch.testing.assert_close(mb["rewards"], kl_penalty + score, atol=1e-6, rtol=1e-5)
-    values = ppo.critic_values(critic, ids, attention) * completion[:, 1:]
+    values = ppo.critic_values(critic, ids) * completion[:, 1:]
     torch.testing.assert_close(mb["values"], values, atol=1e-6, rtol=1e-5)
     # gamma = lambda = 1: each token's return is everything still to come (KL penalties and the score)
     torch.testing.assert_close(mb["returns"], (kl_penalty + score).flip(1).cumsum(1).flip(1) * completion[:, 1:],
