@@ -24,20 +24,14 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-import data
 import lim
+from demo import run, write_rl_pool
 from grpo import PRESETS
 
 LIMR_KEEP_RATIO = 1389 / 8523
-
-
-def run(command: list[str]):
-    print("+ " + " ".join(command), flush=True)
-    subprocess.run(command, check=True)
 
 
 def grpo(model: Path, data_file: Path, out: Path, steps: int):
@@ -82,10 +76,7 @@ def main():
 
     if not (sft / "model.safetensors").exists():
         run([sys.executable, "sft.py", "--preset", "tiny", "--output-dir", str(sft)])
-    pool = out / "pool.jsonl"
-    if not pool.exists():
-        one_unknown = [p for p in data.load_problems("linear", split="train") if "(" not in p["answer"]]
-        lim.write_rows(pool, one_unknown[:args.pool])
+    pool = write_rl_pool(out / "pool.jsonl", args.pool)
     steps = math.ceil(args.epochs * args.pool / PRESETS["tiny"]["prompts_per_step"])
     grpo(sft, pool, out / "full", steps)
 
