@@ -34,18 +34,18 @@ from grpo import PRESETS
 LIMR_KEEP_RATIO = 1389 / 8523
 
 
-def grpo(model: Path, data_file: Path, out: Path, steps: int):
+def grpo(model: Path, data_file: Path, out: Path, steps: int, seed: int):
     if not (out / "model.safetensors").exists():
         run([sys.executable, "grpo.py", "--preset", "tiny", "--model", str(model), "--data", str(data_file),
-             "--max-steps", str(steps), "--save-steps", str(steps), "--output-dir", str(out)])
+             "--max-steps", str(steps), "--save-steps", str(steps), "--seed", str(seed), "--output-dir", str(out)])
 
 
-def select(out: Path, pool: Path, name: str, method: str, threshold: float) -> Path:
+def select(out: Path, pool: Path, name: str, method: str, threshold: float, seed: int) -> Path:
     subset = out / f"{name}.jsonl"
     if not subset.exists():
         run([sys.executable, "lim.py", "--trajectories", str(out / "full" / "trajectories.jsonl"), "--data", str(pool),
              "--method", method, "--threshold", str(threshold), "--out", str(subset),
-             "--scores", str(out / f"{name}-scores.jsonl")])
+             "--scores", str(out / f"{name}-scores.jsonl"), "--seed", str(seed)])
     return subset
 
 
@@ -68,6 +68,7 @@ def main():
     parser.add_argument("--pool", type=int, default=512, help="one-unknown linear training problems in the pool")
     parser.add_argument("--epochs", type=int, default=4, help="epochs of the full-pool run (which records trajectories)")
     parser.add_argument("--threshold", type=float, default=0.6, help="LIM score threshold")
+    parser.add_argument("--seed", type=int, default=0, help="every GRPO run's data order and sampling, and RAND's draw")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (OMP_NUM_THREADS)")
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -78,20 +79,20 @@ def main():
         run([sys.executable, "sft.py", "--preset", "tiny", "--output-dir", str(sft)])
     pool = write_rl_pool(out / "pool.jsonl", args.pool)
     steps = math.ceil(args.epochs * args.pool / PRESETS["tiny"]["prompts_per_step"])
-    grpo(sft, pool, out / "full", steps)
+    grpo(sft, pool, out / "full", steps, args.seed)
 
-    subsets = {"LIM": select(out, pool, "lim", "lim", args.threshold)}
+    subsets = {"LIM": select(out, pool, "lim", "lim", args.threshold, args.seed)}
     scores = sorted((json.loads(line)["score"] for line in open(out / "lim-scores.jsonl")), reverse=True)
     top_sixth = scores[max(0, round(LIMR_KEEP_RATIO * len(scores)) - 1)]
-    subsets["LIM, top 16%"] = select(out, pool, "lim-top", "lim", top_sixth)
-    subsets["RAND"] = select(out, pool, "rand", "rand", top_sixth)  # as many as LIM's top 16%
-    subsets["LINEAR"] = select(out, pool, "linear", "linear", lim.PAPER_THRESHOLDS["linear"])
+    subsets["LIM, top 16%"] = select(out, pool, "lim-top", "lim", top_sixth, args.seed)
+    subsets["RAND"] = select(out, pool, "rand", "rand", top_sixth, args.seed)  # as many as LIM's top 16%
+    subsets["LINEAR"] = select(out, pool, "linear", "linear", lim.PAPER_THRESHOLDS["linear"], args.seed)
 
     greedy, sampled = pass_at_1(sft, out / "sft")  # its figures under the same evaluation, kept beside the others
     rows = [f"| SFT model (no RL) | - | - | 0 | {100 * greedy:.1f} | {100 * sampled:.1f} |"]
     for name, subset in [("full pool", pool), *subsets.items()]:
         run_dir = out / ("full" if subset == pool else subset.stem)
-        grpo(sft, subset, run_dir, steps)
+        grpo(sft, subset, run_dir, steps, args.seed)
         greedy, sampled = pass_at_1(run_dir, run_dir)
         rule = {"LIM": f"score >= {args.threshold}", "RAND": "random, as many as LIM top 16%", "LINEAR": "score >= 0.7",
                 "LIM, top 16%": f"score >= {top_sixth:.3f}"}.get(name, "-")

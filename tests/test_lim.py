@@ -210,3 +210,18 @@ def test_limr_published_scores_select_exactly_the_limr_training_set(tmp_path, ca
     with pytest.raises(data.DataError, match="no answer"):
         data.load_problems(str(out))
     assert len(data.load_problems(f"math-8k={out}")) == 7936  # as the note says
+
+
+def test_the_rl_pool_of_the_demos_is_one_unknown_train_problems_that_grpo_can_load(tmp_path):
+    """demo.py and demo_lim.py train RL on this pool: it must hold only one-unknown systems (integer
+    answers), none of the held-out test problems, and load back unchanged through --data."""
+    import demo
+
+    path = demo.write_rl_pool(tmp_path / "pool.jsonl", size=64)
+    pool = data.load_problems(str(path), split="train")
+    assert len(pool) == 64
+    assert all(int(p["answer"]) == float(p["answer"]) for p in pool)  # "-3", never "(3, -2)"
+    first = [p for p in data.load_problems("linear", split="train") if "(" not in p["answer"]][:64]
+    assert [(p["prompt"], p["answer"]) for p in pool] == [(p["prompt"], p["answer"]) for p in first]
+    held_out = {p["prompt"] for p in data.load_problems("linear", split="test")}
+    assert not held_out & {p["prompt"] for p in pool}
