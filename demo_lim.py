@@ -1,6 +1,7 @@
 """LIMR's experiment in miniature: does training on LIM-selected samples match training on all?
 
-    .venv/bin/python demo_lim.py              # about 20 minutes on a 2-core CPU
+    .venv/bin/python demo_lim.py              # 13-14 minutes on a 2-core CPU (measured), +5 to train SFT
+    .venv/bin/python demo_lim.py --seed 1 --out-dir runs/lim-demo-seed1     # the same experiment, another seed
 
 1. start from the tiny SFT model of demo.py (trained here if it is not there yet)
 2. the pool: 512 one-unknown `linear` training problems, which the tiny model solves anywhere from
@@ -18,7 +19,8 @@
    (4 samples per problem at temperature 1)
 
 Every step is an ordinary command, printed before it runs; rerunning skips what is finished.
-One seed per arm: differences of a few points are within run-to-run noise (see the README).
+One seed per arm per call: differences of a few points are within run-to-run noise, so compare seeds
+(two are in the README).
 """
 import argparse
 import json
