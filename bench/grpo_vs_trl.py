@@ -162,15 +162,17 @@ def evaluate(model_dir: Path, threads: int) -> dict:
     return figures
 
 
-def summarize(run: dict, skip: int) -> dict:
-    """Medians over the steps after the first `skip` (warm-up: allocator, vLLM graph capture)."""
-    steps = run["steps"][skip:]
+def summarize(runs: list[dict], skip: int) -> dict:
+    """Medians over the steps of every repeat of one trainer, each without its first `skip` steps
+    (warm-up: allocator, grader start); train reward over the first run's last 5 steps."""
+    steps = [s for run in runs for s in run["steps"][skip:]]
     median = lambda key: statistics.median(s[key] for s in steps)
     return {"step_s": median("total"), "generation_s": median("generation"), "reward_s": median("reward"),
             "update_s": median("update"), "generated_tokens_per_s": median("tokens") / median("generation"),
             "response_length_mean": median("tokens") / (WORK["prompts_per_step"] * WORK["num_generations"]),
-            "reward_share": median("reward") / median("total"), "peak_rss_mib": run["peak_rss_mib"],
-            "train_reward_last5": statistics.mean(s["reward_mean"] for s in run["steps"][-5:]), "steps_timed": len(steps)}
+            "reward_share": median("reward") / median("total"), "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+            "train_reward_last5": statistics.mean(s["reward_mean"] for s in runs[0]["steps"][-5:]),
+            "steps_timed": len(steps), "step_s_per_repeat": [statistics.median(s["total"] for s in r["steps"][skip:]) for r in runs]}
 
 
 def math500_grading_seconds(path: Path, completions: int, repeats: int = 3) -> float | None:
@@ -223,6 +225,7 @@ def main():
     parser.add_argument("--model", default="runs/demo/sft", help="the tiny SFT model all three start from (made by sft.py if absent)")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run (the first is warm-up, not timed)")
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of every run")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each trainer, in A B C C B A order")
     parser.add_argument("--scaling-steps", type=int, default=3, help="steps per scaling point (the first is not timed)")
     parser.add_argument("--scaling-engine", default="vllm", choices=["hf", "vllm"], help="our engine in the scaling runs")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling runs")
@@ -240,15 +243,21 @@ def main():
                      work_dir / "sft.log")
     model = str(Path(args.model).resolve())
 
-    # ---- the same work, three trainers: speed, memory, reward, held-out pass@1
-    main_rows = {}
-    for name, train in (("grpo.py hf", lambda out: run_ours("hf", model, out, args.steps, WORK, args.threads)),
-                        ("grpo.py vllm", lambda out: run_ours("vllm", model, out, args.steps, WORK, args.threads)),
-                        ("TRL GRPOTrainer", lambda out: run_trl(model, out, args.steps, WORK, args.threads))):
-        out = work_dir / name.replace(" ", "-").replace(".", "_")
-        print(f"{name}: {args.steps} steps -> {out}", flush=True)
-        run = train(out)
-        main_rows[name] = summarize(run, skip=1) | evaluate(out, args.threads)
+    # ---- the same work, three trainers: speed, memory, reward, held-out pass@1. This VM's speed
+    # drifts (measured: the same run 25% slower an hour later), so repeats go in A B C C B A order,
+    # which cancels a steady drift, and each median pools the steps of all of a trainer's repeats.
+    # A repeat is the same seeded run again (same weights), so only the first one is evaluated.
+    trainers = {"grpo.py hf": lambda out: run_ours("hf", model, out, args.steps, WORK, args.threads),
+                "grpo.py vllm": lambda out: run_ours("vllm", model, out, args.steps, WORK, args.threads),
+                "TRL GRPOTrainer": lambda out: run_trl(model, out, args.steps, WORK, args.threads)}
+    runs = {name: [] for name in trainers}
+    for repeat in range(args.repeats):
+        for name in (list(trainers) if repeat % 2 == 0 else list(trainers)[::-1]):
+            out = work_dir / (name.replace(" ", "-").replace(".", "_") + (f"-repeat{repeat}" if repeat else ""))
+            print(f"{name}, repeat {repeat}: {args.steps} steps -> {out}", flush=True)
+            runs[name].append(trainers[name](out))
+    main_rows = {name: summarize(runs[name], skip=1) | evaluate(work_dir / name.replace(" ", "-").replace(".", "_"), args.threads)
+                 for name in trainers}
     trl_step = main_rows["TRL GRPOTrainer"]["step_s"]
     completions = WORK["prompts_per_step"] * WORK["num_generations"]
     math500_s = math500_grading_seconds(ROOT.parent / "shared" / "data" / "math500" / "test.jsonl", completions)
@@ -282,7 +291,8 @@ def main():
     machine = (f"{time.strftime('%Y-%m-%d')}, {cpu}, {os.cpu_count()} cores, {args.threads} thread(s) per run; torch {torch.__version__}, "
                f"transformers {transformers.__version__}, trl {trl.__version__}, vllm {vllm.__version__}")
     print(f"\n{machine}\nmodel {args.model}; {args.steps} steps of {WORK['prompts_per_step']} prompts x "
-          f"{WORK['num_generations']} completions (<= {WORK['max_completion_length']} tokens); medians over steps 2..{args.steps}\n")
+          f"{WORK['num_generations']} completions (<= {WORK['max_completion_length']} tokens); medians over steps 2..{args.steps} "
+          f"of {args.repeats} repeat(s) per trainer\n")
     print("| trainer | s/step | generation / reward / update s | vs TRL | generated tokens/s | reward share | "
           "peak RSS MiB | train reward (last 5 steps) | held-out pass@1 greedy | pass@1 sampled |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -291,6 +301,9 @@ def main():
               f"{r['step_s'] / trl_step:.2f}x | {r['generated_tokens_per_s']:.0f} | {100 * r['reward_share']:.1f}% | "
               f"{r['peak_rss_mib']:.0f} | {r['train_reward_last5']:.3f} | {100 * r['pass@1_greedy']:.1f}% | "
               f"{100 * r['pass@1_sampled']:.1f}% |")
+    if args.repeats > 1:
+        print("\nmedian s/step of each repeat, in run order A B C C B A: " + "; ".join(
+            f"{name} " + " / ".join(f"{x:.2f}" for x in r["step_s_per_repeat"]) for name, r in main_rows.items()))
     if math500_s is not None:
         best = min((r for name, r in main_rows.items() if name.startswith("grpo.py")), key=lambda r: r["step_s"])
         print(f"\nGrading {completions} MATH-500 reference solutions (half against a wrong answer) takes {math500_s:.3f} s: "
@@ -306,7 +319,7 @@ def main():
                   f"{p['TRL']['step_s']:.2f} | {p[ours]['step_s'] / p['TRL']['step_s']:.2f}x |")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "work": WORK, "steps": args.steps,
-                                               "runs": main_rows, "scaling": scaling,
+                                               "repeats": args.repeats, "runs": main_rows, "scaling": scaling,
                                                "math500_grading_s": math500_s}, indent=2) + "\n")
 
 
