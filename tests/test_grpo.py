@@ -127,9 +127,10 @@ def test_two_rank_update_on_fixed_rollouts_equals_one_process(tmp_path):
     one, two = torch.load(tmp_path / "one" / "result.pt"), torch.load(tmp_path / "two" / "result.pt")
     start = one["start"]
     assert max((one["weights"][k] - start[k]).abs().max().item() for k in start) > 1e-4   # it moved
-    # Adam scales each step to ~lr (1e-2) whatever the gradient's size, so rounding noise in gradients
-    # that are zero in exact arithmetic (k_proj.bias) moves weights by a few 1e-6; 2e-5 is 0.1% of a step.
-    # A wrong normaliser shows in loss and grad_norm below, which Adam does not hide.
+    # Adam scales each step to ~lr (1e-2) whatever the gradient's size, so rounding noise (1 vs 2 ranks
+    # sum in different orders) in gradients that are zero or near zero moves weights by a few 1e-6:
+    # measured up to 6e-6, in k_proj.bias (zero in exact arithmetic) and in layer 0's MLP weights.
+    # 2e-5 is 0.2% of a step. A wrong normaliser shows in loss and grad_norm below, which Adam does not hide.
     for k in start:
         torch.testing.assert_close(one["weights"][k], two["weights"][k], atol=2e-5, rtol=0, msg=k)
     for key in ("loss", "clip_frac", "kl", "entropy", "grad_norm"):
