@@ -1,12 +1,12 @@
 """The CPU experiment, end to end: does RL improve on SFT for a tiny model on linear equations?
 
-    .venv/bin/python demo.py                  # about 15 minutes on 2 CPU cores (measured)
+    .venv/bin/python demo.py                  # about 10 minutes on 2 CPU cores (measured; 11 with --with-ppo)
 
 1. baseline: a fresh ~1M-parameter Qwen2 model with a character tokenizer (it knows nothing)
 2. sft.py --preset tiny: supervised fine-tuning on worked solutions of `linear` train problems
 3. grpo.py --preset tiny: GRPO from the SFT model, rewarded only for the right final answer, on
    the RL pool: 512 one-unknown train problems (and with --with-ppo, ppo.py --preset tiny from the
-   same SFT model on the same pool: about 4 more minutes). The SFT model solves 1-2% of the
+   same SFT model on the same pool: about 2 more minutes). The SFT model solves 1-2% of the
    two-unknown systems, so their groups are almost all-wrong and carry no advantage: measured, 80
    steps over all train problems left the training accuracy flat at 0.11 and greedy pass@1 moved
    13.0 -> 13.5%, while the one-unknown pool gave 13.0 -> 20.0% in 64 steps (demo_lim.py's full arm).

@@ -96,7 +96,7 @@ def main():
         run_dir = out / ("full" if subset == pool else subset.stem)
         grpo(sft, subset, run_dir, steps, args.seed)
         greedy, sampled = pass_at_1(run_dir, run_dir)
-        rule = {"LIM": f"score >= {args.threshold}", "RAND": "random, as many as LIM top 16%", "LINEAR": "score >= 0.7",
+        rule = {"LIM": f"score >= {args.threshold}", "RAND": "random, as many as LIM top 16%", "LINEAR": f"score >= {lim.PAPER_THRESHOLDS['linear']}",
                 "LIM, top 16%": f"score >= {top_sixth:.3f}"}.get(name, "-")
         rows.append(f"| {name} | {rule} | {sum(1 for _ in open(subset))} | {steps} | {100 * greedy:.1f} | {100 * sampled:.1f} |")
     print("\nheld-out: the 200 `linear` test problems; sampled = 4 samples per problem at temperature 1\n")

@@ -297,8 +297,8 @@ def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: i
     """Right-padded prompt+completion rows, and completion_mask marking the completion's tokens.
 
     No attention mask: with the pads after the real tokens, causal attention never lets a real
-    token see one, so the log-probs are those of each row alone, and attention takes its faster
-    causal-only path. (The pads' own outputs are garbage, and completion_mask drops them.)"""
+    token see one, so the log-probs are those of each row alone. (The pads' own outputs are
+    garbage, and completion_mask drops them.) Measured on CPU, passing a mask costs about the same."""
     width = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids))
     input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
     completion_mask = torch.zeros_like(input_ids, dtype=torch.float32)

@@ -250,14 +250,14 @@ def main():
     trainers = {"grpo.py hf": lambda out: run_ours("hf", model, out, args.steps, WORK, args.threads),
                 "grpo.py vllm": lambda out: run_ours("vllm", model, out, args.steps, WORK, args.threads),
                 "TRL GRPOTrainer": lambda out: run_trl(model, out, args.steps, WORK, args.threads)}
+    run_dir = {name: work_dir / name.replace(" ", "-").replace(".", "_") for name in trainers}
     runs = {name: [] for name in trainers}
     for repeat in range(args.repeats):
         for name in (list(trainers) if repeat % 2 == 0 else list(trainers)[::-1]):
-            out = work_dir / (name.replace(" ", "-").replace(".", "_") + (f"-repeat{repeat}" if repeat else ""))
+            out = run_dir[name].with_name(run_dir[name].name + (f"-repeat{repeat}" if repeat else ""))
             print(f"{name}, repeat {repeat}: {args.steps} steps -> {out}", flush=True)
             runs[name].append(trainers[name](out))
-    main_rows = {name: summarize(runs[name], skip=1) | evaluate(work_dir / name.replace(" ", "-").replace(".", "_"), args.threads)
-                 for name in trainers}
+    main_rows = {name: summarize(runs[name], skip=1) | evaluate(run_dir[name], args.threads) for name in trainers}
     trl_step = main_rows["TRL GRPOTrainer"]["step_s"]
     completions = WORK["prompts_per_step"] * WORK["num_generations"]
     math500_s = math500_grading_seconds(ROOT.parent / "shared" / "data" / "math500" / "test.jsonl", completions)
