@@ -2,7 +2,7 @@
 
 Every problem is a dict of five strings:
     {"id": "gsm8k/17", "prompt": "...", "answer": "18", "solution": "... \\boxed{18}", "source": "gsm8k"}
-`answer` is the gold final answer that rewards.is_equiv grades against; `solution` is a worked
+`answer` is the gold final answer that grader.is_equiv grades against; `solution` is a worked
 solution for SFT, empty when the source has none.
 
     load_problems("math500", split="test")                      # from the hub (needs network)
@@ -10,6 +10,7 @@ solution for SFT, empty when the source has none.
     load_problems("/data/mine.parquet", fields={"prompt": "q"})  # any local file
     load_problems("open-rs:3000,limo")                           # a seeded mixture
     load_problems("linear", split="test")                        # synthetic, offline, deterministic
+    load_problems("arith", split="test")                         # synthetic word problems (task B)
 
 Everything is read and checked eagerly: a missing field, an empty prompt or a malformed line raises
 DataError with a one-line message naming the file, the row and the field, so a script fails in
@@ -24,7 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from rewards import extract_answer
+from grader import extract_answer
 
 ROLES = ("prompt", "answer", "solution")
 ID_FIELDS = ("id", "idx", "unique_id")
@@ -172,10 +173,20 @@ def _hub_rows(name: str, source: Source, split: str):
     return [(f"{source.hub_id}[{hub_split}] row {i}", row) for i, row in enumerate(table)]
 
 
+def _not_utf8(path: Path, raw: bytes, error: UnicodeDecodeError, first_line: int = 1):
+    line = first_line + raw.count(b"\n", 0, error.start)
+    column = error.start - (raw.rfind(b"\n", 0, error.start) + 1) + 1
+    return DataError(f"{path} line {line}: not UTF-8 text (byte {raw[error.start]:#04x} at column {column})")
+
+
 def _jsonl_rows(path: Path):
     rows = []
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, 1):
+    with open(path, "rb") as file:  # bytes, so that a bad byte is reported with its line
+        for number, raw in enumerate(file, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise _not_utf8(path, raw, error, number) from None
             if not line.strip():
                 continue
             try:
@@ -186,9 +197,11 @@ def _jsonl_rows(path: Path):
 
 
 def _json_rows(path: Path):
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
     try:
-        table = json.loads(text)
+        table = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise _not_utf8(path, raw, error) from None
     except json.JSONDecodeError as error:
         if error.msg == "Extra data":  # JSON lines under a .json name (datasets' to_json writes these)
             return _jsonl_rows(path)
@@ -220,9 +233,14 @@ def _local_rows(path: Path, split: str):
     if path.suffix == ".json":
         return _json_rows(path)
     if path.suffix == ".parquet":
+        import pyarrow
         import pyarrow.parquet
 
-        return [(f"{path} row {i}", row) for i, row in enumerate(pyarrow.parquet.read_table(path).to_pylist())]
+        try:
+            table = pyarrow.parquet.read_table(path)
+        except (pyarrow.ArrowException, OSError) as error:
+            raise DataError(f"{path}: not a readable parquet file ({str(error).splitlines()[0]})") from None
+        return [(f"{path} row {i}", row) for i, row in enumerate(table.to_pylist())]
     raise DataError(f"{path}: unknown format (use .json, .jsonl, .parquet or a datasets.save_to_disk folder)")
 
 
@@ -240,24 +258,30 @@ def _problems(rows, name: str, source: Source, fields: dict | None):
 
 def load_problems(spec: str, split: str = "train", *, fields: dict | None = None, seed: int = 0,
                   limit: int | None = None) -> list[dict]:
-    """Problems for `spec`: a source name, NAME=PATH, a local path, "linear", or a mixture "a:N,b".
+    """Problems for `spec`: a source name, NAME=PATH, a local path, "linear", "arith", or a mixture "a:N,b".
 
     `fields` names the prompt/answer/solution fields of a local file when they are not the usual
     ones. `seed` drives mixture sampling and shuffling; named sets always have the same content.
-    `limit` keeps the first rows (for "linear", it is the number generated).
+    `limit` keeps the first rows (for "linear" and "arith", it is the number generated).
     """
     if limit is not None and limit < 0:
         raise DataError(f"limit must be >= 0, got {limit}")
     if fields is not None and set(fields) - set(ROLES):
         raise DataError(f"fields: unknown role(s) {sorted(set(fields) - set(ROLES))} (use {', '.join(ROLES)})")
     spec = spec.strip()
-    if "," in spec or re.fullmatch(r".+:\d+", spec):
+    named = "=" in spec and spec.split("=", 1)[0] in SOURCES  # NAME=PATH
+    exists = Path(spec.split("=", 1)[1] if named else spec).expanduser().exists()
+    if not exists and ("," in spec or re.fullmatch(r".+:\d+", spec)):  # a file's name may hold a comma
         problems = _mixture(spec, split, fields, seed)
     elif spec == "linear":
         if split not in LINEAR_SIZES:
             raise DataError(f"linear has no {split!r} split (it has 'train', 'test')")
         problems = make_linear_problems(LINEAR_SIZES[split] if limit is None else limit, seed=0, split=split)
-    elif "=" in spec and spec.split("=", 1)[0] in SOURCES:
+    elif spec == "arith":  # task B of demo_ood.py: arithmetic word problems
+        if split not in ARITH_SIZES:
+            raise DataError(f"arith has no {split!r} split (it has 'train', 'test')")
+        problems = make_arith_problems(ARITH_SIZES[split] if limit is None else limit, seed=0, split=split)
+    elif named:
         name, path = spec.split("=", 1)
         problems = _problems(_local_rows(Path(path).expanduser(), split), name, SOURCES[name], fields)
     elif spec in SOURCES:
@@ -267,8 +291,10 @@ def load_problems(spec: str, split: str = "train", *, fields: dict | None = None
         name = path.name if path.is_dir() else f"{path.parent.name}/{path.stem}".lstrip("/")
         problems = _problems(_local_rows(path, split), name, GENERIC, fields)
     else:
-        raise DataError(f"unknown data {spec!r}: use linear, {', '.join(SOURCES)}, NAME=PATH, a .json/.jsonl/"
+        raise DataError(f"unknown data {spec!r}: use linear, arith, {', '.join(SOURCES)}, NAME=PATH, a .json/.jsonl/"
                         f".parquet file or save_to_disk folder, or a mixture like open-rs:3000,limo")
+    if not problems and limit != 0:  # training on nothing would divide by zero later
+        raise DataError(f"{spec}: no problems (an empty file?)")
     return _unique_ids(problems)[:limit]
 
 
@@ -451,11 +477,101 @@ def make_linear_problems(n: int, seed: int = 0, split: str = "train", *, unknown
 
 
 # ----------------------------------------------------------------------------------------------
+# Synthetic task B, `arith`: two- and three-step arithmetic word problems, GSM8K's surface form in
+# miniature, the out-of-domain task of demo_ood.py. Words instead of equations, but the same kind of
+# worked solution as `linear`'s (one operation a line, about as long) so the tiny model can learn both:
+#
+#   Ann has 7 pens. Ann buys 3 boxes of 4 pens each,      3 * 4 = 12
+#   then gives away 5 pens. How many pens does Ann        7 + 12 = 19
+#   have now?                                             19 - 5 = 14
+#                                                         \boxed{14}
+#
+# Every number in a problem is a whole number from 0 to 200; train and test are split by the same
+# hash of the question as `linear`, so no question of the test split is ever in the train split.
+
+ARITH_SIZES = {"train": 4000, "test": 200}
+ARITH_NAMES = ("Ann", "Ben", "Cara", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivy", "Jon", "Kim", "Leo", "Mia",
+               "Ned")
+ARITH_ITEMS = ("pens", "cards", "eggs", "books", "shells", "stamps", "marbles", "coins", "apples", "beads")
+ARITH_MAX = 200
+
+
+def _arith_question(rng: random.Random):
+    """One word problem: its text and its steps [(left, operator, right), ...], each step's result
+    the next step's left operand or a later operand, the last step's result the answer."""
+    name, other = rng.sample(ARITH_NAMES, 2)
+    item, n = rng.choice(ARITH_ITEMS), lambda low, high: rng.randint(low, high)
+    kind = rng.randrange(6)
+    if kind == 0:  # buy boxes, give some away: a + b * c - d
+        a, b, c = n(2, 30), n(2, 9), n(2, 9)
+        d = n(1, a + b * c)
+        return (f"{name} has {a} {item}. {name} buys {b} boxes of {c} {item} each, "
+                f"then gives away {d} {item}. "
+                f"How many {item} does {name} have now?", [(b, "*", c), (a, "+", b * c), (a + b * c, "-", d)])
+    if kind == 1:  # change from a payment: m - a * p
+        a, p = n(2, 9), n(2, 9)
+        m = rng.choice([m for m in (20, 50, 100) if m >= a * p])
+        return (f"{name} buys {a} {item} at {p} dollars each and pays with {m} dollars. "
+                f"How many dollars of change does {name} get?", [(a, "*", p), (m, "-", a * p)])
+    if kind == 2:  # share equally, then find more: a / k + c
+        k, q, c = n(2, 9), n(2, 12), n(1, 20)
+        return (f"{name} shares {k * q} {item} equally among {k} friends. "
+                f"Then each friend finds {c} more {item}. "
+                f"How many {item} does each friend have?", [(k * q, "/", k), (q, "+", c)])
+    if kind == 3:  # lose some, then double or triple: (a - b) * f
+        a, f = n(5, 60), rng.choice([2, 3])
+        b = n(1, a - 1)
+        word = {2: "doubled", 3: "tripled"}[f]
+        return (f"{name} had {a} {item} and lost {b}. Then {name} {word} the {item} left. "
+                f"How many {item} does {name} have?", [(a, "-", b), (a - b, "*", f)])
+    if kind == 4:  # two rates: a * d + b * e
+        a, d, b, e = n(2, 9), n(2, 7), n(2, 9), n(2, 7)
+        return (f"{name} collects {a} {item} a day for {d} days, then {b} {item} a day for {e} days. "
+                f"How many {item} does {name} collect in all?",
+                [(a, "*", d), (b, "*", e), (a * d, "+", b * e)])
+    a, k = n(2, 25), n(2, 6)  # k times as many: a * k - a
+    return (f"{name} has {a} {item}. {other} has {k} times as many {item} as {name}. "
+            f"How many more {item} does {other} have than {name}?", [(a, "*", k), (a * k, "-", a)])
+
+
+ARITH_OPERATIONS = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y,
+                    "/": lambda x, y: x // y}
+
+
+def make_arith_problems(n: int, seed: int = 0, split: str = "train",
+                        test_fraction: float = 0.1) -> list[dict]:
+    """n distinct word problems of the split; as with linear, a prefix of a larger call is a smaller set."""
+    if n < 0 or split not in ("train", "test"):
+        raise DataError(f"make_arith_problems: need n >= 0 and split train or test (got {n}, {split!r})")
+    rng, problems, seen = random.Random(seed), [], set()
+    for _ in range(100 * n + 1000):
+        if len(problems) == n:
+            break
+        question, steps = _arith_question(rng)
+        results = [ARITH_OPERATIONS[op](x, y) for x, op, y in steps]
+        numbers = [number for (x, _, y), z in zip(steps, results) for number in (x, y, z)]
+        if min(numbers) < 0 or max(numbers) > ARITH_MAX or question in seen \
+                or linear_split(question, test_fraction) != split:
+            continue
+        seen.add(question)
+        answer = str(results[-1])
+        lines = [f"{x} {op} {y} = {z}" for (x, op, y), z in zip(steps, results)]
+        problems.append({"id": f"arith-{split}/{len(problems)}", "prompt": question, "answer": answer,
+                         "solution": "\n".join(lines + [f"\\boxed{{{answer}}}"]), "source": "arith"})
+    if len(problems) < n:
+        raise DataError(f"make_arith_problems: found only {len(problems)} distinct {split} problems")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------
 # Prompts. "qwen-math": the tokenizer's chat template with Qwen2.5-Math's chain-of-thought system
 # prompt. "r1": the R1-style prompt Open-RS trains with (knoveleng/open-rs, recipes/grpo.yaml; the
 # YAML writes the box as `\\boxed{{}}`, a formatting slip we do not copy). "plain": for base models
 # and the tiny model, which reads the prompt character by character. "auto": qwen-math when the
-# tokenizer has a chat template, else plain.
+# tokenizer has a chat template, else plain. Two evaluation templates put the question alone in the
+# user turn with no system message (a chat template may still add its own default one, as
+# Qwen2.5-Math's does): "lighteval-math", the query Open-RS evaluated with through lighteval, and
+# "question", the Qwen-baselines study's "Question: ..." (evaluate.py's PROTOCOLS cite the lines).
 
 QWEN_MATH_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 R1_SYSTEM_PROMPT = (
@@ -465,7 +581,16 @@ R1_SYSTEM_PROMPT = (
     "<think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
     "<answer> answer here </answer>. Note that respond by English, NOT use other languages."
 )
-TEMPLATES = ("auto", "qwen-math", "r1", "plain")
+# knoveleng/open-rs src/open_r1/evaluate.py:34-38 (MATH_QUERY_TEMPLATE; its `{{ANSWER}}` is a format escape)
+LIGHTEVAL_MATH_QUERY = (
+    "Solve the following math problem efficiently and clearly.  The last line of your response should be of "
+    "the following format: 'Therefore, the final answer is: $\\boxed{{ANSWER}}$. I hope it is correct' (without "
+    "quotes) where ANSWER is just the final number or expression that solves the problem. Think step by step "
+    "before answering.\n\n{question}")
+# rqzhangberkeley/efficient-reasoning evaluate_model.py:130-133 (at f36bf77, the commit of its tables)
+QUESTION_QUERY = "Question: {question}"
+USER_TURN_ONLY = {"lighteval-math": LIGHTEVAL_MATH_QUERY, "question": QUESTION_QUERY}
+TEMPLATES = ("auto", "qwen-math", "r1", "plain", *USER_TURN_ONLY)
 
 
 def format_prompt(question: str, tokenizer=None, template: str = "auto") -> str:
@@ -476,12 +601,15 @@ def format_prompt(question: str, tokenizer=None, template: str = "auto") -> str:
         template = "qwen-math" if has_chat else "plain"
     if template == "plain":
         return f"{question}\nSolution:\n"
-    system = QWEN_MATH_SYSTEM_PROMPT if template == "qwen-math" else R1_SYSTEM_PROMPT
     if not has_chat:
         if template == "r1":  # DeepSeek-R1-Zero's plain-text form of the same conversation
             return f"{R1_SYSTEM_PROMPT}\nUser: {question}\nAssistant:"
-        raise ValueError("prompt template 'qwen-math' needs a tokenizer with a chat template; use 'plain'")
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        raise ValueError(f"prompt template {template!r} needs a tokenizer with a chat template; use 'plain'")
+    if template in USER_TURN_ONLY:
+        messages = [{"role": "user", "content": USER_TURN_ONLY[template].format(question=question)}]
+    else:
+        system = QWEN_MATH_SYSTEM_PROMPT if template == "qwen-math" else R1_SYSTEM_PROMPT
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 

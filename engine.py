@@ -6,7 +6,8 @@ Two backends share one interface and one set of sampling semantics:
   available and needs no weight sync, but it is slow.
 - VLLMEngine runs a vLLM engine in the same process (one per rank under torchrun). It is fast,
   but holds its own copy of the weights: after every optimizer step the trainer must call
-  push_weights, or it keeps sampling from the old policy.
+  push_weights, or it keeps sampling from the old policy. On a GPU, sleep() hands all its memory
+  to the update, and close() shuts it down before the process group goes (training.shutdown).
 
 Sampling semantics, identical on both backends:
 - A prompt is a string already formatted for the model (data.format_prompt). It is tokenized
@@ -20,16 +21,24 @@ Sampling semantics, identical on both backends:
   was drawn from: log_softmax(logits / temperature), renormalized over the nucleus when
   top_p < 1; for greedy decoding, log_softmax(logits) (temperature 1). With top_p = 1 this is
   exactly what a trainer recomputes with a teacher-forced forward pass.
-- Randomness comes from torch's global generators in this process (vLLM runs in-process and its
-  sampler draws from them too), so a run that restores the RNG state from a checkpoint
-  samples the same tokens again. Sampling has no seed of its own: seeding is the
-  caller's job (training.seed_everything), and a fixed per-call seed would replay the same
-  random stream at every training step.
+- Randomness comes from torch's global generators in this process, so a run that restores the
+  RNG state from a checkpoint samples the same tokens again. Sampling has no seed of its own:
+  seeding is the caller's job (training.seed_everything, then training.seed_per_rank), and a
+  fixed per-call seed would replay the same random stream at every training step. HFEngine
+  samples with torch on the model's device. vLLM's sampler draws from torch's CPU generator on
+  CPU only: on CUDA its V2 model runner seeds each request from numpy's global state, the V1
+  runner draws from torch's CUDA generator. So VLLMEngine runs each generate call with all of
+  them seeded from one draw of torch's CPU generator hashed with the rank (rank_stream): ranks
+  never share noise, even when a caller left their generators equal, and a resumed run draws the
+  same seeds again.
 """
+import contextlib
+import logging
 import math
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -142,6 +151,9 @@ class HFEngine:
     def wake_up(self) -> None:
         pass
 
+    def close(self) -> None:
+        """Nothing to shut down: the model belongs to the trainer."""
+
     def generate(self, prompts: list[str], sampling: Sampling) -> list[list[Completion]]:
         check_sampling(sampling)
         prompt_ids = tokenize_prompts(prompts, self.tokenizer)
@@ -230,38 +242,92 @@ def repack_tied_lm_head(vllm_model) -> None:
     vllm_model.lm_head.quant_method.process_weights_after_loading(vllm_model.lm_head)
 
 
+@contextlib.contextmanager
+def quiet_expected_reload_warnings(tied: bool):
+    """reload_weights warns "<layer>: Failed to load weights" for each layer that received no
+    tensor, then puts that layer's current tensors back. Two such layers are expected, and the
+    warnings harmless: a rotary embedding holds only a cos/sin table computed from the config (no
+    checkpoint tensor exists), and a tied lm_head's tensor is embed_tokens' (vLLM skips
+    lm_head.weight; repack_tied_lm_head rebuilds its kernel). Any other layer still warns."""
+    expected = ("RotaryEmbedding", "ParallelLMHead") if tied else ("RotaryEmbedding",)
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not (record.msg == "%s: Failed to load weights" and str(record.args[0]).endswith(expected))
+
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
+@contextlib.contextmanager
+def rank_stream(rank: int):
+    """Seed every generator vLLM's sampler may draw from (torch's CPU and CUDA ones, numpy's) from
+    one draw of torch's CPU generator hashed with the rank, for one generate call; then give the
+    caller's generators back, advanced by that draw. The draw comes from the caller's stream, so a
+    resumed run replays it; the rank separates ranks even when their streams agree. (Per-request
+    seeds would do the same, but vLLM's CPU sampler then draws once per request and token: measured
+    0.7 s more for 256 sequences x 64 tokens of the tiny model, which take ~5 s to generate.)"""
+    draw = int(torch.randint(0, 2**62, ()).item())
+    seed = int(np.random.SeedSequence([draw, rank]).generate_state(1, np.uint32)[0])  # numpy takes 32 bits
+    caller = rng_state()
+    torch.manual_seed(seed)  # CUDA's generators too
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        set_rng_state(caller)
+
+
+# CPU only: each rank's KV cache. vLLM would size it from free RAM (every rank alike, so 4 ranks
+# took ~15 GB); 0.5 GiB holds 262k tokens of the tiny 4-layer model in fp32 (2 KiB per token).
+CPU_KV_CACHE_GIB = 0.5
+
+
 class VLLMEngine:
     def __init__(self, model_path: str, tokenizer, d: Dist, gpu_memory_utilization: float = 0.3,
                  max_model_len: int = 4096, dtype: str = "auto", enable_sleep_mode: bool = False,
-                 kv_cache_memory_bytes: int | None = None, enforce_eager: bool | None = None):
-        """kv_cache_memory_bytes: CPU only, default min(2 GiB, gpu_memory_utilization x free RAM)
-        (vLLM's own estimate of free memory is wrong on VMs). enforce_eager: default True on CPU,
-        where torch.compile warm-up adds ~30 s to the start for little gain on small models."""
-        # The engine core must live in this process: push_weights hands it tensors directly,
-        # and torch's global RNG (restored on resume) drives its sampler.
+                 kv_cache_memory_bytes: int | None = None, enforce_eager: bool | None = None,
+                 tensor_parallel_size: int = 1, max_num_batched_tokens: int | None = None):
+        """tensor_parallel_size > 1 (one process, no torchrun; evaluate.py): vLLM shards the model
+        over that many GPUs with workers of its own.
+        gpu_memory_utilization, max_num_batched_tokens (None: vLLM's default): GPU only.
+        kv_cache_memory_bytes: CPU only, the KV cache's size (None: CPU_KV_CACHE_GIB); vLLM's
+        own sizing from free RAM gives every rank most of the machine. enforce_eager: default True
+        on CPU, where torch.compile warm-up adds ~30 s to the start for little gain on small models."""
+        # The engine core must live in this process: push_weights hands it tensors directly.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
         from transformers import GenerationConfig
 
         self.tokenizer, self.d = tokenizer, d
         self.on_gpu = d.device.type == "cuda"
-        self.sleep_enabled, self.asleep = enable_sleep_mode and self.on_gpu, False
+        self.sleep_enabled = enable_sleep_mode and self.on_gpu
+        self.resident = {"weights", "kv_cache"}  # what vLLM holds on the GPU now (sleep releases both)
+        self.weights_valid = True  # False from sleep() until push_weights: the released weights are lost
         try:
             generation_config = GenerationConfig.from_pretrained(model_path)
         except OSError:  # no generation_config.json: the tokenizer's EOS is the only stop token
             generation_config = None
         self.stop_ids = stop_token_ids(tokenizer, generation_config)
+        # vLLM's seed only drives its start-up (the RNG state is restored below); generate seeds
+        # sampling itself (rank_stream).
         kwargs = dict(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=0,
                       # the log-probs of the distribution actually sampled from (temperature, top_p)
                       logprobs_mode="processed_logprobs",
                       enforce_eager=(not self.on_gpu) if enforce_eager is None else enforce_eager)
         if self.on_gpu:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep_enabled)
+            if max_num_batched_tokens is not None:
+                kwargs["max_num_batched_tokens"] = max_num_batched_tokens
         else:
-            import psutil
-
-            kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes or int(
-                min(2 << 30, gpu_memory_utilization * psutil.virtual_memory().available))
+            kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes or int(CPU_KV_CACHE_GIB * 2**30)
+        if tensor_parallel_size > 1:
+            if d.enabled:
+                raise ValueError("tensor_parallel_size > 1 needs a single process, not torchrun")
+            kwargs["tensor_parallel_size"] = tensor_parallel_size
         if d.enabled:
             # One independent engine per rank: torchrun already set up the processes, and each
             # rank samples its own prompts (tensor_parallel_size stays 1).
@@ -275,20 +341,24 @@ class VLLMEngine:
 
         check_sampling(sampling)
         prompt_ids = tokenize_prompts(prompts, self.tokenizer)
+        self.wake_up()
         params = SamplingParams(
             n=sampling.n, temperature=sampling.temperature, max_tokens=sampling.max_new_tokens,
             top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
             stop_token_ids=self.stop_ids, logprobs=0,  # 0 = the sampled token's log-prob only
             detokenize=False)  # text is decoded by make_completion, as in HFEngine
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+        requests = [{"prompt_token_ids": ids} for ids in prompt_ids]
+        with rank_stream(self.d.rank):  # see the module docstring
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
         return [[make_completion(list(sample.token_ids),
                                  [step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids)],
                                  self.stop_ids, self.tokenizer)
                  for sample in output.outputs] for output in outputs]
 
     def push_weights(self, model) -> None:
-        """Copy the trainer's current weights into the engine."""
-        self.wake_up()  # weights asleep in CPU RAM would overwrite the push when they wake
+        """Copy the trainer's current weights into the engine. Asleep, it maps the memory of its
+        weights again first, but leaves the KV cache released until the next generate."""
+        self._wake("weights")
         weights = full_tensors(model)
         if self.on_gpu:
             # GPU layers keep the checkpoint layout, so the model's own load_weights copies the
@@ -297,24 +367,49 @@ class VLLMEngine:
         else:
             # CPU kernels repack linear weights after loading, so load_weights into the running
             # model fails; reload_weights loads in checkpoint format and redoes the repacking.
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-            if getattr(model.config, "tie_word_embeddings", False):
+            tied = getattr(model.config, "tie_word_embeddings", False)
+            with quiet_expected_reload_warnings(tied):
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            if tied:
                 self.llm.apply_model(repack_tied_lm_head)
+        self.weights_valid = True
         # Cached KV blocks of shared prompt prefixes were computed with the old weights: without
         # this reset, prompts longer than one KV block keep being served from them.
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
-        """GPU: free the KV cache (and park the weights in CPU RAM) while the trainer updates.
-        Level 1 keeps the weights, so wake_up without a push still serves a valid model."""
-        if self.sleep_enabled and not self.asleep:
-            self.llm.sleep(level=1)
-            self.asleep = True
+        """GPU: release the weights and the KV cache while the trainer updates (vLLM's level 2,
+        TRL's colocate mode). The weights are not kept: push_weights brings the new ones, so level
+        1's copy to pinned CPU RAM and back (15 GB for 7B) would only be overwritten."""
+        if self.sleep_enabled and self.resident:
+            self.llm.sleep(level=2)
+            self.resident, self.weights_valid = set(), False
 
     def wake_up(self) -> None:
-        if self.asleep:
-            self.llm.wake_up()
-            self.asleep = False
+        """Map the weights and the KV cache again: ready to generate."""
+        if not self.weights_valid:
+            raise RuntimeError("the vLLM engine released its weights in sleep(): call push_weights(model) "
+                               "before generating again")
+        self._wake("weights")
+        self._wake("kv_cache")
+
+    def _wake(self, tag: str) -> None:
+        if tag not in self.resident:
+            torch.cuda.empty_cache()  # blocks the trainer's allocator keeps cached are memory vLLM needs back
+            self.llm.wake_up(tags=[tag])
+            self.resident.add(tag)
+
+    def close(self) -> None:
+        """Shut vLLM down while torchrun's process group is alive. vLLM's teardown destroys the
+        groups it built on that group, then the group itself; left to run at interpreter exit,
+        after training.shutdown destroyed the group, it fails on every rank ("Invalid process
+        group specified"). So the ranks meet here first, as training.shutdown would have."""
+        if self.llm is None:
+            return
+        if self.d.enabled and dist.is_initialized():
+            dist.barrier()
+        self.llm.llm_engine.engine_core.shutdown()
+        self.llm = None
 
 
 def make_engine(kind: str, model, tokenizer, model_path: str, d: Dist, **kwargs) -> HFEngine | VLLMEngine:

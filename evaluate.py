@@ -1,17 +1,27 @@
 """Evaluate a model on math benchmarks: pass@1, unbiased pass@k, response length, truncation.
 
+    python evaluate.py --model Qwen/Qwen2.5-Math-7B --protocol limr --engine vllm --out results/limr.json
     python evaluate.py --model Qwen/Qwen2.5-Math-1.5B --bench math500 aime24 amc23 --n 8 --k 1,8 \
-        --temperature 0.6 --engine vllm --out results/qwen-math.json
+        --temperature 0.6 --engine vllm --tensor-parallel-size 2 --out results/qwen-math.json
     python evaluate.py --model runs/sft-tiny --bench linear --out runs/sft-tiny/eval.json   # CPU
 
 Benchmarks are data.load_problems specs: gsm8k math500 aime24 aime25 amc23 minerva olympiadbench
-limo linear, a local file, or name=path for a local copy of a known benchmark. Each summary lands in
---out (a JSON list, one entry per benchmark) and every completion, with its extracted answer and
-verdict, in the JSONL beside it; rerunning with the same --out skips the problems already there.
+limo linear, a local file, or name=path for a local copy of a known benchmark. `--protocol NAME`
+sets the sampling, prompt and answer extraction a published table was measured with (PROTOCOLS
+below); a flag given explicitly overrides it.
+
+Each summary lands in --out (a JSON list, one entry per benchmark) and every completion, with its
+extracted answer, verdict and the settings that produced it, in FILE.samples.jsonl beside it.
+Rerunning with the same --out resumes: problems already in the samples file are not generated
+again. A torn last line (a run killed mid-write, a full disk) is dropped and its problem redone;
+records made with other settings (model, n, temperature, top_p, max tokens, template, ...) stop
+the run with an error naming the difference, so old completions never pass under a new name.
 """
 import argparse
 import json
 import math
+import os
+import re
 import time
 from pathlib import Path
 
@@ -19,12 +29,84 @@ import torch
 from tqdm import tqdm
 
 import data
-import rewards
 import training
 from engine import Sampling, make_engine
+from grader import Grader, extract_answer
 
 BENCHMARKS = ["gsm8k", "math500", "aime24", "aime25", "amc23", "minerva", "olympiadbench", "limo", "linear"]
 SINGLE_SPLIT = {"limo": "train"}  # the training sets evaluated as benchmarks have only a train split
+# Completions per generate call: large, so vLLM schedules a whole benchmark (MATH-500 x 8) at once;
+# a killed run loses at most one chunk.
+CHUNK_COMPLETIONS = 4096
+DEFAULTS = dict(n=1, temperature=0.0, top_p=1.0, max_tokens=2048, template="auto")
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation protocols: the settings under which each published table was measured, read from the
+# code that produced it. `per_bench` settings override `all`; a benchmark a per-bench protocol does
+# not list needs --n and --temperature. `fallback`: where the answer comes from when the grader's
+# extraction finds none (no box, no "the answer is"): "answer-line" (a last "Answer: X" line) and/or
+# "last-number". Grading itself is always grader.is_equiv, not each paper's own checker.
+PROTOCOLS = {
+    # GAIR-NLP/LIMR @98ebf1b, eval/: LIMR's main table, readme.md:46-52 (AIME24, MATH500, AMC23)
+    "limr": dict(
+        bench=["aime24", "math500", "amc23"],                       # eval/eval.py:41-42
+        all=dict(template="qwen-math",                              # eval/eval.py:23: system prompt, question
+                 top_p=0.95, max_tokens=3072),                      # eval/eval.py:55
+        per_bench={"aime24": dict(n=4, temperature=0.4),            # eval/config.json:2-5
+                   "amc23": dict(n=4, temperature=0.4),             # eval/config.json:6-9
+                   "math500": dict(n=1, temperature=0.0)},          # eval/config.json:10-13
+        fallback=()),                                               # eval/eval.py:33-35: the last \boxed only
+    # knoveleng/open-rs @2889c47 via lighteval @ed08481 (pinned in open-rs setup.py:58): Open-RS's main table
+    "open-rs": dict(
+        bench=["aime24", "math500", "amc23", "minerva", "olympiadbench"],  # evaluate.py:142-241; eval.sh:7
+        all=dict(template="lighteval-math",     # open-rs evaluate.py:34-38, 83; eval.sh:96 chat template,
+                                                # no --system-prompt (lighteval prompt_manager.py:265-276)
+                 n=1,                           # lighteval lighteval_task.py:211-218, vllm_model.py:256
+                 temperature=0.6, top_p=0.95, max_tokens=32768),    # open-rs eval.sh:4
+        max_model_len=32768,                                        # open-rs eval.sh:4 max_model_length
+        # math-verify through lighteval: "Answer:" matches (priority 100-200), then bare numbers (300),
+        # rightmost first (lighteval extractive_match_utils.py:147-157, 549-570)
+        fallback=("answer-line", "last-number")),
+    # rqzhangberkeley/efficient-reasoning @f36bf77 (GRPO on LIMO's 817 with Qwen2.5-Math-1.5B):
+    # README tables AIME2024 (pass@10) and MATH500 (pass@8). Its first commit (8bc97d2,
+    # evaluate_model.py:36-48) had n = 10/3/1 for AIME/MATH500/GSM8K; the tables were made with these.
+    "qwen-baselines": dict(
+        bench=["aime24", "math500"],
+        all=dict(template="question",                               # evaluate_model.py:130-133
+                 temperature=0.6,                                   # evaluate_model.py:221, 228, 235, 242
+                 top_p=1.0,                                         # evaluate_model.py:138-142: vLLM default
+                 max_tokens=32768),                                 # evaluate_model.py:181 --tok_limit
+        per_bench={"aime24": dict(n=10),                            # evaluate_model.py:219
+                   "math500": dict(n=8),                            # evaluate_model.py:226
+                   "gsm8k": dict(n=8),                              # evaluate_model.py:233
+                   "limo": dict(n=8)},                              # evaluate_model.py:240
+        fallback=("last-number",)),     # utils/utils.py:17-19 -> Qwen's parser, utils/parser.py:499, 538
+    # QwenLM/Qwen2.5-Math @a45202b, evaluation/: the Qwen2.5-Math-Instruct tables (their MATH is the
+    # full 5,000-problem test set, not MATH-500)
+    "qwen-math": dict(
+        bench=["gsm8k", "minerva", "olympiadbench", "aime24", "amc23"],     # sh/eval.sh:11, 95
+        all=dict(template="qwen-math",                              # utils.py:141-147 qwen25-math-cot
+                 n=1, temperature=0.0, top_p=1.0,                   # sh/eval.sh:21-23
+                 max_tokens=2048),                                  # math_eval.py:36 (eval.sh leaves it)
+        fallback=("last-number",)),                                 # parser.py:537-544
+}
+
+ANSWER_LINE = re.compile(r"^[ \t*#]*answer[ \t*]*:[ \t]*(.*?)[ \t]*$", re.IGNORECASE | re.MULTILINE)
+LAST_NUMBER = re.compile(r"-?\d*\.?\d+")  # Qwen2.5-Math evaluation/parser.py:539, commas removed first
+
+
+def fallback_answer(text: str, rules) -> str | None:
+    """The answer a protocol's extraction takes when the completion has none the grader reads."""
+    for rule in rules:
+        if rule == "answer-line":
+            lines = [line.strip("$. ") for line in ANSWER_LINE.findall(text) if line.strip("$. ")]
+            if lines:
+                return lines[-1]
+        elif rule == "last-number":
+            numbers = LAST_NUMBER.findall(text.replace(",", ""))
+            if numbers:
+                return numbers[-1]
+    return None
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -38,31 +120,31 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def summarize(records: list[dict], ks: list[int]) -> dict:
     """Benchmark metrics from per-problem records (each has n samples and their verdicts)."""
-    n_samples = [len(r["correct"]) for r in records]
-    summary = {"n_problems": len(records), "n_samples": min(n_samples, default=0),
-               "pass@1": _mean([sum(r["correct"]) / len(r["correct"]) for r in records])}
+    summary = {"n_problems": len(records), "n_samples": min(len(r["correct"]) for r in records),
+               "pass@1": _mean(sum(r["correct"]) / len(r["correct"]) for r in records)}
     for k in ks:
         if k > 1:
-            summary[f"pass@{k}"] = _mean([pass_at_k(len(r["correct"]), sum(r["correct"]), k) for r in records])
-    lengths = [n for r in records for n in r["num_tokens"]]
-    summary["mean_response_tokens"] = _mean(lengths)
-    summary["truncated_frac"] = _mean([reason == "length" for r in records for reason in r["finish_reasons"]])
+            summary[f"pass@{k}"] = _mean(pass_at_k(len(r["correct"]), sum(r["correct"]), k) for r in records)
+    summary["mean_response_tokens"] = _mean(n for r in records for n in r["num_tokens"])
+    summary["truncated_frac"] = _mean(reason == "length" for r in records for reason in r["finish_reasons"])
     return summary
 
 
 def _mean(values) -> float:
     values = list(values)
-    return sum(values) / len(values) if values else float("nan")
+    return sum(values) / len(values)
 
 
 def evaluate_problems(engine, problems, tokenizer, sampling: Sampling, template: str, grader, d,
-                      done_ids=frozenset(), chunk_size: int = 64, on_chunk=None):
+                      done_ids=frozenset(), on_chunk=None, fallback=()):
     """Generate, extract, grade. Problems are split across ranks and gathered on every rank.
 
     Returns one record per problem not in `done_ids`; `on_chunk(records)` sees them as they finish
-    (so a killed run keeps what it had).
+    (so a killed run keeps what it had). `fallback`: a protocol's rules for completions with no
+    answer the grader can extract (see PROTOCOLS).
     """
     todo = [p for p in problems if p["id"] not in done_ids]
+    chunk_size = max(1, CHUNK_COMPLETIONS // sampling.n)
     records = []
     progress = tqdm(total=len(todo), disable=not d.is_main, desc="eval", unit="problem")
     for start in range(0, len(todo), chunk_size):
@@ -72,17 +154,23 @@ def evaluate_problems(engine, problems, tokenizer, sampling: Sampling, template:
         outputs = engine.generate(prompts, sampling) if mine else []
         texts = [c.text for completions in outputs for c in completions]
         golds = [p["answer"] for p, completions in zip(mine, outputs) for _ in completions]
-        verdicts = grader.correct(texts, golds)
+        extracted = [extract_answer(text) for text in texts]
+        graded = list(texts)
+        for i, answer in enumerate(extracted):
+            if answer is None and fallback:
+                extracted[i] = fallback_answer(texts[i], fallback)
+                graded[i] = texts[i] if extracted[i] is None else f"\\boxed{{{extracted[i]}}}"
+        verdicts = grader.correct(graded, golds)
         mine_records, cursor = [], 0
         for problem, completions in zip(mine, outputs):
+            end = cursor + len(completions)
             mine_records.append({
                 "id": problem["id"], "answer": problem["answer"],
-                "completions": [c.text for c in completions],
-                "extracted": [rewards.extract_answer(c.text) for c in completions],
-                "correct": [bool(v) for v in verdicts[cursor:cursor + len(completions)]],
+                "completions": [c.text for c in completions], "extracted": extracted[cursor:end],
+                "correct": [bool(v) for v in verdicts[cursor:end]],
                 "num_tokens": [len(c.token_ids) for c in completions],
                 "finish_reasons": [c.finish_reason for c in completions]})
-            cursor += len(completions)
+            cursor = end
         gathered = [r for part in training.all_gather_objects(mine_records, d) for r in part]
         records += gathered
         if on_chunk is not None:
@@ -90,6 +178,160 @@ def evaluate_problems(engine, problems, tokenizer, sampling: Sampling, template:
         progress.update(len(chunk))
     progress.close()
     return records
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume: the samples file of an earlier run with the same --out.
+
+def read_samples(path: Path, is_main: bool) -> list[dict]:
+    """The records in `path`. A last line that does not parse is the torn tail of a run that died
+    mid-write: it is dropped (and cut from the file, so new records start on a line of their own).
+    A bad line before the end means the file is not one evaluate.py wrote: an error."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    records, kept = [], 0  # kept: bytes of the whole, parsed lines
+    for number, line in enumerate(lines, 1):
+        ends_in_newline = number < len(lines)
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
+            if any(rest.strip() for rest in lines[number:]):
+                raise SystemExit(f"error: {path} line {number} is not JSON, and lines follow it: this is not "
+                                 f"a samples file evaluate.py wrote; move it away or use another --out")
+            if is_main:
+                print(f"evaluate: dropping the torn last line {number} of {path}; its problem is redone")
+            break
+        if record is not None:
+            if not isinstance(record, dict) or not {"bench", "id", "correct"} <= set(record):
+                raise SystemExit(f"error: {path} line {number} is not a record evaluate.py wrote")
+            records.append(record)
+        kept += len(line) + ends_in_newline
+    if is_main and (kept < len(raw) or not raw.endswith(b"\n")) and raw:
+        with open(path, "r+b") as f:
+            f.truncate(kept)
+            if kept and not raw[:kept].endswith(b"\n"):
+                f.seek(kept)
+                f.write(b"\n")
+    return records
+
+
+def check_same_settings(records: list[dict], produced_by: dict, path: Path):
+    """Records of a benchmark evaluated now must come from the settings used now."""
+    for record in records:
+        want = produced_by.get(record["bench"])
+        have = record.get("produced_by")
+        if want is not None and have is None:
+            raise SystemExit(f"error: {path} was written by an older evaluate.py that did not record its "
+                             f"settings; use another --out or delete that file")
+        if want is not None and have != want:
+            key = next(k for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k))
+            raise SystemExit(f"error: {path} holds {record['bench']} completions made with {key}="
+                             f"{have.get(key)!r}, this run has {key}={want.get(key)!r}; use another --out "
+                             f"or delete that file")
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags. Sampling flags default to None so that a protocol can tell explicit flags from defaults.
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line naming the flag, without the usage block
+        raise SystemExit(f"evaluate.py: error: {message}")
+
+
+def _k_list(text: str) -> list[int]:
+    try:
+        return [int(k) for k in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 1,8, got {text!r}") from None
+
+
+def parse_args(argv=None):
+    p = _Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="hub id, local save_pretrained folder, or .gguf file")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS),
+                   help="the settings of a published table (PROTOCOLS in evaluate.py); flags override them")
+    p.add_argument("--bench", nargs="+", help=f"one or more of {' '.join(BENCHMARKS)}, a local file, or "
+                                              f"name=path (default: the protocol's benchmarks)")
+    p.add_argument("--split", default="test", help="split to evaluate (single-split sets use their only one)")
+    p.add_argument("--n", type=int, help="samples per problem (default 1)")
+    p.add_argument("--k", type=_k_list, default=[1], help="comma list of k for pass@k, each <= n (default 1)")
+    p.add_argument("--temperature", type=float, help="0 = greedy (default 0)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (default 1)")
+    p.add_argument("--max-tokens", type=int, help="max new tokens per completion (default 2048)")
+    p.add_argument("--template", choices=data.TEMPLATES, help="prompt template (default auto)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems of each bench")
+    p.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="generation backend (default hf)")
+    p.add_argument("--batch-size", type=int, default=64, help="hf engine: prompts per batch (default 64)")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                   help="weights' dtype; auto = bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--bf16", dest="dtype", action="store_const", const="bfloat16", help="--dtype bfloat16")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="vllm: GPUs one model is sharded over (one process; use torchrun for data parallel)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm: fraction of GPU memory")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="vllm: prompt + completion tokens (default: the protocol's, else the model's)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--grader-workers", type=int, default=2, help="processes grading answers (default 2)")
+    p.add_argument("--out", default=None,
+                   help="summary JSON; completions go to FILE.samples.jsonl beside it. A rerun resumes from "
+                        "that file; if it holds completions made with other settings, the run stops with an "
+                        "error (it never mixes them or overwrites them)")
+    args = p.parse_args(argv)
+    if args.bench is None and args.protocol is None:
+        p.error("--bench is required (or --protocol, which names its benchmarks)")
+    args.bench = args.bench or PROTOCOLS[args.protocol]["bench"]
+    if len(set(args.bench)) < len(args.bench):
+        p.error(f"--bench names a benchmark twice: {' '.join(args.bench)}")
+    for flag, value, low in (("--limit", args.limit, 0), ("--batch-size", args.batch_size, 1),
+                             ("--tensor-parallel-size", args.tensor_parallel_size, 1),
+                             ("--max-model-len", args.max_model_len, 1),
+                             ("--grader-workers", args.grader_workers, 1)):
+        if value is not None and value < low:
+            p.error(f"{flag} must be at least {low}, got {value}")
+    if not 0 < args.gpu_memory_utilization <= 1:
+        p.error(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
+    one_process = int(os.environ.get("WORLD_SIZE", "1")) == 1  # torchrun runs one engine per GPU instead
+    if args.tensor_parallel_size > 1 and (args.engine != "vllm" or not one_process):
+        p.error("--tensor-parallel-size > 1 needs --engine vllm in one process, not under torchrun")
+    if args.out and Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a directory; give a file name such as {Path(args.out) / 'eval.json'}")
+    args.settings = {spec: bench_settings(args, spec, p) for spec in args.bench}
+    return args
+
+
+def bench_settings(args, spec: str, p) -> dict:
+    """Sampling and prompt settings of one benchmark: explicit flag > protocol > default."""
+    settings = dict(DEFAULTS)
+    name = spec.split("=", 1)[0]
+    if args.protocol:
+        protocol = PROTOCOLS[args.protocol]
+        settings.update(protocol["all"])
+        per_bench = protocol.get("per_bench")
+        if per_bench and name in per_bench:
+            settings.update(per_bench[name])
+        elif per_bench and (args.n is None or args.temperature is None):
+            p.error(f"--protocol {args.protocol} sets n and temperature for {', '.join(per_bench)} only; "
+                    f"give --n and --temperature for --bench {spec}")
+    explicit = {"n": args.n, "temperature": args.temperature, "top_p": args.top_p,
+                "max_tokens": args.max_tokens, "template": args.template}
+    settings.update({key: value for key, value in explicit.items() if value is not None})
+    if settings["n"] < 1 or settings["max_tokens"] < 1:
+        p.error(f"--n and --max-tokens must be at least 1, got {settings['n']} and {settings['max_tokens']}")
+    if settings["temperature"] < 0 or not 0 < settings["top_p"] <= 1:
+        p.error(f"need --temperature >= 0 and 0 < --top-p <= 1, "
+                f"got {settings['temperature']} and {settings['top_p']}")
+    if any(not 1 <= k <= settings["n"] for k in args.k):
+        p.error(f"every k in --k must be between 1 and n ({settings['n']} for {spec}), got {args.k}")
+    return settings
+
+
+def resolve_dtype(dtype: str) -> str:
+    """bf16 on CUDA: half the memory and vLLM's fast attention kernels; fp32 on CPU."""
+    if dtype == "auto":
+        return "bfloat16" if torch.cuda.is_available() else "float32"
+    return dtype
 
 
 def markdown_table(summaries: list[dict], ks: list[int]) -> str:
@@ -103,84 +345,69 @@ def markdown_table(summaries: list[dict], ks: list[int]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="hub id, local save_pretrained folder, or .gguf file")
-    p.add_argument("--bench", nargs="+", required=True, help=f"one or more of {' '.join(BENCHMARKS)}, a local file, or name=path")
-    p.add_argument("--split", default="test", help="split to evaluate (single-split sets such as limo and aime24 use their only one)")
-    p.add_argument("--n", type=int, default=1, help="samples per problem")
-    p.add_argument("--k", default="1", help="comma list of k for pass@k (each k <= n)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    p.add_argument("--max-tokens", type=int, default=2048, help="max new tokens per completion")
-    p.add_argument("--template", default="auto", help="prompt template: auto, qwen-math, r1, plain")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems of each bench")
-    p.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="generation backend")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts per generation call (hf engine)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm: fraction of GPU memory")
-    p.add_argument("--bf16", action="store_true", help="weights in bf16 (use on GPUs; float32 otherwise)")
-    p.add_argument("--max-model-len", type=int, default=None, help="vllm: prompt + completion tokens per sequence (default: the model's limit)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--grader-workers", type=int, default=2, help="processes grading answers (each under a time limit)")
-    p.add_argument("--out", default=None, help="summary JSON; per-problem JSONL written beside it (FILE.samples.jsonl)")
-    args = p.parse_args(argv)
-    args.k = [int(k) for k in args.k.split(",")]
-    if any(k > args.n or k < 1 for k in args.k):
-        p.error(f"every k in --k must be between 1 and --n ({args.n}), got {args.k}")
-    return args
-
-
 def main(argv=None):
     args = parse_args(argv)
+    dtype = resolve_dtype(args.dtype)
+    protocol = PROTOCOLS.get(args.protocol, {})
+    fallback = protocol.get("fallback", ())
     d = training.init_distributed()
     training.seed_everything(args.seed)
 
-    # data first: a bad file or an unknown name fails here, before the model loads
+    # data, model path and earlier samples first: bad input fails here, before the model loads
     benches = {}
     for spec in args.bench:
-        split = SINGLE_SPLIT.get(spec, args.split)
-        benches[spec] = data.load_problems(spec, split=split, limit=args.limit)
+        benches[spec] = data.load_problems(spec, split=SINGLE_SPLIT.get(spec, args.split), limit=args.limit)
+        if not benches[spec]:
+            raise SystemExit(f"error: --bench {spec} has no problems (an empty file, or --limit 0)")
     training.check_model_path(args.model)
-
+    produced_by = {spec: {"model": args.model, "split": SINGLE_SPLIT.get(spec, args.split), "seed": args.seed,
+                          "dtype": dtype, "fallback": list(fallback), **args.settings[spec]}
+                   for spec in benches}
     samples_path = Path(args.out).with_suffix(".samples.jsonl") if args.out else None
     done = {}  # (bench, id) -> record, from an earlier run with the same --out
-    if samples_path is not None and samples_path.exists():
-        for line in samples_path.read_text().splitlines():
-            record = json.loads(line)
-            done[(record["bench"], record["id"])] = record
+    if samples_path is not None:
+        records = read_samples(samples_path, d.is_main)
+        check_same_settings(records, produced_by, samples_path)
+        done = {(r["bench"], r["id"]): r for r in records}
 
     tokenizer = training.load_tokenizer(args.model)
-    sampling = Sampling(n=args.n, temperature=args.temperature, top_p=args.top_p,
-                        max_new_tokens=args.max_tokens)
+    for spec in benches:  # a chat template the tokenizer lacks fails now, not after the weights load
+        try:
+            data.format_prompt("1 + 1", tokenizer, args.settings[spec]["template"])
+        except ValueError as error:
+            raise SystemExit(f"error: --template: {error}")
     model = None
     if args.engine == "hf":  # vLLM loads the weights itself
-        model = training.load_model(args.model, dtype=torch.bfloat16 if args.bf16 else torch.float32)
-        model.to(d.device).eval()
+        model = training.load_model(args.model, dtype=getattr(torch, dtype)).to(d.device).eval()
     engine = make_engine(args.engine, model, tokenizer, args.model, d, batch_size=args.batch_size,
-                         gpu_memory_utilization=args.gpu_memory_utilization,
-                         dtype="bfloat16" if args.bf16 else "float32", max_model_len=args.max_model_len)
+                         gpu_memory_utilization=args.gpu_memory_utilization, dtype=dtype,
+                         max_model_len=args.max_model_len or protocol.get("max_model_len"),
+                         tensor_parallel_size=args.tensor_parallel_size)
+    training.seed_per_rank(args.seed, d)  # ranks sample their shares of the problems from their own streams
 
     summaries = []
-    with rewards.Grader(num_workers=args.grader_workers) as grader:
+    with Grader(num_workers=args.grader_workers) as grader:
         for spec, problems in benches.items():
+            settings = args.settings[spec]
+
             def append(records, spec=spec):
                 if samples_path is not None and d.is_main:
                     samples_path.parent.mkdir(parents=True, exist_ok=True)
                     with open(samples_path, "a") as f:
                         for r in records:
-                            f.write(json.dumps({"bench": spec, **r}) + "\n")
+                            f.write(json.dumps({"bench": spec, **r, "produced_by": produced_by[spec]}) + "\n")
 
             started = time.time()
             done_ids = {pid for (bench, pid) in done if bench == spec}
-            records = evaluate_problems(engine, problems, tokenizer, sampling, args.template, grader, d,
-                                        done_ids=done_ids, chunk_size=args.batch_size, on_chunk=append)
+            sampling = Sampling(n=settings["n"], temperature=settings["temperature"], top_p=settings["top_p"],
+                                max_new_tokens=settings["max_tokens"])
+            records = evaluate_problems(engine, problems, tokenizer, sampling, settings["template"], grader,
+                                        d, done_ids=done_ids, on_chunk=append, fallback=fallback)
             records += [done[(spec, p["id"])] for p in problems if p["id"] in done_ids]
-            summary = {"model": args.model, "bench": spec, **summarize(records, args.k),
-                       "sampling": {"n": args.n, "temperature": args.temperature, "top_p": args.top_p,
-                                    "max_tokens": args.max_tokens, "template": args.template, "seed": args.seed,
-                                    "engine": args.engine},
-                       "seconds": round(time.time() - started, 1)}
-            summaries.append(summary)
+            summaries.append({"model": args.model, "bench": spec, **summarize(records, args.k),
+                              "sampling": {**produced_by[spec], "protocol": args.protocol,
+                                           "engine": args.engine},
+                              "seconds": round(time.time() - started, 1)})
 
     if d.is_main:
         print(markdown_table(summaries, args.k))
@@ -188,6 +415,7 @@ def main(argv=None):
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(summaries, indent=2) + "\n")
             print(f"evaluate: summary in {args.out}, completions in {samples_path}")
+    engine.close()  # vLLM's teardown needs the process group that training.shutdown destroys
     training.shutdown(d)
     return summaries
 

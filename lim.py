@@ -5,6 +5,8 @@
         --method lim --threshold 0.6 --out selected.jsonl --scores scores.json
     python grpo.py --data selected.jsonl --output-dir runs/lim                 # retrain on the subset
     python lim.py --scores-file limr_scores.json --data math-8k=math.8k.json --out limr.jsonl
+    python lim.py --limr-steps data/output/math.8k/train --epochs 21 --data math-8k=math.8k.json \
+        --out limr.jsonl          # LIMR's own run's step files, scored as lim.sh does
 
 LIMR (Li et al., 2025, "LIMR: Less is More for RL Scaling") trains once on the whole pool and
 records, for every prompt i and epoch k, the fraction r_i^k of its sampled completions judged
@@ -22,13 +24,21 @@ s_i = 1 on the curve, 0 as far from it as an always-solved sample, negative fart
 samples the model never learns to solve). Keeping s_i >= 0.6 took 1,389 of the 8,523 MATH level
 3-5 problems, and RL on those matched RL on all of them.
 
-Edge cases (LIMR's code fills a one-epoch gap from the next epoch and drops samples with longer
-gaps; we keep every sample that was seen at all):
-  - missing epochs: a sample is scored over the epochs it was seen in, and rbar^k averages the
-    samples seen in epoch k. A run that stops inside an epoch gives the samples that epoch reached
-    one more term; --epochs N leaves it out.
-  - sum_k (1 - rbar^k)^2 = 0: rbar^k = 1 in every epoch the sample was seen, so every sample seen
-    then, this one included, was solved every time. It matches the curve exactly: s_i = 1.
+Gaps: a prompt may sit out an epoch. --gaps picks the rule; the default is LIMR's, because a
+selection named after LIMR must select what LIMR's released code selects (an improvement is opt-in).
+  - limr (default; GAIR-NLP/LIMR lim/lim_selection.py): an epoch is a fixed number of steps (8 steps
+    of 1,024 prompts in LIMR's run: lim/lim.sh:5, scripts/train_math.8k.sh:50; the loader drops the
+    last partial batch, openrlhf/utils/deepspeed/deepspeed.py:150, so 331 of the 8,523 prompts sit
+    out each epoch); an unseen epoch takes the next epoch's value, once (lim_selection.py:37-40: a gap
+    of two epochs, or one in the last epoch, stays open); a prompt with a gap left is dropped (:43-45);
+    rbar^k averages the prompts kept (:52). That is why LIMR's published scores.json holds 7,935
+    prompts, not 8,523. The rule applies before any --method, so RAND and LINEAR draw from the same
+    prompts LIM scores.
+  - seen (ours, opt-in): every prompt seen at all is kept and scored over the epochs it was seen in;
+    rbar^k averages the prompts seen in epoch k. A run stopped inside an epoch gives the prompts that
+    epoch reached one more term (under limr it drops the rest); --epochs N leaves that epoch out.
+The case sum_k (1 - rbar^k)^2 = 0 (rbar^k = 1 wherever the prompt is scored, so it was solved there
+too) scores 1, on the curve; LIMR's code would divide by zero, which never happens on a real pool.
 
 The paper's baselines, for comparison:
   - RAND: as many samples as LIM keeps at the threshold, drawn uniformly at random (seeded).
@@ -39,9 +49,15 @@ The paper's baselines, for comparison:
     trajectory, or fewer than two epochs). It measures steadiness, not size: a straight rise from
     0.1 to 0.3 scores like one from 0 to 1.
 
-Input: OUTPUT_DIR/trajectories.jsonl of grpo.py, one line per (training step, prompt):
-{"step", "id", "epoch" (0-based), "correct" (of its G samples), "n" (= G)}. A prompt drawn twice in
-an epoch (a batch that wraps) counts once: r_i^k = sum(correct) / sum(n) over its lines.
+Input, one of:
+  - --trajectories: OUTPUT_DIR/trajectories.jsonl of grpo.py, one line per (training step, prompt):
+    {"step", "id", "epoch" (0-based), "correct" (of its G samples), "n" (= G)}. A prompt drawn twice in
+    an epoch (a batch that wraps) counts once: r_i^k = sum(correct) / sum(n) over its lines.
+  - --limr-steps: the directory LIMR's OpenRLHF fork writes every step to, SAMPLES_SAVE_PATH/train/
+    step_1.json, step_2.json, ...: a JSON list of {"prompt", "response", "reward", "response_length"},
+    one per sampled completion. A completion is correct when its reward is exactly 1 (LIMR's reward
+    gives 1, -0.5 or -1), and step s belongs to epoch (s - 1) // --steps-per-epoch.
+  - --scores-file: published scores (LIMR's data/scores.json) or our own --scores output.
 Output: the kept problems in data.py's schema (a file grpo.py, ppo.py and sft.py take as --data),
 and with --scores, every scored sample's id, score, trajectory and whether it was kept.
 """
@@ -54,7 +70,10 @@ import numpy as np
 import data
 
 METHODS = ("lim", "linear", "rand")
-PAPER_THRESHOLDS = {"lim": 0.6, "rand": 0.6, "linear": 0.7}
+PAPER_THRESHOLDS = {"lim": 0.6, "rand": 0.6, "linear": 0.7}  # LIMR lim/lim.sh:8; linear: the LIMR paper's text
+GAP_RULES = ("limr", "seen")
+LIMR_STEPS_PER_EPOCH = 8  # LIMR lim/lim.sh:5 (8 x 1,024 prompts, scripts/train_math.8k.sh:50, drop_last)
+LIMR_CORRECT_REWARD = 1   # LIMR lim/lim_selection.py:29: a completion counts as correct iff reward == 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,6 +114,50 @@ def read_trajectories(path, epochs: int | None = None) -> tuple[list[str], np.nd
     return ids, r
 
 
+def read_limr_steps(directory, steps_per_epoch: int = LIMR_STEPS_PER_EPOCH,
+                    epochs: int | None = None) -> tuple[list[str], np.ndarray]:
+    """LIMR's per-step sample files (DIR/step_1.json, ...; their OpenRLHF fork's
+    openrlhf/trainer/ppo_trainer.py:285-288): prompts in order of first appearance and their r_i^k,
+    NaN where a prompt was not drawn in epoch k. Reads whole epochs only, as lim_selection.py:11-19
+    does: `epochs` of them, or as many as the files present complete."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise data.DataError(f"--limr-steps {directory} is not a directory")
+    if epochs is None:
+        present = 0
+        while (directory / f"step_{present + 1}.json").is_file():
+            present += 1
+        epochs = present // steps_per_epoch
+        if epochs == 0:
+            raise data.DataError(f"{directory} holds {present} consecutive step_N.json files from step_1, "
+                                 f"fewer than one epoch of {steps_per_epoch} steps")
+    totals = {}  # (prompt, epoch) -> [correct, n]
+    for step in range(1, steps_per_epoch * epochs + 1):
+        path = directory / f"step_{step}.json"
+        if not path.is_file():
+            raise data.DataError(f"{path} does not exist ({epochs} epochs of {steps_per_epoch} steps need "
+                                 f"step_1 to step_{steps_per_epoch * epochs})")
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise data.DataError(f"{path}: malformed JSON ({error.msg} at line {error.lineno})") from None
+        for number, row in enumerate(rows if isinstance(rows, list) else [None]):
+            if not (isinstance(row, dict) and isinstance(row.get("prompt"), str)
+                    and isinstance(row.get("reward"), (int, float))):
+                raise data.DataError(f"{path} entry {number}: expected an object with a prompt and a "
+                                     f"numeric reward")
+            # the prompt is keyed stripped (lim_selection.py:27)
+            total = totals.setdefault((row["prompt"].strip(), (step - 1) // steps_per_epoch), [0, 0])
+            total[0] += row["reward"] == LIMR_CORRECT_REWARD
+            total[1] += 1
+    prompts = list(dict.fromkeys(prompt for prompt, _ in totals))
+    row_of = {prompt: row for row, prompt in enumerate(prompts)}
+    r = np.full((len(prompts), epochs), np.nan)
+    for (prompt, k), (correct, n) in totals.items():
+        r[row_of[prompt], k] = correct / n
+    return prompts, r
+
+
 def _check(trajectories) -> np.ndarray:
     r = np.asarray(trajectories, dtype=float)
     if r.ndim != 2 or r.size == 0:
@@ -126,6 +189,17 @@ def lim_scores(trajectories) -> np.ndarray:
     scale = np.where(seen, (1 - rbar) ** 2, 0).sum(axis=1)
     # scale = 0 only when rbar^k = 1 wherever sample i was seen, which forces r_i^k = 1 there too
     return np.where(scale > 0, 1 - distance / np.where(scale > 0, scale, 1), 1.0)
+
+
+def fill_gaps_like_limr(trajectories) -> tuple[np.ndarray, np.ndarray]:
+    """LIMR's gap rule (lim_selection.py:37-45): an unseen epoch takes the value the next epoch had
+    before any filling, so a gap is filled once and a run of gaps only at its end; prompts with a gap
+    left are dropped. Returns the filled trajectories and the mask of the prompts kept."""
+    r = _check(trajectories).copy()
+    gap = np.isnan(r)
+    fillable = gap[:, :-1] & ~gap[:, 1:]
+    r[:, :-1][fillable] = r[:, 1:][fillable]
+    return r, ~np.isnan(r).any(axis=1)
 
 
 def linear_scores(trajectories) -> np.ndarray:
@@ -225,29 +299,63 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--trajectories", help="trajectories.jsonl written by grpo.py (or ppo.py)")
+    source.add_argument("--limr-steps", help="LIMR's per-step sample files instead: the directory of step_N.json "
+                        "(their SAMPLES_SAVE_PATH/train); a completion is correct iff its reward == 1")
     source.add_argument("--scores-file", help="precomputed scores instead: a JSON/JSONL list of {prompt or id, score}")
     p.add_argument("--data", required=True, help="the training data the run used (a data.load_problems spec)")
     p.add_argument("--data-seed", type=int, default=0, help="the run's --seed, for a mixture's sampling")
     p.add_argument("--method", choices=METHODS, default="lim", help="lim, linear (baseline) or rand (baseline)")
+    p.add_argument("--gaps", choices=GAP_RULES, default="limr", help="epochs a prompt sat out (with --trajectories "
+                   "or --limr-steps). limr (the default, as LIM is LIMR's method: what their lim/lim_selection.py "
+                   "does): fill a gap once from the next epoch, drop prompts with a gap left, average rbar over the "
+                   "rest. seen (ours, opt-in): keep every prompt, score it over the epochs it was seen in")
     p.add_argument("--threshold", type=float, default=None, help="keep scores >= this (default: the paper's, "
                    "0.6 for lim; rand keeps as many as lim does at it; 0.7 for linear)")
-    p.add_argument("--epochs", type=int, default=None, help="score epochs 0..N-1 only (all by default)")
+    p.add_argument("--epochs", type=int, default=None, help="score epochs 0..N-1 only (default: all; with "
+                   "--limr-steps all complete ones; LIMR's lim.sh used 21)")
+    p.add_argument("--steps-per-epoch", type=int, default=None,
+                   help=f"with --limr-steps: steps per epoch (default {LIMR_STEPS_PER_EPOCH}, LIMR's lim.sh)")
     p.add_argument("--out", required=True, help="the kept problems (.jsonl, or .json for a JSON list)")
-    p.add_argument("--scores", default=None, help="every scored sample: id, score, trajectory, kept (.json or .jsonl)")
+    p.add_argument("--scores", default=None, help="every scored sample: id, score, trajectory as scored, kept "
+                   "(.json or .jsonl)")
     p.add_argument("--seed", type=int, default=0, help="rand's draw")
     args = p.parse_args(argv)
     if args.scores_file and args.method == "linear":
-        p.error("--method linear needs --trajectories (a published score is not a trajectory)")
+        p.error("--method linear needs --trajectories or --limr-steps (a published score is not a trajectory)")
     if args.epochs is not None and (args.epochs < 1 or args.scores_file):
-        p.error("--epochs takes a number >= 1, and only with --trajectories")
+        p.error("--epochs takes a number >= 1, and only with --trajectories or --limr-steps")
+    if args.steps_per_epoch is not None and (args.steps_per_epoch < 1 or not args.limr_steps):
+        p.error("--steps-per-epoch takes a number >= 1, and only with --limr-steps")
+    if args.steps_per_epoch is None:
+        args.steps_per_epoch = LIMR_STEPS_PER_EPOCH
     return args
+
+
+def trajectories_of_problems(args, problems: list[dict]) -> tuple[list[dict], np.ndarray]:
+    """The problems of --data seen in the run, in data order (rand's draw depends on nothing else),
+    and their r_i^k, from --trajectories (matched by id) or --limr-steps (matched by prompt)."""
+    if args.trajectories:
+        keys, r = read_trajectories(args.trajectories, args.epochs)
+        key_of, source = (lambda p: p["id"]), args.trajectories
+    else:
+        keys, r = read_limr_steps(args.limr_steps, args.steps_per_epoch, args.epochs)
+        key_of, source = (lambda p: p["prompt"].strip()), args.limr_steps
+    known = {key_of(p) for p in problems}
+    strangers = [k for k in keys if k not in known]
+    if strangers:
+        what = "ids" if args.trajectories else "prompts"
+        raise data.DataError(f"{len(strangers)} {what} of {source} are not in --data {args.data!r} "
+                             f"(first: {strangers[0][:80]!r}); pass the --data (and --data-seed) the run "
+                             f"trained on")
+    row_of = {k: row for row, k in enumerate(keys)}
+    scored = [p for p in problems if key_of(p) in row_of]  # a prompt that repeats in the data: each copy
+    return scored, r[[row_of[key_of(p)] for p in scored]]
 
 
 def main(argv=None):
     args = parse_args(argv)
     threshold = PAPER_THRESHOLDS[args.method] if args.threshold is None else args.threshold
     problems = data.load_problems(args.data, split="train", seed=args.data_seed)
-    known = {p["id"] for p in problems}
 
     if args.scores_file:
         given = read_scores_file(args.scores_file, problems)
@@ -255,26 +363,29 @@ def main(argv=None):
         scores, r = np.array([given[p["id"]] for p in scored]), None
         origin = args.scores_file
     else:
-        ids, r = read_trajectories(args.trajectories, args.epochs)
-        strangers = [i for i in ids if i not in known]
-        if strangers:
-            raise data.DataError(f"{len(strangers)} ids of {args.trajectories} are not in --data {args.data!r} "
-                                 f"(first: {strangers[0]!r}); pass the --data (and --data-seed) the run trained on")
-        row_of = {i: row for row, i in enumerate(ids)}
-        scored = [p for p in problems if p["id"] in row_of]  # data order: rand's draw depends on nothing else
-        r = r[[row_of[p["id"]] for p in scored]]
-        scores = linear_scores(r) if args.method == "linear" else lim_scores(r)
-        origin = f"{args.trajectories} ({r.shape[1]} epochs)"
+        scored, r = trajectories_of_problems(args, problems)
+        origin = f"{args.trajectories or args.limr_steps} ({r.shape[1]} epochs, gaps: {args.gaps})"
         seen = (~np.isnan(r)).sum(axis=0)
-        print("lim: average curve rbar^k: " + " ".join(f"{x:.2f}" for x in average_curve(r)))
         if seen[-1] < seen.max():
-            print(f"lim: note: epoch {r.shape[1] - 1} saw only {seen[-1]} of the {seen.max()} samples other epochs "
-                  f"saw (a run stopped inside it); those are scored with it, --epochs {r.shape[1] - 1} leaves it out")
+            last, fate = r.shape[1] - 1, "dropped (--gaps limr)" if args.gaps == "limr" else "scored without it"
+            print(f"lim: note: epoch {last} saw only {seen[-1]} of the {seen.max()} samples other epochs saw "
+                  f"(a run stopped inside it?); the rest are {fate}; --epochs {last} leaves it out")
+        if args.gaps == "limr":
+            r, keep = fill_gaps_like_limr(r)
+            if not keep.all():
+                print(f"lim: dropped {int((~keep).sum())} of {len(scored)} problems with a gap LIMR's rule "
+                      f"cannot fill (two epochs running, or the last)")
+            if not keep.any():
+                raise data.DataError(f"{origin}: every problem has a gap LIMR's rule cannot fill; try --gaps seen")
+            scored, r = [p for p, k in zip(scored, keep) if k], r[keep]
+        scores = linear_scores(r) if args.method == "linear" else lim_scores(r)
+        print("lim: average curve rbar^k: " + " ".join(f"{x:.2f}" for x in average_curve(r)))
 
     unscored = len(problems) - len(scored)
     print(f"lim: {len(scored)} problems scored from {origin}")
     if unscored:
-        why = "not in the scores file" if args.scores_file else "never seen in training"
+        why = "not in the scores file" if args.scores_file else \
+            "never seen in training" + (", or dropped by LIMR's gap rule" if args.gaps == "limr" else "")
         print(f"lim: {unscored} of the {len(problems)} problems of --data have no score ({why}): left out")
     name = "linear" if args.method == "linear" else "lim"
     print(f"lim: {name} scores, mean {scores.mean():.3f}:\n{histogram(scores)}")

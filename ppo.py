@@ -34,9 +34,14 @@ import torch
 from tqdm import tqdm
 
 import data
+import memplan
 import rewards
 import training
 from engine import Sampling, make_engine
+from grader import Grader
+
+
+TEMPLATES = data.TEMPLATES  # inside Config, `data` is the --data field
 
 
 @dataclass
@@ -44,7 +49,7 @@ class Config:
     model: str = field(default="Qwen/Qwen2.5-Math-7B", metadata={"help": "policy to start from: hub id or local folder"})
     critic: str = field(default="", metadata={"help": "value model to start from: a critic saved by ppo.py (output-dir/critic), or any causal LM, whose LM head is replaced by a fresh scalar head (default: --model)"})
     data: str = field(default="limr", metadata={"help": "training prompts: a data.load_problems spec (name, file, name=path, mixture a:N,b:M)"})
-    template: str = field(default="auto", metadata={"help": "prompt template: auto, qwen-math, r1, plain", "choices": ["auto", "qwen-math", "r1", "plain"]})
+    template: str = field(default="auto", metadata={"help": "prompt template (data.format_prompt): " + ", ".join(TEMPLATES), "choices": TEMPLATES})
     output_dir: str = field(default="runs/ppo", metadata={"help": "checkpoints, metrics.jsonl, trajectories.jsonl, final actor, final critic in critic/"})
     max_steps: int = field(default=200, metadata={"help": "generation steps (each followed by rollout / train-batch-size x ppo-epochs optimizer steps)"})
     prompts_per_step: int = field(default=1024, metadata={"help": "rollout batch: prompts per step over all ranks; each gets num-generations completions"})
@@ -57,6 +62,11 @@ class Config:
     max_prompt_length: int = field(default=1024, metadata={"help": "prompts longer than this (tokens) are left out, with a count printed"})
     max_completion_length: int = field(default=3072, metadata={"help": "max new tokens per completion"})
     rewards: str = field(default="limr:1", metadata={"help": "weighted reward functions of rewards.py: accuracy, format, cosine, limr"})
+    cosine_max_len: int = field(default=1000, metadata={"help": "cosine reward: the length where it reaches its END values (Open-RS: 1000; their Exp. 3: 3584)"})
+    cosine_unit: str = field(default="chars", metadata={"help": "cosine reward: length in characters of the completion (Open-RS) or in tokens", "choices": ["chars", "tokens"]})
+    cosine_clamp: bool = field(default=False, metadata={"help": "cosine reward: hold lengths past --cosine-max-len at END (Open-RS: no, the cosine turns back up)"})
+    cosine_correct: str = field(default="1.0:0.5", metadata={"help": "cosine reward of a right answer, START:END = at length 0 : at --cosine-max-len (Open-RS: 1.0:0.5)"})
+    cosine_wrong: str = field(default="0.0:-0.5", metadata={"help": "cosine reward of a wrong answer, START:END (Open-RS: 0.0:-0.5; a negative START needs =, as --cosine-wrong=-1:-0.5)"})
     kl_coef: float = field(default=0.01, metadata={"help": "per-token KL penalty in the reward (0: no reference model is loaded)"})
     gamma: float = field(default=1.0, metadata={"help": "discount of GAE"})
     lam: float = field(default=0.95, metadata={"help": "lambda of GAE (1: Monte-Carlo returns, 0: one-step TD)"})
@@ -71,13 +81,21 @@ class Config:
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm of each model (0: no clipping)"})
     bf16: bool = field(default=True, metadata={"help": "bf16 compute (GPU); master weights stay fp32"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward"})
+    logprob_chunk_size: int = field(default=1024, metadata={"help": "tokens whose full-vocabulary logits exist at once in the log-prob pass (memory: chunk x vocab x ~14 bytes)"})
     engine: str = field(default="vllm", metadata={"help": "generation engine: vllm or hf", "choices": ["vllm", "hf"]})
-    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "GPU memory fraction for the colocated vLLM engine"})
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "GPU only: fraction of each GPU's memory the colocated vLLM engine takes while generating (its bf16 weights, activations, KV cache); it releases all of it during updates. A preset's value comes from the arithmetic beside it; on CPU see --vllm-cpu-kv-cache-gb"})
+    vllm_max_num_batched_tokens: int = field(default=4096, metadata={"help": "GPU only: tokens in one vLLM forward pass (prompt chunks + one per decoding sequence); sets the activation memory vLLM reserves (4096: TRL's colocate value)"})
+    vllm_cpu_kv_cache_gb: float = field(default=0.5, metadata={"help": "CPU only: each rank's vLLM KV cache, GiB (vLLM would otherwise size it from free RAM, every rank alike)"})
     grader_workers: int = field(default=4, metadata={"help": "processes grading answers, each answer under a time limit"})
     save_steps: int = field(default=10, metadata={"help": "write output-dir/checkpoint-N every N steps"})
+    save_total_limit: int = field(default=0, metadata={"help": "keep the newest N complete checkpoints, delete older ones (0: keep all)"})
+    dist_timeout_minutes: float = field(default=30.0, metadata={"help": "minutes a rank waits for the others in a collective (a checkpoint being written, a long generation) before the run aborts"})
     log_completions_steps: int = field(default=10, metadata={"help": "append a sample of completions to completions.jsonl every N steps"})
     seed: int = field(default=0, metadata={"help": "data order, sampling, value head initialisation"})
     report_to: str = field(default="none", metadata={"help": "none, wandb or tensorboard", "choices": ["none", "wandb", "tensorboard"]})
+    dry_run: bool = field(default=False, metadata={"help": "print the per-GPU memory plan (memplan.py) and exit: 0 if it fits, 1 if not"})
+    plan_gpus: int = field(default=0, metadata={"help": "GPUs the memory plan is for (0: this launch's ranks)"})
+    gpu_memory_gb: float = field(default=80.0, metadata={"help": "memory of one GPU for the memory plan, GiB"})
 
 
 PRESETS = {
@@ -89,31 +107,63 @@ PRESETS = {
                  max_completion_length=192, rewards="accuracy:1", kl_coef=0.01, actor_lr=5e-5, critic_lr=1e-3,
                  critic_warmup_steps=5, warmup_ratio=0.0, min_lr_ratio=1.0, bf16=False, gradient_checkpointing=False,
                  engine="hf", grader_workers=1, save_steps=10, log_completions_steps=10),
-    # LIMR (scripts/train_limr.sh, OpenRLHF): Qwen2.5-Math-7B from the base model on the 1,389 LIMR
-    # problems; rollouts of 1024 prompts x 8 at temperature 1.2, 3072 new tokens, updated in mini-batches
-    # of 256 completions (32 steps per rollout, one epoch); lr 5e-7 / 9e-6 with 10 warm-up steps (10 of
-    # 200 x 32) and a cosine so long it stays flat; KL 0.01, gamma 1, lambda 0.95, both clips 0.2.
-    "limr": dict(model="Qwen/Qwen2.5-Math-7B", data="limr", template="qwen-math", max_steps=200,
-                 prompts_per_step=1024, num_generations=8, train_batch_size=256, ppo_epochs=1, micro_batch_size=4,
-                 temperature=1.2, max_prompt_length=1024, max_completion_length=3072, rewards="limr:1",
-                 kl_coef=0.01, gamma=1.0, lam=0.95, clip_eps=0.2, value_clip=0.2, actor_lr=5e-7, critic_lr=9e-6,
-                 critic_warmup_steps=0, warmup_ratio=0.0016, min_lr_ratio=1.0, bf16=True,
-                 gradient_checkpointing=True, engine="vllm", save_steps=10),
+    # LIMR (Li et al. 2025): GAIR-NLP/LIMR scripts/train_limr.sh ("sh:N") through their OpenRLHF fork
+    # (defaults in openrlhf/cli/train_ppo_ray.py, "ray:N"): PPO from the base model on the 1,389 LIMR problems.
+    # A rollout of 1024 x 8 is 32 updates of 256. Their scheduler is a cosine to 0.1 x lr over
+    # --num_episodes 10000 (sh:53, trainer/ray/ppo_actor.py:250-256), flat over any real run: min_lr_ratio 1.
+    # max_steps 200 is OURS (their run has no step limit); warmup_ratio makes their 10 warm-up updates
+    # (sh:65) of 200 x 32. Deviation: LIMR's actor takes log-probs at temperature 1 (models/actor.py:216)
+    # while sampling at 1.2; ours takes them at 1.2, the distribution that was sampled.
+    "limr": dict(model="Qwen/Qwen2.5-Math-7B", data="limr",  # sh:41, sh:66
+                 template="qwen-math",  # the dataset's chat messages through Qwen2.5-Math's template (sh:68-69)
+                 prompts_per_step=1024, num_generations=8, train_batch_size=256,  # sh:50, 51, 48
+                 ppo_epochs=1, micro_batch_size=4,  # sh:52, 46
+                 temperature=1.2, top_p=1.0,  # sh:77, ray:282
+                 max_prompt_length=1024, max_completion_length=3072,  # sh:54, 55
+                 rewards="limr:1",  # the rule reward of openrlhf/cli/serve_rm.py (sh:4-10)
+                 kl_coef=0.01, gamma=1.0, lam=0.95,  # sh:59, ray:278, sh:62
+                 clip_eps=0.2, value_clip=0.2,  # sh:60, 61
+                 actor_lr=5e-7, critic_lr=9e-6, critic_warmup_steps=0,  # sh:57, 58; no --freezing_actor_steps
+                 max_steps=200, warmup_ratio=0.0016, min_lr_ratio=1.0,  # see above
+                 weight_decay=0.0, grad_clip=1.0,  # ray:273, ray:272
+                 bf16=True, gradient_checkpointing=True, engine="vllm",  # sh:64, 76, 37
+                 save_steps=10,  # OURS: they save every step (sh:40)
+                 # OURS, vLLM colocated on each of 8 GPUs (memplan.py's terms): training keeps 12 B x (7.62B actor
+                 # + 7.07B critic) / 8 of fp32 weights + Adam and 2 B x 7.62B / 8 of bf16 reference = 22.3 GiB,
+                 # plus 4 GiB reserve; vLLM's 0.55 of 80 GiB = 44 GiB (70.3 GiB in all) holds bf16 weights
+                 # 14.2 GiB, ~2 GiB activations and 27.8 GiB of KV cache = 127 sequences of 4096 tokens at 56 KiB
+                 # each; the 1024 per GPU run in waves. 8192 tokens per pass: a GPU's 128 prompts (<= 1024
+                 # tokens) in 16 passes, activations ~0.8 GiB.
+                 vllm_gpu_memory_utilization=0.55, vllm_max_num_batched_tokens=8192),
 }
 
 
 # ---- the critic: a value model V(s_t) for every prefix of a sequence
 
 
-def load_critic(name_or_path: str):
+def load_critic(name_or_path: str, seed: int = 0):
     """The base transformer with a linear head giving one number per position (AutoModelForTokenClassification
     with num_labels=1): a save_pretrained-able model that FSDP shards like the actor. From a causal LM
-    checkpoint the head is new (seeded initialisation); from a saved critic it is the trained one."""
+    checkpoint the head is new; from a saved critic it is the trained one.
+
+    A new head is initialised as LIMR's OpenRLHF critic: weights ~ N(0, std 1/(hidden+1)), no bias
+    (GAIR-NLP/LIMR openrlhf/models/model.py:241 nn.Linear(hidden, 1, bias=False), :152-154 the std;
+    trainer/ray/ppo_critic.py:83 does it whenever the critic starts from the policy's checkpoint).
+    transformers' own head would be std 0.02 plus a bias, ~70x larger at 7B's hidden size 3584.
+    The draw comes from its own generator seeded by `seed`, so every rank draws the same head."""
     from transformers import AutoConfig, AutoModelForTokenClassification
 
     config = AutoConfig.from_pretrained(name_or_path, num_labels=1)
     config.classifier_dropout = 0.0  # a value must be a function of the tokens, not of a dropout mask
-    return AutoModelForTokenClassification.from_pretrained(name_or_path, config=config, dtype=torch.float32)
+    config.token_classification_bias = False  # model.py:241
+    critic, loading = AutoModelForTokenClassification.from_pretrained(
+        name_or_path, config=config, dtype=torch.float32, output_loading_info=True)
+    if "score.weight" in loading["missing_keys"]:
+        hidden = critic.score.in_features
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            critic.score.weight.normal_(0.0, 1.0 / (hidden + 1), generator=generator)  # model.py:152-154
+    return critic
 
 
 def critic_values(critic, input_ids) -> torch.Tensor:
@@ -182,9 +232,11 @@ def make_experience(actor, critic, reference, rows, cfg: Config, d, pad_id: int)
     with torch.no_grad():
         for mb in micro_batches:
             batch, mask = (mb["input_ids"], mb["completion_mask"]), mb["mask"]
+            logprobs = lambda model: training.token_logprobs(model, *batch, cfg.temperature,
+                                                             chunk_size=cfg.logprob_chunk_size)[0]
             with training.autocast(d, cfg.bf16):
-                mb["old_logp"] = training.token_logprobs(actor, *batch, cfg.temperature)[0]
-                ref_logp = training.token_logprobs(reference, *batch, cfg.temperature)[0] if reference is not None else mb["old_logp"]
+                mb["old_logp"] = logprobs(actor)
+                ref_logp = logprobs(reference) if reference is not None else mb["old_logp"]
                 mb["values"] = critic_values(critic, batch[0]) * mask
             mb["kl"] = (mb["old_logp"] - ref_logp) * mask            # log pi_old - log pi_ref, per token
             mb["rewards"] = -cfg.kl_coef * mb["kl"] + mb["score"]    # score: s_i on the last token, else 0
@@ -248,7 +300,6 @@ def ppo_update(experience, optimizers: dict, schedulers: dict, cfg: Config, d, t
             for k, mb in enumerate(mini):
                 batch, mask = (mb["input_ids"], mb["completion_mask"]), mb["mask"]
                 # the critic regresses V(s_t) on the GAE return R_t
-                training.set_gradient_sync(critic, k == len(mini) - 1)  # reduce gradients once, after the last
                 with training.autocast(d, cfg.bf16):
                     values = critic_values(critic, batch[0])
                 value_loss, value_clipped = clipped_value_loss(values, mb["values"], mb["returns"], cfg.value_clip)
@@ -259,9 +310,9 @@ def ppo_update(experience, optimizers: dict, schedulers: dict, cfg: Config, d, t
                 if not train_actor:
                     continue
                 # the actor follows the clipped policy gradient of the whitened advantages
-                training.set_gradient_sync(actor, k == len(mini) - 1)
                 with training.autocast(d, cfg.bf16):
-                    logp, entropy = training.token_logprobs(actor, *batch, cfg.temperature, with_entropy=True)
+                    logp, entropy = training.token_logprobs(actor, *batch, cfg.temperature, with_entropy=True,
+                                                            chunk_size=cfg.logprob_chunk_size)
                 objective, clipped = clipped_objective(logp, mb["old_logp"], mb["advantages"], cfg.clip_eps)
                 policy_loss = -(objective * mask).sum() / num_tokens
                 (policy_loss * d.world_size).backward()
@@ -270,20 +321,26 @@ def ppo_update(experience, optimizers: dict, schedulers: dict, cfg: Config, d, t
                 sums["entropy"] += (entropy * mask).sum().item() * share
             for name in ("critic", "actor") if train_actor else ("critic",):
                 model, optimizer = optimizers[name]
-                grad_norms[name] += training.clip_grad_norm(model, cfg.grad_clip) / num_updates
+                grad_norm = training.clip_grad_norm(model, cfg.grad_clip)
+                training.stop_if_not_finite({f"{name} gradient norm": grad_norm}, schedulers[name].last_epoch + 1)
+                grad_norms[name] += grad_norm / num_updates
                 optimizer.step()
                 schedulers[name].step()
                 optimizer.zero_grad(set_to_none=True)
     stats = {name: training.all_reduce_sum(value, d).item() for name, value in sums.items()}
+    training.stop_if_not_finite({"policy loss": stats["policy_loss"], "value loss": stats["value_loss"]},
+                                schedulers["critic"].last_epoch)
     return {**stats, "actor_grad_norm": grad_norms["actor"], "critic_grad_norm": grad_norms["critic"]}
 
 
 def main(argv=None):
     cfg = training.parse_args(Config, PRESETS, argv, description=__doc__.split("\n\n")[0])
-    d = training.init_distributed()
+    d = training.init_distributed(cfg.dist_timeout_minutes)
     training.seed_everything(cfg.seed)
     try:
         reward_weights = rewards.parse_weights(cfg.rewards)
+        cosine = rewards.CosineShape.from_flags(cfg.cosine_max_len, cfg.cosine_unit, cfg.cosine_clamp,
+                                                cfg.cosine_correct, cfg.cosine_wrong)
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     G = cfg.num_generations
@@ -292,6 +349,7 @@ def main(argv=None):
         raise SystemExit(f"error: need --prompts-per-step divisible by {d.world_size} ranks, and --train-batch-size a "
                          f"multiple of num-generations x ranks ({G * d.world_size}) dividing the rollout ({rollout_size})")
     updates_per_step = rollout_size // cfg.train_batch_size * cfg.ppo_epochs
+    memplan.report("ppo", cfg, d)  # every flag is checked: the budget, before anything loads
 
     # ---- data first: a bad file fails in seconds, before any model loads
     problems = data.load_problems(cfg.data, split="train", seed=cfg.seed)
@@ -299,7 +357,8 @@ def main(argv=None):
     if cfg.model == "tiny":
         raise SystemExit("error: PPO starts from a trained policy; pass --model <sft output dir>")
     training.check_model_path(cfg.model)
-    training.check_model_path(cfg.critic or cfg.model)
+    if cfg.critic:
+        training.check_model_path(cfg.critic, "--critic")
     tokenizer = training.load_tokenizer(cfg.model)
     problems, prompts, prompt_ids = training.prepare_prompts(problems, tokenizer, cfg.template,
                                                              cfg.max_prompt_length, d, "ppo")
@@ -307,14 +366,14 @@ def main(argv=None):
     # ---- models: actor and critic (from the newest checkpoint when resuming), the frozen reference
     actor_path = str(checkpoint) if checkpoint else cfg.model
     actor = training.shard_model(training.load_model(actor_path), d, cfg.bf16, cfg.gradient_checkpointing)
-    critic = load_critic(cfg.critic or cfg.model)
-    if checkpoint is not None:
-        critic.load_state_dict(torch.load(checkpoint / "critic.pt", weights_only=True))
+    critic = load_critic(str(checkpoint / "critic") if checkpoint else cfg.critic or cfg.model, cfg.seed)
     critic = training.shard_model(critic, d, cfg.bf16, cfg.gradient_checkpointing)
     reference = None
-    if cfg.kl_coef > 0:
-        reference = training.shard_model(training.load_model(cfg.model), d, cfg.bf16, False).eval()
+    if cfg.kl_coef > 0:  # frozen: no optimizer needs fp32 master weights, so bf16 runs keep it in bf16
+        reference = training.load_model(cfg.model, dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+        reference = training.shard_model(reference, d, cfg.bf16, False).eval()
         reference.requires_grad_(False)
+    training.seed_per_rank(cfg.seed, d)  # models (the critic's new head too) are identical on all ranks first
     optimizers = {"actor": (actor, torch.optim.AdamW(actor.parameters(), lr=cfg.actor_lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))),
                   "critic": (critic, torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)))}
     actor_updates = max(1, cfg.max_steps - cfg.critic_warmup_steps) * updates_per_step  # the actor waits for the critic
@@ -323,16 +382,17 @@ def main(argv=None):
     start_step = 0
     if checkpoint is not None:
         state = training.load_trainer_state(checkpoint)
-        start_step = training.restore_checkpoint(state, optimizers, schedulers, d)["step"]
-        for name in ("metrics.jsonl", "trajectories.jsonl", "completions.jsonl"):
-            training.truncate_jsonl_after(f"{cfg.output_dir}/{name}", start_step, d)
+        start_step = training.restore_checkpoint(state, optimizers, schedulers, d, seed=cfg.seed)["step"]
         if d.is_main:
             print(f"ppo: resumed from {checkpoint} at step {start_step}")
+    training.truncate_logs(cfg.output_dir, start_step, d)  # lines of steps that will be redone go
     engine = make_engine(cfg.engine, actor, tokenizer, actor_path, d, batch_size=cfg.micro_batch_size * 4,
                          gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, dtype="bfloat16" if cfg.bf16 else "float32",
-                         max_model_len=cfg.max_prompt_length + cfg.max_completion_length, enable_sleep_mode=True)
+                         max_model_len=cfg.max_prompt_length + cfg.max_completion_length, enable_sleep_mode=True,
+                         max_num_batched_tokens=cfg.vllm_max_num_batched_tokens,
+                         kv_cache_memory_bytes=int(cfg.vllm_cpu_kv_cache_gb * 2**30))
     logger = training.MetricsLogger(cfg.output_dir, cfg.report_to, asdict(cfg), d)
-    grader = rewards.Grader(num_workers=cfg.grader_workers)
+    grader = Grader(num_workers=cfg.grader_workers)
     if d.is_main:
         print(f"ppo: {len(problems)} prompts, {cfg.prompts_per_step} x {G} completions per step, {updates_per_step} "
               f"updates of {cfg.train_batch_size}, {d.world_size} rank(s), engine {cfg.engine}, rewards {reward_weights}")
@@ -356,7 +416,7 @@ def main(argv=None):
         scores = rewards.compute_rewards(
             [c.text for c in completions], [problems[i]["answer"] for i in owners],
             [len(c.token_ids) for c in completions], [c.finish_reason == "length" for c in completions],
-            cfg.max_completion_length, reward_weights, grader=grader)
+            reward_weights, grader, [prompts[i] for i in owners], cosine)  # prompts pick the format rule
         t2 = time.time()
 
         # 3. per-token rewards (KL penalty + score on the last token), values, GAE, whitened advantages
@@ -366,9 +426,9 @@ def main(argv=None):
         train_actor = step >= cfg.critic_warmup_steps
         stats = ppo_update(experience, optimizers, schedulers, cfg, d, train_actor)
         del experience
-        # 5. the engine samples the next batch with these weights
-        if train_actor:
-            engine.push_weights(actor)
+        # 5. the engine samples the next batch with these weights (pushed while the actor is frozen
+        #    too: a sleeping vLLM engine released its copy)
+        engine.push_weights(actor)
         t3 = time.time()
 
         # ---- metrics, LIM trajectories, completions, checkpoint
@@ -383,13 +443,15 @@ def main(argv=None):
                              ev=f"{metrics['explained_variance']:.2f}")
         if (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
             training.save_checkpoint(cfg.output_dir, step + 1, actor, tokenizer, optimizers, schedulers,
-                                     {"step": step + 1}, d, extra_models={"critic": critic})
+                                     {"step": step + 1}, d, extra_models={"critic": critic},
+                                     save_total_limit=cfg.save_total_limit)
 
     grader.close()
     training.finish(cfg.output_dir, actor, tokenizer, d)
     training.save_pretrained(critic, tokenizer, Path(cfg.output_dir) / "critic", d)  # --critic can start from it
     if d.is_main:
         print(f"ppo: final actor in {cfg.output_dir}, critic in {cfg.output_dir}/critic")
+    engine.close()  # vLLM's teardown needs the process group that training.shutdown destroys
     training.shutdown(d)
 
 

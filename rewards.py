@@ -1,993 +1,19 @@
 """Rewards for reinforcement learning on math problems.
 
-A reward needs the final answer of a completion (extraction) and a judgement of whether that
-answer is the gold one (equivalence). Equivalence follows the grading conventions of MATH and
-Qwen2.5-Math: both answers are normalised (LaTeX spelling, units, percent, thousands separators,
-`x = 3` vs `3`), compared exactly when they are plain numbers, and otherwise converted to sympy by
-the small converter in this file and compared symbolically, element by element for tuples,
-intervals, sets and matrices.
-
-Sympy can take unbounded time on adversarial input, and a grader that hangs stalls training.
-The converter refuses inputs that would build huge numbers, and every comparison that reaches
-sympy runs in a helper subprocess under a time limit: the helper is killed and restarted when it
-overruns. Unlike signal.alarm, this works from any thread and inside worker processes.
-
-Sections:
-  1. Extraction: the final answer of a completion.
-  2. Normalisation: strip LaTeX spelling that does not change an answer.
-  3. LaTeX -> sympy: a recursive-descent converter with size guards.
-  4. Equivalence: fast numeric path, structured answers, sympy comparison.
-  5. Time limit: the sympy helper subprocess.
-  6. Rewards: accuracy, format, cosine, LIMR, their weighted sum, and a process-pool Grader.
+Each reward scores one completion; compute_rewards combines them with the weights of a spec such
+as "format:1,cosine:2". Whether an answer is correct is decided by grader.py (extraction,
+normalisation, equivalence under a time limit, and the Grader process pool).
 """
 
 from __future__ import annotations
 
-import atexit
-import functools
-import json
-import logging
 import math
-import multiprocessing
-import os
-import random
 import re
-import select
-import signal
-import subprocess
-import sys
-import threading
-import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeoutError
-from concurrent.futures.process import BrokenProcessPool
-from fractions import Fraction
+from dataclasses import dataclass
 
-_log = logging.getLogger(__name__)
+import numpy as np
 
-DEFAULT_TIMEOUT = 3.0  # seconds per is_equiv call that reaches sympy
-ROUNDED_REL_TOL = 1e-6  # a decimal rounding a value with no finite expansion: 6 significant digits
-EXACT_REL_TOL = 1e-25  # two closed forms evaluated to 50 digits that agree this closely are equal
-MAX_ANSWER_CHARS = 1000  # longer normalised answers are compared as strings only
-MAX_SYMPY_CHARS = 400  # longer scalar expressions are not sent to sympy
-MAX_TOKENS = 300
-MAX_NESTING = 50
-MAX_DIGITS = 10_000  # the converter refuses numbers with more digits (10^{10^{10}})
-MAX_SYMBOLIC_EXPONENT = 1000  # and powers such as (x+1)^{10^6}
-MAX_FACTORIAL = 1000
-
-
-# ---------------------------------------------------------------------------------------------
-# 1. Extraction
-# ---------------------------------------------------------------------------------------------
-
-_BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
-_ANSWER_PHRASE = re.compile(r"\bthe (?:final )?answer is\b[ \t]*:?[ \t]*", re.IGNORECASE)
-
-
-def _matching_brace(text: str, open_index: int) -> int | None:
-    """Index of the `}` closing the `{` at open_index (escaped `\\{`, `\\}` are skipped), or None."""
-    depth = 0
-    i = open_index
-    while i < len(text):
-        char = text[i]
-        if char == "\\":
-            i += 2
-            continue
-        if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-    return None
-
-
-def _box_argument(text: str, start: int) -> str | None:
-    """The argument of a `\\boxed` whose name ends at `start`: `{...}` with balanced (nested)
-    braces, or `\\boxed 7` up to the next space or `$`. None when the braces never close."""
-    rest = text[start:]
-    stripped = rest.lstrip(" ")
-    if stripped.startswith("{"):
-        open_index = start + len(rest) - len(stripped)
-        close_index = _matching_brace(text, open_index)
-        return None if close_index is None else text[open_index + 1 : close_index]
-    if len(stripped) < len(rest):
-        word = re.match(r"[^\s$]+", stripped)
-        return word.group(0) if word else None
-    return None
-
-
-def _clean_extracted(answer: str | None) -> str | None:
-    """Drop math delimiters, the Minerva sign-off and a trailing period; None when nothing is left."""
-    if answer is None:
-        return None
-    answer = answer.strip()
-    answer = re.sub(r"\s*I hope it is correct\.?\s*$", "", answer)
-    answer = re.sub(r"^\$+|(?<!\\)\$+$", "", answer.strip()).strip()
-    for opener, closer in (("\\(", "\\)"), ("\\[", "\\]")):
-        if answer.startswith(opener) and answer.endswith(closer):
-            answer = answer[len(opener) : -len(closer)].strip()
-    answer = answer.rstrip(".").strip()
-    return answer or None
-
-
-def extract_answer(text: str) -> str | None:
-    """The final answer of a model completion, or None when it gives none.
-
-    In order of preference: the last `\\boxed{...}` / `\\fbox{...}` / `\\boxed 7`; else the last
-    `<answer>...</answer>`; else the last "The answer is X" / "The final answer is X" (X up to the
-    end of its line, or the first `$...$` after the phrase); else GSM8K's last `#### X`.
-    An empty box, or a last box whose braces never close (a cut-off completion), gives None.
-    """
-    if not isinstance(text, str) or not text:
-        return None
-
-    boxes = list(_BOX_COMMAND.finditer(text))
-    if boxes:
-        return _clean_extracted(_box_argument(text, boxes[-1].end()))
-
-    close_tag = text.rfind("</answer>")
-    open_tag = text.rfind("<answer>", 0, close_tag) if close_tag >= 0 else -1
-    if open_tag >= 0:
-        return _clean_extracted(text[open_tag + len("<answer>") : close_tag])
-
-    phrases = list(_ANSWER_PHRASE.finditer(text))
-    if phrases:
-        rest = text[phrases[-1].end() :]
-        if rest.startswith("$"):
-            inline = re.match(r"\$+((?:\\\$|[^$])*)\$", rest)  # \$ inside is a dollar sign
-            return _clean_extracted(inline.group(1) if inline else None)
-        return _clean_extracted(rest.split("\n", 1)[0])
-
-    hashes = text.rfind("####")
-    if hashes >= 0:
-        return _clean_extracted(text[hashes + 4 :].split("\n", 1)[0])
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# 2. Normalisation
-# ---------------------------------------------------------------------------------------------
-
-_UNICODE = {"\u2212": "-", "\u00d7": "\\times ", "\u00b7": "\\cdot ", "\u03c0": "\\pi ",
-            "\u221a": "\\sqrt", "\u221e": "\\infty ", "\u00b0": "", "\u2264": "\\le ", "\u2265": "\\ge "}
-_TEXT_COMMAND = r"\\(?:text|textbf|textit|textrm|textnormal|mathrm|mathbf|mathit|mbox)\s*"
-_UNIT_WORDS = (
-    "units?|square units|sq units|cubic units|cm|centimeters?|mm|millimeters?|meters?|km|kilometers?|"
-    "inches|inch|in|feet|foot|ft|yards?|miles?|mph|km/h|degrees?|radians?|cents?|dollars?|"
-    "seconds?|sec|minutes?|min|hours?|hrs?|days?|weeks?|months?|years?|people|students|ways"
-)
-_TRAILING_UNIT = re.compile(rf"(?<=[\d}}).])\s+(?:{_UNIT_WORDS})(?:\s*\^\s*\{{?[23]\}}?)?\s*$")
-_TEXT_UNIT = re.compile(rf"(?<=[\d}}).])\s*{_TEXT_COMMAND}\{{\s*[a-zA-Z][a-zA-Z. /]+\}}(?:\s*\^\s*\{{?[23]\}}?)?")
-_THOUSANDS = re.compile(r"\s*-?\d{1,3}(?:,\d{3})+(?:\.\d+)?\s*")
-_MIXED_NUMBER = re.compile(r"(^|=)\s*(-?)(\d+)\s*\\frac\{(\d+)\}\{(\d+)\}$")
-
-
-def _strip_outer_braces(s: str) -> str:
-    while s.startswith("{") and _matching_brace(s, 0) == len(s) - 1:
-        s = s[1:-1].strip()
-    return s
-
-
-def _improper_fraction(mixed: re.Match) -> str:
-    start, sign, whole, numerator, denominator = mixed.groups()
-    return f"{start}{sign}\\frac{{{int(whole) * int(denominator) + int(numerator)}}}{{{denominator}}}"
-
-
-def normalize_answer(answer: str) -> str:
-    """The answer with spelling that does not change its value removed (see the steps below)."""
-    s = str(answer).strip()
-    if _BOX_COMMAND.search(s):
-        s = extract_answer(s) or ""
-    for char, replacement in _UNICODE.items():
-        s = s.replace(char, replacement)
-    s = s.replace("\n", " ").replace("\\$", "").replace("$", "")
-    s = re.sub(r"\\(?:displaystyle|textstyle)", "", s)
-    s = re.sub(r"\\[dtc]frac", r"\\frac", s)
-    s = re.sub(r"\\[dt]binom", r"\\binom", s)
-    # delimiter sizing: \left( \right] \bigl( ... keep the delimiter, \left. means "no delimiter"
-    s = re.sub(r"\\(?:left|right|[bB]igg?[lr]?)(?![a-zA-Z])\s*\.?", "", s)
-    s = s.replace("\\lbrace", "\\{").replace("\\rbrace", "\\}")
-    s = re.sub(r"\\[lr]?vert(?![a-zA-Z])|\\mid(?![a-zA-Z])", "|", s)
-    s = re.sub(r"\\(?:geqslant|geq)(?![a-zA-Z])", r"\\ge", s)
-    s = re.sub(r"\\(?:leqslant|leq)(?![a-zA-Z])", r"\\le", s)
-    # thousands separators written 10,\!080
-    s = re.sub(r",\\!\s*(?=\d{3}(?!\d))", ",", s).replace("{,}", ",")
-    # spacing commands (a `\ ` right after a `\\` row break is not one)
-    s = re.sub(r"\\[!,;:>]|\\q?quad(?![a-zA-Z])|(?<!\\)\\ |~", " ", s)
-    # degrees, percent and dollar signs
-    s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|\\circ(?![a-zA-Z])", "", s)
-    s = s.replace("\\%", "").replace("%", "")
-    # words: "x \text{ or } y" is a list, units after a number go, other \text{X} becomes X
-    s = re.sub(rf"{_TEXT_COMMAND}\{{\s*(?:and|or)\s*\}}", ",", s)
-    s = _TEXT_UNIT.sub("", s)
-    s = re.sub(rf"{_TEXT_COMMAND}\{{([^{{}}]*)\}}", r"\1", s)
-    s = _TRAILING_UNIT.sub("", s)
-    s = re.sub(r"\\inf(?![a-zA-Z])", r"\\infty", s)
-    s = re.sub(r"\\(?:emptyset|varnothing)(?![a-zA-Z])|^\\\{\s*\\\}$", r"\\emptyset", s.strip())
-    s = re.sub(r"^[a-zA-Z]\s*\\in(?![a-zA-Z])", "", s).strip()  # "x \in [-2, 7]"
-    s = s.rstrip(". ").strip()
-    if _THOUSANDS.fullmatch(s):
-        s = s.replace(",", "")
-    # \frac12 -> \frac{1}{2}, \sqrt2 -> \sqrt{2}, a_{1} -> a_1
-    s = re.sub(r"\\frac\s*([0-9a-zA-Z])", r"\\frac{\1}", s)
-    s = re.sub(r"\\frac\{([^{}]*)\}\s*([0-9a-zA-Z])", r"\\frac{\1}{\2}", s)
-    s = re.sub(r"\\sqrt\s*([0-9a-zA-Z])", r"\\sqrt{\1}", s)
-    s = re.sub(r"_\{(\w)\}", r"_\1", s)
-    # 1\frac{4}{5} is the mixed number 9/5, not a product
-    s = _MIXED_NUMBER.sub(_improper_fraction, s)
-    # whitespace carries no meaning except between a command and a letter (\cot x)
-    s = re.sub(r"\s+", " ", s)
-    s = re.sub(r"(\\[a-zA-Z]+) (?=[a-zA-Z])", "\\1\x00", s).replace(" ", "").replace("\x00", " ")
-    s = _strip_outer_braces(s)
-    choice = re.fullmatch(r"\(([A-E])\)", s)  # choice letters: (B) is B
-    return choice.group(1) if choice else s
-
-
-# ---------------------------------------------------------------------------------------------
-# 3. LaTeX -> sympy
-# ---------------------------------------------------------------------------------------------
-
-
-class ConversionError(ValueError):
-    """A LaTeX expression the converter does not read, or refuses to evaluate (too large)."""
-
-
-_TOKEN = re.compile(r"\s*(\d+(?:\.\d+)?|\.\d+|\\[a-zA-Z]+|\\[{}|]|[a-zA-Z]|[-+*/^_()\[\]{}|!,='])")
-_FUNCTIONS = {"\\sin": "sin", "\\cos": "cos", "\\tan": "tan", "\\cot": "cot", "\\sec": "sec",
-              "\\csc": "csc", "\\arcsin": "asin", "\\arccos": "acos", "\\arctan": "atan",
-              "\\sinh": "sinh", "\\cosh": "cosh", "\\tanh": "tanh", "\\ln": "log", "\\log": "log",
-              "\\exp": "exp"}
-_GREEK = {"\\alpha", "\\beta", "\\gamma", "\\delta", "\\epsilon", "\\varepsilon", "\\zeta", "\\eta",
-          "\\theta", "\\vartheta", "\\kappa", "\\lambda", "\\mu", "\\nu", "\\xi", "\\rho", "\\sigma",
-          "\\tau", "\\phi", "\\varphi", "\\chi", "\\psi", "\\omega", "\\Gamma", "\\Delta", "\\Theta",
-          "\\Lambda", "\\Sigma", "\\Phi", "\\Psi", "\\Omega"}
-_ATOM_COMMANDS = {"\\frac", "\\sqrt", "\\binom", "\\pi", "\\infty", "\\lfloor", "\\lceil"}
-_CLOSING = {"(": ")", "[": "]", "{": "}", "|": "|", "\\lfloor": "\\rfloor", "\\lceil": "\\rceil"}
-
-
-def _tokenize(text: str) -> list[str]:
-    tokens, position = [], 0
-    text = text.rstrip()
-    while position < len(text):
-        match = _TOKEN.match(text, position)
-        if match is None:
-            raise ConversionError(f"cannot read {text[position:position + 10]!r}")
-        tokens.append(match.group(1))
-        position = match.end()
-        if len(tokens) > MAX_TOKENS:
-            raise ConversionError("expression too long")
-    return tokens
-
-
-def _is_number_token(token: str | None) -> bool:
-    return token is not None and (token[0].isdigit() or token[0] == ".")
-
-
-class _LatexToSympy:
-    """Recursive descent over the LaTeX of one scalar answer.
-
-    expression := term (('+' | '-') term)*
-    term       := signed (('*' | '\\cdot' | '\\times' | '/' | '\\div') signed | power)*
-    signed     := ('+' | '-')* power
-    power      := atom '!'* ('^' exponent)?
-    atom       := number | letter (subscript)? | greek | \\pi | \\infty | (expr) | {expr} | |expr|
-                | \\frac a b | \\sqrt[n] a | \\binom a b | \\lfloor expr \\rfloor | function argument
-    A letter next to a number or a bracket multiplies it; `e` is Euler's number, `i` is sqrt(-1).
-    """
-
-    def __init__(self, text: str):
-        import sympy
-
-        self.sp = sympy
-        self.tokens = _tokenize(text)
-        self.position = 0
-        self.depth = 0
-
-    def convert(self):
-        if not self.tokens:
-            raise ConversionError("empty expression")
-        value = self.expression()
-        if self.position != len(self.tokens):
-            raise ConversionError(f"unexpected {self.peek()!r}")
-        if value.has(self.sp.zoo, self.sp.nan):
-            raise ConversionError("undefined value (a division by zero?)")
-        return value
-
-    def peek(self) -> str | None:
-        return self.tokens[self.position] if self.position < len(self.tokens) else None
-
-    def take(self) -> str:
-        token = self.peek()
-        if token is None:
-            raise ConversionError("expression ends too early")
-        self.position += 1
-        return token
-
-    def expect(self, token: str) -> None:
-        if self.take() != token:
-            raise ConversionError(f"expected {token!r}")
-
-    def starts_atom(self, token: str | None) -> bool:
-        return token is not None and (
-            _is_number_token(token) or token.isalpha() or token in ("(", "{")
-            or token in _ATOM_COMMANDS or token in _GREEK or token in _FUNCTIONS)
-
-    def expression(self):
-        self.depth += 1
-        if self.depth > MAX_NESTING:
-            raise ConversionError("nested too deeply")
-        try:
-            value = self.term()
-            while self.peek() in ("+", "-"):
-                value = value + self.term() if self.take() == "+" else value - self.term()
-            return value
-        finally:
-            self.depth -= 1
-
-    def term(self):
-        value = self.signed()
-        while True:
-            token = self.peek()
-            if token in ("*", "\\cdot", "\\times", "\\ast"):
-                self.take()
-                value = value * self.signed()
-            elif token in ("/", "\\div"):
-                self.take()
-                value = value / self.signed()
-            elif self.starts_atom(token):
-                value = value * self.power()
-            else:
-                return value
-
-    def signed(self):
-        negative = False
-        while self.peek() in ("+", "-"):
-            negative ^= self.take() == "-"
-        value = self.power()
-        return -value if negative else value
-
-    def power(self):
-        value = self.atom()
-        while self.peek() == "!":
-            self.take()
-            value = self.factorial(value)
-        if self.peek() == "^":
-            self.take()
-            value = self.raise_to(value, self.exponent())
-        return value
-
-    def exponent(self):
-        if self.peek() in ("-", "+"):
-            return -self.exponent() if self.take() == "-" else self.exponent()
-        return self.argument()
-
-    def argument(self):
-        """A macro argument: a {group}, or one character (x^23 is x^2 * 3, \\frac12 is 1/2)."""
-        token = self.peek()
-        if _is_number_token(token) and len(token) > 1:
-            self.tokens[self.position] = token[1:]
-            return self.number(token[0])
-        return self.atom()
-
-    def number(self, token: str):
-        if len(token) > 400:
-            raise ConversionError("number too long")
-        return self.sp.Rational(token)
-
-    def atom(self):
-        sp = self.sp
-        token = self.take()
-        if _is_number_token(token):
-            return self.number(token)
-        if token in ("(", "[", "{", "|", "\\lfloor", "\\lceil"):
-            value = self.expression()
-            self.expect(_CLOSING[token])
-            wrap = {"|": sp.Abs, "\\lfloor": sp.floor, "\\lceil": sp.ceiling}.get(token)
-            return wrap(value) if wrap else value
-        if token == "\\frac":
-            numerator = self.argument()
-            return numerator / self.argument()
-        if token == "\\binom":
-            n = self.argument()
-            return self.binomial(n, self.argument())
-        if token == "\\sqrt":
-            index = sp.Integer(2)
-            if self.peek() == "[":
-                self.take()
-                index = self.expression()
-                self.expect("]")
-            return self.raise_to(self.argument(), 1 / index)
-        if token == "\\pi":
-            return sp.pi
-        if token == "\\infty":
-            return sp.oo
-        if token in _FUNCTIONS:
-            return self.function(token)
-        if token in _GREEK or token.isalpha():
-            name = token.lstrip("\\")
-            if self.peek() == "_":
-                self.take()
-                return sp.Symbol(f"{name}_{self.subscript()}")
-            if token == "e":
-                return sp.E
-            if token == "i":
-                return sp.I
-            return sp.Symbol(name)
-        raise ConversionError(f"unsupported {token!r}")
-
-    def subscript(self) -> str:
-        if self.peek() != "{":
-            return self.take()
-        self.take()
-        parts = []
-        while self.peek() != "}":
-            parts.append(self.take().lstrip("\\"))
-        self.take()
-        return "".join(parts)
-
-    def function(self, token: str):
-        """\\sin x, \\sin(x), \\sin^2 x, \\log_{2} 8, \\ln 2; a bare argument runs to the next
-        operator or function (\\sin 2x is sin(2x))."""
-        sp = self.sp
-        base = None
-        if self.peek() == "_":
-            self.take()
-            base = self.argument()
-        power = None
-        if self.peek() == "^":
-            self.take()
-            power = self.exponent()
-        if self.peek() == "(":
-            self.take()
-            argument = self.expression()
-            self.expect(")")
-        else:
-            argument = self.power()
-            while self.starts_atom(self.peek()) and self.peek() not in _FUNCTIONS:
-                argument = argument * self.power()
-        function = getattr(sp, _FUNCTIONS[token])
-        value = function(argument, base) if base is not None and token == "\\log" else function(argument)
-        return value if power is None else self.raise_to(value, power)
-
-    # Guards: refuse what would take sympy (or Python's integers) unbounded time or memory.
-    def raise_to(self, base, exponent):
-        if base.is_number and exponent.is_number:
-            try:
-                magnitude, size = abs(complex(base)), abs(complex(exponent))
-            except (OverflowError, TypeError, ValueError):
-                raise ConversionError("power too large") from None
-            if magnitude > 0 and size * abs(math.log10(magnitude)) > MAX_DIGITS:
-                raise ConversionError("power too large")
-        elif exponent.is_number and exponent.is_real and abs(exponent) > MAX_SYMBOLIC_EXPONENT:
-            raise ConversionError("power too large")
-        return self.sp.Pow(base, exponent)
-
-    def factorial(self, value):
-        if value.is_number and not (value.is_Integer and 0 <= value <= MAX_FACTORIAL):
-            raise ConversionError("factorial of a large or non-integer number")
-        return self.sp.factorial(value)
-
-    def binomial(self, n, k):
-        if n.is_number and not (n.is_Integer and abs(n) <= MAX_DIGITS):
-            raise ConversionError("binomial of a large or non-integer number")
-        return self.sp.binomial(n, k)
-
-
-def latex_to_sympy(text: str):
-    """The sympy value of a scalar LaTeX expression; ConversionError when it cannot be read."""
-    return _LatexToSympy(text).convert()
-
-
-# ---------------------------------------------------------------------------------------------
-# 4. Equivalence
-# ---------------------------------------------------------------------------------------------
-# The main process does everything that needs no sympy: normalisation, structure (tuples,
-# intervals, sets, matrices), plain numbers. Only scalar pairs it cannot decide go to sympy.
-
-_DECIMAL = r"(?:\d+(?:\.\d*)?|\.\d+)"
-_PLAIN_NUMBER = re.compile(
-    rf"([-+]?)(?:({_DECIMAL})|\\frac\{{({_DECIMAL})\}}\{{({_DECIMAL})\}}|({_DECIMAL})/({_DECIMAL}))")
-_NAME = re.compile(r"[a-zA-Z](?:_\{?[\w\\]+\}?)?(?:\([a-zA-Z,]*\))?|\\[a-zA-Z]+(?:_\{?\w+\}?)?"
-                   r"|\([a-zA-Z](?:,[a-zA-Z])*\)")
-_MATRIX = re.compile(r"\\begin\{([pbBv]?matrix|smallmatrix)\}(.*)\\end\{\1\}", re.DOTALL)
-_PLUS_MINUS = re.compile(r"\\(pm|mp)(?![a-zA-Z])")
-
-
-def _plain_number(s: str) -> tuple[Fraction, bool] | None:
-    """(value, written as a decimal) for an integer, decimal or integer fraction; else None."""
-    match = _PLAIN_NUMBER.fullmatch(s)
-    if match is None or len(s) > 60:
-        return None
-    sign, single, *pairs = match.groups()
-    if single is not None:
-        value = Fraction(single)
-    else:
-        numerator, denominator = (pairs[0], pairs[1]) if pairs[0] is not None else (pairs[2], pairs[3])
-        if Fraction(denominator) == 0:
-            return None
-        value = Fraction(numerator) / Fraction(denominator)
-    return (-value if sign == "-" else value), "." in s
-
-
-def _terminates(value: Fraction) -> bool:
-    """Does value have a finite decimal expansion (denominator 2^a 5^b)?"""
-    denominator = value.denominator
-    for prime in (2, 5):
-        while denominator % prime == 0:
-            denominator //= prime
-    return denominator == 1
-
-
-def _plain_numbers_equal(a: tuple[Fraction, bool], b: tuple[Fraction, bool]) -> bool:
-    (x, x_decimal), (y, y_decimal) = a, b
-    if x == y:
-        return True
-    # a decimal can only be a rounding of a value with no finite decimal expansion (1/3 ~ 0.3333)
-    if (x_decimal and not _terminates(y)) or (y_decimal and not _terminates(x)):
-        return math.isclose(x, y, rel_tol=ROUNDED_REL_TOL)
-    return False
-
-
-def _split_top_level(s: str, separator: str) -> list[str]:
-    """s split at separators outside every bracket pair ( ) [ ] { }; mixed pairs like [0,1) count."""
-    parts, depth, start, i = [], 0, 0, 0
-    while i < len(s):
-        if depth == 0 and s.startswith(separator, i):
-            parts.append(s[start:i])
-            i += len(separator)
-            start = i
-            continue
-        depth += (s[i] in "([{") - (s[i] in ")]}")
-        i += 1
-    parts.append(s[start:])
-    return parts
-
-
-def _encloses(s: str, open_index: int) -> bool:
-    """Does the bracket at open_index close at the last character of s?"""
-    depth = 0
-    for i in range(open_index, len(s)):
-        depth += (s[i] in "([{") - (s[i] in ")]}")
-        if depth == 0:
-            return i == len(s) - 1
-    return False
-
-
-_RELATION = re.compile(r"(<|>|\\[lg]e(?![a-zA-Z]))")
-
-
-def _inequality_as_interval(s: str) -> str:
-    """`a < x \\le b` -> `(a,b]`, `x > a` -> `(a,\\infty)`, `x \\le b` -> `(-\\infty,b]`; other
-    text unchanged. The variable must be a single letter."""
-    parts = [part.strip() for part in _RELATION.split(s)]
-    is_variable = functools.partial(re.fullmatch, r"[a-zA-Z]")
-    opening = {"<": "(", "\\le": "[", ">": "(", "\\ge": "["}
-    closing = {"<": ")", "\\le": "]", ">": ")", "\\ge": "]"}
-    if len(parts) == 5 and is_variable(parts[2]):
-        low, first, _, second, high = parts
-        if {first, second} <= {"<", "\\le"}:
-            return f"{opening[first]}{low},{high}{closing[second]}"
-        if {first, second} <= {">", "\\ge"}:
-            return f"{opening[second]}{high},{low}{closing[first]}"
-    if len(parts) == 3 and (is_variable(parts[0]) or is_variable(parts[2])):
-        left, relation, right = parts
-        if is_variable(right):  # 2 < x is x > 2
-            left, right = right, left
-            relation = {"<": ">", ">": "<", "\\le": "\\ge", "\\ge": "\\le"}[relation]
-        if relation in ("<", "\\le"):
-            return f"(-\\infty,{right}{closing[relation]}"
-        return f"{opening[relation]}{right},\\infty)"
-    return s
-
-
-def _inequality_variable(s: str) -> str | None:
-    parts = [part.strip() for part in _RELATION.split(s)]
-    letters = [part for part in parts[::2] if re.fullmatch(r"[a-zA-Z]", part)]
-    return letters[0] if len(parts) in (3, 5) and len(letters) == 1 else None
-
-
-def _structure(s: str):
-    """The shape of a normalised answer, as nested tuples:
-    ("scalar", text) | ("sequence", brackets, items) for tuples and intervals (order and brackets
-    matter) | ("set", items) for \\{...\\} and ("list", items) for bare comma lists and
-    a \\pm b (order does not matter) | ("union", items) for A \\cup B | ("matrix", rows)."""
-    members = _split_top_level(s, "\\cup")
-    if len(members) > 1:
-        return ("union", [_structure(m) for m in members])
-    s = _inequality_as_interval(s)
-    matrix = _MATRIX.fullmatch(s)
-    if matrix:
-        rows = [row.split("&") for row in re.split(r"\\\\", matrix.group(2)) if row.strip()]
-        if all(len(row) == 1 for row in rows):  # a column vector reads as the tuple (a, b, c)
-            return ("sequence", "()", [("scalar", row[0]) for row in rows])
-        return ("matrix", rows)
-    if s.startswith("\\{") and s.endswith("\\}") and _encloses(s, 1):
-        return ("set", _set_items(_split_top_level(s[2:-2], ",")))
-    if s[:1] in "([" and s[-1:] in ")]" and _encloses(s, 0):
-        items = _split_top_level(s[1:-1], ",")
-        if len(items) > 1:
-            return ("sequence", s[0] + s[-1], [_structure(item) for item in items])
-    items = _split_top_level(s, ",")
-    if len(items) > 1:
-        return ("list", _set_items(items))
-    sign = _PLUS_MINUS.search(s)
-    if sign:  # 1 \pm \sqrt{2} is the two answers 1 + \sqrt{2} and 1 - \sqrt{2}
-        first, second = ("+", "-") if sign.group(1) == "pm" else ("-", "+")
-        return ("list", _set_items([s[: sign.start()] + op + s[sign.end():] for op in (first, second)]))
-    return ("scalar", s)
-
-
-def _set_items(texts: list[str]) -> list:
-    items = []
-    for text in texts:
-        item = _structure(text)
-        items.extend(item[1] if item[0] == "list" else [item])  # {1 \pm 2, 5} has three members
-    return items
-
-
-def _split_equation(s: str) -> tuple[str, str] | None:
-    sides = _split_top_level(s, "=")
-    return (sides[0], sides[1]) if len(sides) == 2 and sides[0] and sides[1] else None
-
-
-def _without_name(s: str) -> str:
-    """`x = 3` -> `3`, `f(x) = 2x` -> `2x`, `(x,y) = (1,2)` -> `(1,2)`; other text unchanged."""
-    equation = _split_equation(s)
-    if equation and _NAME.fullmatch(equation[0]):
-        return equation[1]
-    return s
-
-
-def _is_word(s: str) -> bool:
-    return re.fullmatch(r"[a-zA-Z]{3,}", s) is not None
-
-
-def _scalars_equal(a: str, b: str, deadline: float) -> bool:
-    if a == b:
-        return True
-    equation_a, equation_b = _split_equation(a), _split_equation(b)
-    if equation_a and equation_b:
-        if equation_a[0] == equation_b[0]:
-            return _scalars_equal(equation_a[1], equation_b[1], deadline)
-        return _in_sympy_helper("equations", a, b, deadline)
-    a, b = _without_name(a), _without_name(b)
-    if a == b:
-        return True
-    if "=" in a or "=" in b:
-        return False
-    number_a, number_b = _plain_number(a), _plain_number(b)
-    if number_a and number_b:
-        return _plain_numbers_equal(number_a, number_b)
-    if _is_word(a) or _is_word(b):  # names and words ("Evelyn", "even"), not products of letters
-        return a.lower() == b.lower()
-    return _in_sympy_helper("expressions", a, b, deadline)
-
-
-def _structures_equal(p, g, deadline: float) -> bool:
-    if p[0] == "scalar" and g[0] == "scalar":
-        return _scalars_equal(p[1], g[1], deadline)
-    if p[0] == g[0] == "sequence":
-        return p[1] == g[1] and len(p[2]) == len(g[2]) and all(
-            _structures_equal(x, y, deadline) for x, y in zip(p[2], g[2]))
-    if p[0] == g[0] == "matrix":
-        return [len(row) for row in p[1]] == [len(row) for row in g[1]] and all(
-            _scalars_equal(x, y, deadline) for pr, gr in zip(p[1], g[1]) for x, y in zip(pr, gr))
-    if p[0] == g[0] == "union":
-        return _multisets_equal(p[1], g[1], deadline)
-    if {p[0], g[0]} <= {"set", "list", "scalar"}:  # {3} and 3 are the same answer
-        return _multisets_equal(p[1] if p[0] != "scalar" else [p], g[1] if g[0] != "scalar" else [g], deadline)
-    # A list written in parentheses, (3, 5, 7) for 3, 5, 7, in the gold's order when the gold is
-    # the tuple. Not with two items, which may be an open interval.
-    if p[0] == "sequence" and p[1] == "()" and g[0] == "list" and len(p[2]) >= 3:
-        return _multisets_equal(p[2], g[1], deadline)
-    if g[0] == "sequence" and g[1] == "()" and p[0] == "list" and len(g[2]) >= 3:
-        return len(p[1]) == len(g[2]) and all(_structures_equal(x, y, deadline) for x, y in zip(p[1], g[2]))
-    return False
-
-
-def _multisets_equal(ps: list, gs: list, deadline: float) -> bool:
-    if len(ps) != len(gs):
-        return False
-    unmatched_p, unmatched_g = list(ps), list(gs)
-    for item in ps:  # identical items first: cheap, and most lists are written the same way
-        if item in unmatched_g:
-            unmatched_g.remove(item)
-            unmatched_p.remove(item)
-    for item in unmatched_p:
-        match = next((i for i, other in enumerate(unmatched_g)
-                      if _structures_equal(item, other, deadline)), None)
-        if match is None:
-            return False
-        del unmatched_g[match]
-    return True
-
-
-def _answer_text(answer) -> str | None:
-    if isinstance(answer, bool) or answer is None:
-        return None
-    if isinstance(answer, (int, float)):
-        return repr(answer)
-    return answer if isinstance(answer, str) else None
-
-
-def is_equiv(pred: str | None, gold: str, timeout: float = DEFAULT_TIMEOUT) -> bool:
-    """Are pred and gold the same final answer, by the conventions of MATH / Qwen2.5-Math grading?
-
-    Never raises on bad input and returns within about `timeout` seconds (the budget for the
-    sympy comparisons of this call; plain numbers never reach sympy). Order of tuples and the
-    brackets of intervals matter; order of sets and of comma-separated lists does not.
-    """
-    pred, gold = _answer_text(pred), _answer_text(gold)
-    if pred is None or gold is None:
-        return False
-    deadline = time.monotonic() + timeout
-    try:
-        p, g = normalize_answer(pred), normalize_answer(gold)
-        if not p or not g:
-            return False
-        if p == g:
-            return True
-        if len(p) > MAX_ANSWER_CHARS or len(g) > MAX_ANSWER_CHARS:
-            return False
-        if len({_inequality_variable(p), _inequality_variable(g)} - {None}) == 2:
-            return False  # m \\ge 2 is not k \\ge 2
-        if _split_equation(g) is None:
-            p = _without_name(p)
-        if _split_equation(p) is None:
-            g = _without_name(g)
-        if _structures_equal(_structure(p), _structure(g), deadline):
-            return True
-        # 25\% may be answered as 25 (the sign dropped, as MATH does) or as 0.25
-        if "%" in gold and "," not in g:
-            return _scalars_equal(p, f"\\frac{{{g}}}{{100}}", deadline)
-        if "%" in pred and "," not in p:
-            return _scalars_equal(f"\\frac{{{p}}}{{100}}", g, deadline)
-        return False
-    except _HelperUnavailable:
-        raise
-    except Exception:  # a grader must not crash training on one strange answer
-        _log.debug("is_equiv(%r, %r) failed", pred[:80], gold[:80], exc_info=True)
-        return False
-
-
-# Comparisons run inside the sympy helper process.
-
-def _has_decimal(text: str) -> bool:
-    return re.search(r"\d\.\d|(?<!\d)\.\d", text) is not None
-
-
-def _exact_terminating(value) -> bool:
-    return bool(value.is_Rational) and _terminates(Fraction(int(value.p), int(value.q)))
-
-
-def _constants_equal(x, y, rounded: bool) -> bool:
-    """x, y sympy numbers. With `rounded`, one of them is a decimal approximating the other."""
-    import sympy as sp
-
-    if x.has(sp.oo, -sp.oo) or y.has(sp.oo, -sp.oo):
-        return x == y
-    if x.is_Rational and y.is_Rational and not rounded:
-        return x == y
-    tolerance = ROUNDED_REL_TOL if rounded else EXACT_REL_TOL
-    x_value, y_value = sp.N(x, 50), sp.N(y, 50)
-    difference = sp.N(x - y, 50)
-    if not (x_value.is_number and y_value.is_number and difference.is_number):
-        return False
-    scale = max(abs(x_value), abs(y_value))
-    return bool(abs(difference) <= tolerance * scale)
-
-
-def _vanishes_at_random_points(difference, scale) -> bool:
-    """Is difference (a simplified x - y) zero at several random points? For identities that
-    simplify() misses. Exact arithmetic where possible (a rational function at a rational point),
-    else 30 digits against the size of `scale` there. Not used with floor, ceiling, Abs, sign or
-    Mod, which vanish on whole regions without vanishing everywhere."""
-    import sympy as sp
-
-    if any(e.has(sp.floor, sp.ceiling, sp.Abs, sp.sign, sp.Mod) for e in (difference, scale)):
-        return False
-    symbols = sorted(difference.free_symbols, key=str)
-    rng = random.Random(0)
-    vanishing = 0
-    for _ in range(6):
-        point = {symbol: sp.Rational(rng.randint(-2000, 3000), 997) for symbol in symbols}
-        value = difference.subs(point)
-        if value.is_Rational:
-            if value != 0:
-                return False
-            vanishing += 1
-            continue
-        try:
-            value, size = complex(value.evalf(30)), abs(complex(scale.evalf(30, subs=point)))
-        except (TypeError, ValueError, ZeroDivisionError, OverflowError):
-            continue
-        if not (math.isfinite(abs(value)) and math.isfinite(size)):
-            continue
-        if abs(value) > 1e-12 * max(1.0, size):
-            return False
-        vanishing += 1
-    return vanishing >= 3
-
-
-def _compare_expressions(a: str, b: str) -> bool:
-    import sympy as sp
-
-    x, y = latex_to_sympy(a), latex_to_sympy(b)
-    if x == y:
-        return True
-    if x.free_symbols or y.free_symbols:
-        difference = sp.simplify(x - y)
-        if difference == 0:
-            return True
-        if not difference.free_symbols:  # a nonzero constant, however large x and y are
-            return False
-        return _vanishes_at_random_points(difference, x)
-    rounded = (_has_decimal(a) and not _exact_terminating(y)) or (
-        _has_decimal(b) and not _exact_terminating(x))
-    return _constants_equal(x, y, rounded)
-
-
-def _compare_equations(a: str, b: str) -> bool:
-    """Equal as equations: lhs - rhs of one is a nonzero constant multiple of the other's."""
-    import sympy as sp
-
-    x, y = (latex_to_sympy(left) - latex_to_sympy(right)
-            for left, right in (_split_equation(a), _split_equation(b)))
-    if x == 0 or y == 0:
-        return False
-    ratio = sp.simplify(x / y)
-    return not ratio.free_symbols and ratio.is_number and ratio != 0 and bool(ratio.is_finite)
-
-
-@functools.lru_cache(maxsize=4096)
-def _run_helper_task(task: str, a: str, b: str) -> bool:
-    return {"expressions": _compare_expressions, "equations": _compare_equations}[task](a, b)
-
-
-# ---------------------------------------------------------------------------------------------
-# 5. Time limit: a helper subprocess runs the sympy comparisons
-# ---------------------------------------------------------------------------------------------
-# The helper answers one JSON request per line. It stops itself with an interval timer (it is the
-# main thread of its own process, so signals work there) shortly before the deadline; if it is
-# stuck where signals are not handled (a C-level big-integer operation), the caller kills it and
-# the next comparison starts a new one. Each process that compares (the trainer, each Grader
-# worker) owns its own helper.
-
-_HELPER_FLAG = "--sympy-helper"
-_HELPER_STARTUP_SECONDS = 120.0  # importing sympy on a busy machine
-_HELPER_MEMORY_BYTES = 4 << 30
-
-
-class _HelperUnavailable(RuntimeError):
-    """The sympy helper process could not be started (an environment problem, not an answer)."""
-
-
-class _HelperTimeout(BaseException):
-    """Raised by the helper's timer; a BaseException so that sympy's `except Exception` lets it pass."""
-
-
-def _read_line(fd: int, deadline: float) -> bytes | None:
-    """One line from fd, or None if it does not arrive before deadline or the writer is gone."""
-    data = b""
-    while not data.endswith(b"\n"):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-            return None
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            return None
-        data += chunk
-    return data
-
-
-class _SympyHelper:
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.process: subprocess.Popen | None = None
-        self.ready = False
-        self.timeouts = 0
-
-    def after_fork(self):
-        """A forked child must not share its parent's helper: drop (without killing) the copy."""
-        if self.process is not None:
-            for pipe in (self.process.stdin, self.process.stdout):
-                pipe.close()
-        self.lock = threading.Lock()
-        self.process, self.ready = None, False
-
-    def compare(self, task: str, a: str, b: str, seconds: float) -> bool:
-        with self.lock:
-            self.wait_until_ready()
-            request = json.dumps({"task": task, "a": a, "b": b, "seconds": seconds}) + "\n"
-            deadline = time.monotonic() + seconds
-            try:
-                self.process.stdin.write(request.encode())
-                line = _read_line(self.process.stdout.fileno(), deadline)
-            except OSError:
-                line = None
-            if line is None:
-                self.timeouts += 1
-                _log.warning("a sympy comparison took over %.1f s and counts as not equal: %r vs %r",
-                             seconds, a[:60], b[:60])
-                self.stop()
-                self.launch()  # sympy imports while the caller carries on
-                return False
-            return bool(json.loads(line)["equal"])
-
-    def launch(self):
-        self.process = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), _HELPER_FLAG],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
-        self.ready = False
-
-    def wait_until_ready(self):
-        if self.process is None or self.process.poll() is not None:
-            self.stop()
-            self.launch()
-        if not self.ready:
-            line = _read_line(self.process.stdout.fileno(), time.monotonic() + _HELPER_STARTUP_SECONDS)
-            if line != b"ready\n":
-                self.stop()
-                raise _HelperUnavailable(f"the sympy helper of {__file__} did not start (is sympy installed?)")
-            self.ready = True
-
-    def stop(self):
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.process.stdin.close()
-            self.process.stdout.close()
-            self.process, self.ready = None, False
-
-
-_SYMPY_HELPER = _SympyHelper()
-os.register_at_fork(after_in_child=_SYMPY_HELPER.after_fork)
-atexit.register(_SYMPY_HELPER.stop)
-
-
-def _in_sympy_helper(task: str, a: str, b: str, deadline: float) -> bool:
-    seconds = deadline - time.monotonic()
-    if seconds <= 0 or len(a) > MAX_SYMPY_CHARS or len(b) > MAX_SYMPY_CHARS:
-        return False
-    return _SYMPY_HELPER.compare(task, a, b, seconds)
-
-
-def _serve_sympy_requests() -> None:
-    """The helper process: read requests from stdin, answer each on stdout."""
-    import resource
-
-    import sympy  # noqa: F401  (imported before "ready", so no comparison is charged for it)
-
-    try:
-        resource.setrlimit(resource.RLIMIT_AS, (_HELPER_MEMORY_BYTES, resource.RLIM_INFINITY))
-    except (ValueError, OSError):
-        pass
-
-    def stop_comparison(signum, frame):
-        raise _HelperTimeout
-
-    signal.signal(signal.SIGALRM, stop_comparison)
-    out = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a stray print must not corrupt the answers
-    out.write(b"ready\n")
-    for line in sys.stdin.buffer:
-        request = json.loads(line)
-        signal.setitimer(signal.ITIMER_REAL, max(0.01, 0.8 * request["seconds"]))
-        try:
-            equal = _run_helper_task(request["task"], request["a"], request["b"])
-        except (Exception, _HelperTimeout):  # unreadable, undefined or too slow: not equal
-            equal = False
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-        out.write(json.dumps({"equal": bool(equal)}).encode() + b"\n")
-
-
-# ---------------------------------------------------------------------------------------------
-# 6. Rewards
-# ---------------------------------------------------------------------------------------------
+from grader import Grader, extract_answer, is_equiv
 
 
 def accuracy_reward(completion: str, answer: str) -> float:
@@ -995,15 +21,26 @@ def accuracy_reward(completion: str, answer: str) -> float:
     return 1.0 if is_equiv(extract_answer(completion), answer) else 0.0
 
 
-def format_reward(completion: str) -> float:
-    """1.0 for the R1 layout "<think> reasoning </think> answer", else 0.0.
+# ---- format: which rule depends on the prompt -------------------------------------------------
 
-    Exactly what passes, after stripping surrounding whitespace: the completion starts with
-    `<think>`, contains one `<think>` and one `</think>`, the reasoning between them is not blank,
-    and the text after `</think>` carries a final answer that extract_answer finds (a \\boxed{},
-    an <answer>...</answer> tag, "The answer is X" or "#### X"). A prompt that already ends in
-    `<think>` therefore needs the tag added back to the completion before scoring.
+def prompt_opens_think(prompt: str) -> bool:
+    """Does the prompt itself open the reasoning block? DeepSeek-R1-Distill's chat template ends
+    every generation prompt with "<｜Assistant｜><think>\\n", so its completions never contain <think>."""
+    return prompt.rstrip().endswith("<think>")
+
+
+def format_reward(completion: str, prompt: str = "") -> float:
+    """1.0 when the completion has the R1 layout, else 0.0; the rule follows the prompt.
+
+    Prompt ending in `<think>` (R1-Distill's template, the open-rs preset): Open-RS's rule, the
+    completion contains "\\n</think>\\n" exactly once (knoveleng/open-rs src/open_r1/rewards.py:70-81).
+    Otherwise the full layout "<think> reasoning </think> answer": after stripping surrounding
+    whitespace the completion starts with `<think>`, contains one `<think>` and one `</think>`, the
+    reasoning between them is not blank, and the text after `</think>` carries a final answer that
+    extract_answer finds (a \\boxed{}, an <answer>...</answer> tag, "The answer is X" or "#### X").
     """
+    if prompt_opens_think(prompt):
+        return 1.0 if completion.count("\n</think>\n") == 1 else 0.0  # open-rs rewards.py:76
     text = completion.strip()
     if not text.startswith("<think>") or text.count("<think>") != 1 or text.count("</think>") != 1:
         return 0.0
@@ -1013,134 +50,169 @@ def format_reward(completion: str) -> float:
     return 1.0
 
 
-def cosine_reward(correct: bool, length: int, max_len: int, min_correct: float = 0.5,
-                  max_correct: float = 1.0, min_wrong: float = -1.0, max_wrong: float = -0.5) -> float:
-    """Cosine-scaled length reward of Open-RS / open-r1: short correct answers earn max_correct,
-    short wrong ones min_wrong; both move towards (min_correct, max_wrong) as length reaches
-    max_len (lengths in tokens, clamped at max_len)."""
-    if max_len <= 0:
-        raise ValueError(f"cosine_reward: max_len must be positive, got {max_len}")
+# ---- cosine-scaled accuracy (Open-RS, from open-r1) -------------------------------------------
+
+@dataclass(frozen=True)
+class CosineShape:
+    """How Open-RS's cosine reward maps (correct, length) to a reward; defaults are Open-RS's run.
+
+    The reward moves along half a cosine from its value at length 0 to its value at max_len.
+    Open-RS measures length in characters of the decoded completion and never clamps, so past
+    max_len the cosine turns back up (a 2 * max_len completion scores like an empty one).
+    `unit="tokens"` and `clamp=True` are this project's options, not Open-RS's.
+    """
+    max_len: int = 1000       # open-rs src/open_r1/grpo.py:92-95 cosine_max_len (Exp. 3 passed 3584: README.md:98)
+    unit: str = "chars"       # open-rs src/open_r1/rewards.py:321 gen_len = len(content)
+    clamp: bool = False       # open-rs src/open_r1/rewards.py:324 progress = gen_len / max_len, unclamped
+    correct: tuple = (1.0, 0.5)   # (at length 0, at max_len): grpo.py:88-91 max 1.0, grpo.py:84-87 min 0.5
+    wrong: tuple = (0.0, -0.5)    # grpo.py:76-79 cosine_min_value_wrong 0.0, grpo.py:80-83 max_value_wrong -0.5
+
+    def __post_init__(self):
+        if self.max_len <= 0:
+            raise ValueError(f"--cosine-max-len must be positive, got {self.max_len}")
+        if self.unit not in ("chars", "tokens"):
+            raise ValueError(f"--cosine-unit must be chars or tokens, got {self.unit!r}")
+        for name, pair in (("correct", self.correct), ("wrong", self.wrong)):
+            if len(pair) != 2 or not all(math.isfinite(v) for v in pair):
+                raise ValueError(f"--cosine-{name} needs two finite numbers START:END, got {pair}")
+
+    @classmethod
+    def from_flags(cls, max_len: int, unit: str, clamp: bool, correct: str, wrong: str) -> CosineShape:
+        """From the trainers' --cosine-* flags; a bad value raises ValueError naming the flag."""
+        def pair(flag: str, text: str) -> tuple:
+            try:
+                start, end = (float(v) for v in text.split(":"))
+            except ValueError:
+                raise ValueError(f"--cosine-{flag} wants START:END (reward at length 0 and at "
+                                 f"--cosine-max-len), got {text!r}") from None
+            return start, end
+        return cls(max_len, unit, clamp, pair("correct", correct), pair("wrong", wrong))
+
+
+def cosine_reward(correct: bool, length: int, shape: CosineShape = CosineShape()) -> float:
+    """start + (end - start) * (1 - cos(pi * length / max_len)) / 2, with (start, end) from
+    shape.correct or shape.wrong: Open-RS's formula (open-rs src/open_r1/rewards.py:323-335)."""
     if length < 0:
         raise ValueError(f"cosine_reward: length must be non-negative, got {length}")
-    low, high = (min_correct, max_correct) if correct else (max_wrong, min_wrong)
-    progress = min(length, max_len) / max_len
-    return low + 0.5 * (high - low) * (1.0 + math.cos(math.pi * progress))
+    start, end = shape.correct if correct else shape.wrong
+    progress = (min(length, shape.max_len) if shape.clamp else length) / shape.max_len
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * progress))
 
 
-def _limr_value(completion: str, truncated: bool, correct: bool) -> float:
-    if truncated or len(_BOX_COMMAND.findall(completion)) != 1:
-        return -1.0
-    return 1.0 if correct else -0.5
+# ---- LIMR's rule reward (GAIR-NLP/LIMR openrlhf/cli/serve_rm.py, RuleBasedRMProxy) -------------
+
+LIMR_MAX_BOXES = 5           # serve_rm.py:177: 5 or more "\boxed" score -1
+LIMR_MAX_GARBLED = 0.3       # serve_rm.py:147: more than 30% of characters outside the allowed set
+LIMR_REPEAT = (5, 5)         # serve_rm.py:135 (.{5,}?)\1{4,}: a 5+ character piece, 5+ times in a row
+# serve_rm.py:134: the allowed characters (ASCII letters, digits, whitespace, this punctuation, U+2200-22FF)
+_LIMR_ALLOWED_PUNCTUATION = frozenset(".,!?\"'(){}[]_-+=<>/@#$%^&*\\|:;~`")
+# serve_rm.py:133: a box whose braces nest at most three deep inside it (\{ and \} count as characters);
+# the last one that matches is graded, without its closing brace (serve_rm.py:153-157)
+_LIMR_BOX = re.compile(r"\\boxed\{((?:[^{}]|\\{|\\}|(?:\{(?:[^{}]|\\{|\\}|(?:\{(?:[^{}]|\\{|\\}|"
+                       r"(?:\{[^{}]*\}))*\}))*\}))*\})")
+
+
+def _limr_garbled(text: str) -> bool:
+    """More than LIMR_MAX_GARBLED of the characters outside LIMR's allowed set."""
+    allowed = sum(1 for ch in text if (ch.isascii() and ch.isalnum()) or ch.isspace()
+                  or ch in _LIMR_ALLOWED_PUNCTUATION or "\u2200" <= ch <= "\u22ff")
+    return bool(text) and (len(text) - allowed) / len(text) > LIMR_MAX_GARBLED
+
+
+def _limr_repeats(text: str) -> bool:
+    """Is there a piece u of at least 5 characters, no newline in it, written 5 times in a row?
+
+    The answer LIMR's regular expression gives (serve_rm.py:135), which takes seconds on one long
+    line (it retries every length at every start). Here: the text contains u^5 with |u| = L iff
+    some 4L consecutive positions k have text[k] == text[k + L] and no newline at k (a newline
+    anywhere in the run repeats in its first L characters). One vectorised pass per L.
+    """
+    min_piece, times = LIMR_REPEAT
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    line_ends = np.flatnonzero(codes == ord("\n"))
+    longest_line = np.diff(np.concatenate(([-1], line_ends, [len(codes)]))).max() - 1
+    not_newline = codes != ord("\n")
+    for piece in range(min_piece, longest_line // times + 1):
+        run = (times - 1) * piece
+        same = (codes[:-piece] == codes[piece:]) & not_newline[:-piece]
+        counts = np.concatenate(([0], np.cumsum(same)))
+        if (counts[run:] - counts[:-run] == run).any():
+            return True
+    return False
+
+
+def limr_answer(completion: str, truncated: bool) -> str | None:
+    """What LIMR grades: the content of the last box its pattern matches, or None when its rule
+    gives -1 before grading. Checked in LIMR's order on the stripped response (serve_rm.py:163-189):
+    cut off before EOS; no "\\boxed" or 5 or more; garbled; repeating; no box the pattern parses."""
+    if truncated:
+        return None
+    response = completion.strip()
+    if not 0 < response.count("\\boxed") < LIMR_MAX_BOXES:
+        return None
+    if _limr_garbled(response) or _limr_repeats(response):
+        return None
+    boxes = _LIMR_BOX.findall(response)
+    return boxes[-1][:-1] if boxes else None
 
 
 def limr_reward(completion: str, answer: str, truncated: bool) -> float:
-    """LIMR's rule reward: 1 correct; -0.5 wrong with one boxed answer; -1 with no boxed answer,
-    several boxed answers, or a completion cut off before its end of sequence."""
-    correct = is_equiv(extract_answer(completion), answer)
-    return _limr_value(completion, truncated, correct)
+    """LIMR's rule reward: -1 when limr_answer is None, else 1 right, -0.5 wrong (serve_rm.py:161).
 
-
-def _grade_one(completion: str, answer: str, timeout: float) -> bool:
-    return is_equiv(extract_answer(completion), answer, timeout=timeout)
-
-
-class Grader:
-    """Grades batches in worker processes, so a slow comparison never stalls the trainer.
-
-    Each worker bounds its own sympy time (section 5), so a completion whose grading times out
-    counts as not correct and the worker carries on. Two backstops: a batch that overruns a
-    generous deadline marks its unfinished items not correct, and items of a worker that died
-    are graded in this process instead; either way the pool is replaced. Workers are started by
-    forkserver, so a script that creates a Grader needs the `if __name__ == "__main__":` guard.
-    """
-
-    def __init__(self, num_workers: int = 2, timeout: float = DEFAULT_TIMEOUT):
-        if num_workers < 1:
-            raise ValueError(f"Grader: num_workers must be at least 1, got {num_workers}")
-        self.num_workers = num_workers
-        self.timeout = timeout
-        self._pool = self._new_pool()
-
-    def _new_pool(self) -> ProcessPoolExecutor:
-        # forkserver: workers neither inherit the trainer's threads (fork) nor re-import it (spawn)
-        return ProcessPoolExecutor(self.num_workers, mp_context=multiprocessing.get_context("forkserver"))
-
-    def correct(self, completions: list[str], answers: list[str]) -> list[bool]:
-        if len(completions) != len(answers):
-            raise ValueError(f"Grader.correct: {len(completions)} completions but {len(answers)} answers")
-        try:
-            futures = self._submit(completions, answers)
-        except BrokenProcessPool:  # a worker died between batches
-            self._replace_pool()
-            futures = self._submit(completions, answers)
-        rounds = math.ceil(len(futures) / self.num_workers) + 1
-        deadline = time.monotonic() + _HELPER_STARTUP_SECONDS + 2 * self.timeout * rounds
-        results, healthy = [], True
-        for future, completion, answer in zip(futures, completions, answers):
-            try:
-                results.append(bool(future.result(timeout=max(0.0, deadline - time.monotonic()))))
-            except FutureTimeoutError:
-                results.append(False)
-                healthy = False
-            except BrokenProcessPool:
-                results.append(_grade_one(completion, answer, self.timeout))
-                healthy = False
-        if not healthy:
-            _log.warning("Grader: a worker stalled or died; its pool is replaced")
-            self._replace_pool()
-        return results
-
-    def _submit(self, completions, answers):
-        return [self._pool.submit(_grade_one, c, a, self.timeout) for c, a in zip(completions, answers)]
-
-    def _replace_pool(self):
-        for process in list((self._pool._processes or {}).values()):  # no public API to stop a worker
-            process.kill()
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._pool = self._new_pool()
-
-    def close(self):
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def __enter__(self) -> Grader:
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
+    Known differences: the box is graded by grader.py, not math_verify; LIMR's 2-second limit on the
+    whole rule (serve_rm.py:128, -1 when it fires) is not reproduced: its quadratic repetition regex
+    is computed here in a fraction of that time, and a grading time-out counts as wrong (-0.5)."""
+    predicted = limr_answer(completion, truncated)
+    if predicted is None:
+        return -1.0
+    return 1.0 if is_equiv(extract_answer(f"\\boxed{{{predicted}}}"), answer) else -0.5
 
 
 REWARD_NAMES = ("accuracy", "format", "cosine", "limr")
 
 
+def _grade(texts: list[str], answers: list[str], grader: Grader | None) -> list[bool]:
+    if grader is not None:
+        return grader.correct(texts, answers)
+    return [is_equiv(extract_answer(t), a) for t, a in zip(texts, answers)]
+
+
 def compute_rewards(completions: list[str], answers: list[str], num_tokens: list[int],
-                    truncated: list[bool], max_len: int, weights: dict[str, float],
-                    grader: Grader | None = None) -> dict[str, list[float]]:
+                    truncated: list[bool], weights: dict[str, float], grader: Grader | None = None,
+                    prompts: list[str] | None = None,
+                    cosine: CosineShape = CosineShape()) -> dict[str, list[float]]:
     """One column per reward named in weights, plus "correct" (0/1) and "total" (weighted sum).
 
     Correctness is decided once per completion (in the grader's workers when one is given) and
-    shared by accuracy, cosine (Open-RS's cosine-scaled accuracy) and LIMR.
+    shared by accuracy and cosine. `prompts` (one per completion) choose the format rule. LIMR
+    grades the last box its own pattern matches; only where that differs from extract_answer's
+    answer is it graded a second time.
     """
     unknown = set(weights) - set(REWARD_NAMES)
     if unknown:
         raise ValueError(f"compute_rewards: unknown rewards {sorted(unknown)}; known: {REWARD_NAMES}")
     n = len(completions)
-    if not (len(answers) == len(num_tokens) == len(truncated) == n):
+    prompts = [""] * n if prompts is None else prompts
+    if not (len(answers) == len(num_tokens) == len(truncated) == len(prompts) == n):
         raise ValueError(f"compute_rewards: lengths differ: {n} completions, {len(answers)} answers, "
-                         f"{len(num_tokens)} num_tokens, {len(truncated)} truncated")
-    if grader is not None:
-        correct = grader.correct(completions, answers)
-    else:
-        correct = [is_equiv(extract_answer(c), a) for c, a in zip(completions, answers)]
+                         f"{len(num_tokens)} num_tokens, {len(truncated)} truncated, {len(prompts)} prompts")
+    correct = _grade(completions, answers, grader)
     columns = {"correct": [float(c) for c in correct]}
     for name in weights:
         if name == "accuracy":
             columns[name] = [float(c) for c in correct]
         elif name == "format":
-            columns[name] = [format_reward(c) for c in completions]
+            columns[name] = [format_reward(c, p) for c, p in zip(completions, prompts)]
         elif name == "cosine":
-            columns[name] = [cosine_reward(c, t, max_len) for c, t in zip(correct, num_tokens)]
+            lengths = [len(c) for c in completions] if cosine.unit == "chars" else num_tokens
+            columns[name] = [cosine_reward(ok, length, cosine) for ok, length in zip(correct, lengths)]
         elif name == "limr":
-            columns[name] = [_limr_value(c, t, ok) for c, t, ok in zip(completions, truncated, correct)]
+            boxed = [None if p is None else f"\\boxed{{{p}}}" for p in map(limr_answer, completions, truncated)]
+            again = [i for i, b in enumerate(boxed) if b is not None
+                     and extract_answer(b) != extract_answer(completions[i])]
+            regraded = dict(zip(again, _grade([boxed[i] for i in again], [answers[i] for i in again], grader)))
+            columns[name] = [-1.0 if b is None else 1.0 if regraded.get(i, correct[i]) else -0.5
+                             for i, b in enumerate(boxed)]
     columns["total"] = [sum(weights[name] * columns[name][i] for name in weights) for i in range(n)]
     return columns
 
@@ -1149,13 +221,16 @@ def parse_weights(spec: str) -> dict[str, float]:
     """"format:1,cosine:2" -> {"format": 1.0, "cosine": 2.0} (a bare name weighs 1)."""
     weights = {}
     for part in spec.split(","):
-        name, _, weight = part.partition(":")
-        if name.strip() not in REWARD_NAMES:
-            raise ValueError(f"unknown reward {name.strip()!r} in --rewards {spec!r}; "
+        name, _, weight = (text.strip() for text in part.partition(":"))
+        if name not in REWARD_NAMES:
+            raise ValueError(f"unknown reward {name!r} in --rewards {spec!r}; "
                              f"choose from {', '.join(REWARD_NAMES)}")
-        weights[name.strip()] = float(weight or 1.0)
+        if name in weights:  # "accuracy:1,accuracy:2" must not quietly mean accuracy:2
+            raise ValueError(f"reward {name!r} appears twice in --rewards {spec!r}")
+        try:
+            weights[name] = float(weight or 1.0)
+        except ValueError:
+            raise ValueError(f"weight {weight!r} of {name!r} in --rewards {spec!r} is not a number") from None
+        if not math.isfinite(weights[name]):  # a NaN weight makes every advantage NaN
+            raise ValueError(f"weight {weight!r} of {name!r} in --rewards {spec!r} is not finite")
     return weights
-
-
-if __name__ == "__main__" and sys.argv[1:] == [_HELPER_FLAG]:
-    _serve_sympy_requests()

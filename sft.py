@@ -14,7 +14,11 @@ import torch
 from tqdm import tqdm
 
 import data
+import memplan
 import training
+
+
+TEMPLATES = data.TEMPLATES  # inside Config, `data` is the --data field
 
 
 @dataclass
@@ -23,7 +27,7 @@ class Config:
                                                          "~1M-parameter Qwen2 model with a character tokenizer)"})
     data: str = field(default="linear", metadata={"help": "data spec for data.load_problems: a name (limo, "
                                                           "linear, ...), a local file, name=path, or a mixture a:N,b"})
-    template: str = field(default="auto", metadata={"help": "prompt template: auto, qwen-math, r1, plain", "choices": ["auto", "qwen-math", "r1", "plain"]})
+    template: str = field(default="auto", metadata={"help": "prompt template (data.format_prompt): " + ", ".join(TEMPLATES), "choices": TEMPLATES})
     output_dir: str = field(default="runs/sft", metadata={"help": "checkpoints, metrics.jsonl, final model"})
     max_steps: int = field(default=600, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=32, metadata={"help": "global batch (examples per optimizer step, all ranks)"})
@@ -33,24 +37,40 @@ class Config:
     warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of steps with linear warm-up"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to lr * this"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (beta1 is 0.9); the transformers Trainer (LLaMA-Factory, LIMO) uses 0.999"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: no clipping)"})
     bf16: bool = field(default=False, metadata={"help": "bf16 compute (GPU); master weights stay fp32"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    logprob_chunk_size: int = field(default=1024, metadata={"help": "tokens whose full-vocabulary logits exist at once in the loss (memory: chunk x vocab x ~14 bytes)"})
     save_steps: int = field(default=200, metadata={"help": "write output-dir/checkpoint-N every N steps"})
+    save_total_limit: int = field(default=0, metadata={"help": "keep the newest N complete checkpoints, delete older ones (0: keep all)"})
+    dist_timeout_minutes: float = field(default=30.0, metadata={"help": "minutes a rank waits for the others in a collective (a checkpoint being written, a long generation) before the run aborts"})
     log_steps: int = field(default=10, metadata={"help": "console line every N steps (metrics.jsonl: every step)"})
     seed: int = field(default=0, metadata={"help": "data order, initialisation"})
     report_to: str = field(default="none", metadata={"help": "none, wandb or tensorboard", "choices": ["none", "wandb", "tensorboard"]})
+    dry_run: bool = field(default=False, metadata={"help": "print the per-GPU memory plan (memplan.py) and exit: 0 if it fits, 1 if not"})
+    plan_gpus: int = field(default=0, metadata={"help": "GPUs the memory plan is for (0: this launch's ranks)"})
+    gpu_memory_gb: float = field(default=80.0, metadata={"help": "memory of one GPU for the memory plan, GiB"})
 
 
 PRESETS = {
     # The CPU run: a tiny model from scratch learns to solve linear systems in a few minutes.
     "tiny": dict(model="tiny", data="linear", template="plain", max_steps=1200, batch_size=32,
                  micro_batch_size=32, max_length=512, lr=3e-3, warmup_ratio=0.05, save_steps=200),
-    # LIMO's recipe (817 long solutions): lr 5e-6, cosine, no warm-up, batch 64, 15 epochs
-    # (15 * 817 / 64 = 192 steps), 16k context; on a 7B model in bf16 with recomputation.
+    # LIMO (Ye et al. 2025): GAIR-NLP/LIMO train/examples/train_limo.yaml ("yaml:N"), LLaMA-Factory full
+    # fine-tuning: lr 5e-6 (yaml:28), cosine to 0 (yaml:30), no warm-up (yaml:31), 15 epochs (yaml:29),
+    # 16,384-token cutoff (yaml:13), bf16 (yaml:32), the Qwen chat template (yaml:16) with the system prompt
+    # of README.md:95-98 (our qwen-math). Batch 64 is the paper's: the yaml has 1 per GPU and no
+    # accumulation (yaml:26-27), so there the batch is the GPU count. 192 steps of 64 = 15 epochs of examples
+    # (yaml:29); LLaMA-Factory's epochs of ceil(817 / 64) = 13 batches would make 195 steps.
+    # Model: OURS. LIMO tuned Qwen2.5-32B-Instruct (yaml:2) with DeepSpeed ZeRO-3 (yaml:8) on several nodes
+    # (README.md:198-206); Qwen2.5-7B-Instruct is the same family and chat template with a 32k context, at
+    # the 7B-on-8-GPUs scale this project is written for. LIMR's SFT-vs-RL comparison used LIMO's data on
+    # Qwen2.5-Math-7B (--model Qwen/Qwen2.5-Math-7B; its 4,096 positions are below LIMO's cutoff).
     "limo": dict(model="Qwen/Qwen2.5-7B-Instruct", data="limo", template="qwen-math", max_steps=192,
                  batch_size=64, micro_batch_size=1, max_length=16384, lr=5e-6, warmup_ratio=0.0,
-                 min_lr_ratio=0.0, bf16=True, gradient_checkpointing=True, save_steps=50),
+                 min_lr_ratio=0.0, bf16=True, gradient_checkpointing=True, save_steps=50,
+                 adam_beta2=0.999),  # LLaMA-Factory runs the transformers Trainer: its AdamW default (yaml sets none)
 }
 
 
@@ -80,8 +100,9 @@ def collate(examples, pad_id: int, device):
 
 def main(argv=None):
     cfg = training.parse_args(Config, PRESETS, argv, description=__doc__.split("\n\n")[0])
-    d = training.init_distributed()
+    d = training.init_distributed(cfg.dist_timeout_minutes)
     training.seed_everything(cfg.seed)
+    memplan.report("sft", cfg, d)  # the budget, before anything loads
 
     # ---- data first: a bad file fails here in seconds, before any model is loaded
     problems = data.load_problems(cfg.data, split="train", seed=cfg.seed)
@@ -92,30 +113,34 @@ def main(argv=None):
     if cfg.batch_size % d.world_size:
         raise SystemExit(f"error: --batch-size {cfg.batch_size} must divide evenly over {d.world_size} ranks")
 
-    # ---- model: the newest complete checkpoint, else the starting model
+    # ---- the tokenizer and the examples, then the model: the newest complete checkpoint, else the starting model
     checkpoint = training.latest_checkpoint(cfg.output_dir)
-    if checkpoint is not None:
-        model, tokenizer = training.load_model(str(checkpoint)), training.load_tokenizer(str(checkpoint))
-    elif cfg.model == "tiny":
-        model, tokenizer = training.build_tiny_model(seed=cfg.seed)
-    else:
-        training.check_model_path(cfg.model)
-        model, tokenizer = training.load_model(cfg.model), training.load_tokenizer(cfg.model)
-    examples, num_truncated = tokenize_examples(problems, tokenizer, cfg.template, cfg.max_length)
+    start = str(checkpoint) if checkpoint is not None else cfg.model
+    if start != "tiny":
+        training.check_model_path(start)
+    tokenizer = training.build_tiny_tokenizer() if start == "tiny" else training.load_tokenizer(start)
+    try:
+        examples, num_truncated = tokenize_examples(problems, tokenizer, cfg.template, cfg.max_length)
+    except ValueError as error:  # qwen-math on a tokenizer without a chat template
+        raise SystemExit(f"error: --template {cfg.template}: {error}") from None
+    if not any(label != -100 for _, labels in examples for label in labels[1:]):
+        raise SystemExit(f"error: --max-length {cfg.max_length} cuts off every response: nothing to learn")
+    model = training.build_tiny_model(seed=cfg.seed)[0] if start == "tiny" else training.load_model(start)
     if d.is_main:
         print(f"sft: {len(examples)} examples from {cfg.data!r} ({num_truncated} cut at {cfg.max_length} tokens), "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {d.world_size} rank(s)")
 
     model = training.shard_model(model, d, cfg.bf16, cfg.gradient_checkpointing)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, cfg.adam_beta2))
     scheduler = training.cosine_schedule(optimizer, cfg.max_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
     start_step = 0
     if checkpoint is not None:
         state = training.load_trainer_state(checkpoint)
-        start_step = training.restore_checkpoint(state, {"model": (model, optimizer)}, {"model": scheduler}, d)["step"]
-        training.truncate_jsonl_after(f"{cfg.output_dir}/metrics.jsonl", start_step, d)
+        start_step = training.restore_checkpoint(state, {"model": (model, optimizer)}, {"model": scheduler}, d,
+                                                 seed=cfg.seed)["step"]
         if d.is_main:
             print(f"sft: resumed from {checkpoint} at step {start_step}")
+    training.truncate_logs(cfg.output_dir, start_step, d)  # lines of steps that will be redone go
     logger = training.MetricsLogger(cfg.output_dir, cfg.report_to, asdict(cfg), d)
 
     # ---- the loop
@@ -135,19 +160,20 @@ def main(argv=None):
         loss_sum = torch.zeros((), device=d.device)
         for index, micro in enumerate(micro_batches):
             input_ids, labels = collate([examples[i] for i in micro], tokenizer.pad_token_id, d.device)
-            training.set_gradient_sync(model, index == len(micro_batches) - 1)
-            with training.autocast(d, cfg.bf16):
-                logits = model(input_ids=input_ids).logits
-            token_nll = torch.nn.functional.cross_entropy(           # -log p(x_t | x_<t) on response tokens
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
+            with training.autocast(d, cfg.bf16):  # -log p(x_t+1 | x_<=t) on response tokens, chunk by chunk
+                logp = training.token_logprobs(model, input_ids, (labels != -100).float(), temperature=1.0,
+                                               chunk_size=cfg.logprob_chunk_size)[0]
+            token_nll = -logp.sum()
             (token_nll / global_tokens * d.world_size).backward()
             loss_sum += token_nll.detach()
         grad_norm = training.clip_grad_norm(model, cfg.grad_clip)
+        training.stop_if_not_finite({"gradient norm": grad_norm}, step + 1)  # NaN guard: before the step
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         loss = training.all_reduce_sum(loss_sum.double(), d).item() / global_tokens
+        training.stop_if_not_finite({"loss": loss}, step + 1)
         seconds = time.time() - started
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
                    "tokens_per_s": global_tokens / seconds, "step_s": seconds, "epoch": (step + 1) * cfg.batch_size / len(examples)}
@@ -156,7 +182,8 @@ def main(argv=None):
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.2e}")
         if (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
             training.save_checkpoint(cfg.output_dir, step + 1, model, tokenizer, {"model": (model, optimizer)},
-                                     {"model": scheduler}, {"step": step + 1}, d)
+                                     {"model": scheduler}, {"step": step + 1}, d,
+                                     save_total_limit=cfg.save_total_limit)
 
     training.finish(cfg.output_dir, model, tokenizer, d)
     if d.is_main:

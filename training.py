@@ -6,8 +6,10 @@ sharding, a loss normalised over the global token count, a learning-rate schedul
 checkpoints that are written atomically and resume exactly.
 """
 import argparse
+import contextlib
 import dataclasses
 import glob
+import io
 import json
 import math
 import os
@@ -15,25 +17,32 @@ import random
 import shutil
 import sys
 import time
+import types
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 
 # ----------------------------------------------------------------------------------------------
 # Flags: a dataclass of defaults, named presets on top, explicit flags on top of those.
 
 
 def parse_args(config_class, presets: dict, argv=None, description: str = ""):
-    """Build argparse from a dataclass whose fields carry `metadata={"help": ...}`.
+    """Build argparse from a dataclass whose fields carry `metadata={"help": ...}`; check the values.
 
-    Precedence: dataclass default < preset < flag given on the command line.
+    Precedence: dataclass default < preset < flag given on the command line. The preset is read by
+    a first parse and becomes the parser's defaults, so argparse alone decides what was given.
+    Abbreviations are off: `--max-st 3` is an error, never a flag silently taken for another.
     """
     preset_help = "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in values.items())
                             for name, values in presets.items())
-    parser = argparse.ArgumentParser(description=description,
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # one line, like every other bad input (argparse would print the whole usage above it)
+    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n")
     parser.add_argument("--preset", choices=sorted(presets), default=None,
                         help=f"a named bundle of flag values (flags given explicitly win). {preset_help}")
     for field in dataclasses.fields(config_class):
@@ -47,19 +56,67 @@ def parse_args(config_class, presets: dict, argv=None, description: str = ""):
             kind = kind if kind in (int, float, str) else str
             parser.add_argument(flag, type=kind, default=field.default, help=help_text,
                                 choices=field.metadata.get("choices"))
+    # The first parse reads --preset alone; any error in the arguments is left to the full parse.
+    preset_reader = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    preset_reader.add_argument("--preset")
+    try:
+        parser.set_defaults(**presets.get(preset_reader.parse_known_args(argv)[0].preset, {}))
+    except argparse.ArgumentError:  # `--preset` without a value: the full parse says so
+        pass
     namespace = parser.parse_args(argv)
-    values = {f.name: f.default for f in dataclasses.fields(config_class)}
-    if namespace.preset:
-        values.update(presets[namespace.preset])
-    given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])
-             if a.startswith("--")}
-    given |= {g[3:] for g in given if g.startswith("no_")}
-    for name in values:
-        if name in given:
-            values[name] = getattr(namespace, name)
-    config = config_class(**values)
+    config = config_class(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(config_class)})
     config.preset = namespace.preset
+    check_flags(config)
     return config
+
+
+# Bounds of the trainers' flags, by field name (a trainer checks the ones it has):
+# (lowest, highest, whether the lowest value itself is allowed).
+_COUNTS = ("max_steps", "prompts_per_step", "num_generations", "micro_batch_size", "batch_size", "train_batch_size",
+           "ppo_epochs", "num_iterations", "max_prompt_length", "max_completion_length", "max_length",
+           "save_steps", "log_steps", "grader_workers", "logprob_chunk_size", "cosine_max_len")
+FLAG_BOUNDS = {
+    **{name: (1, math.inf, True) for name in _COUNTS},
+    "temperature": (0, math.inf, False),  # the log-probs divide the logits by it: 0 would train on NaN
+    "top_p": (0, 1, False),
+    "vllm_gpu_memory_utilization": (0, 1, False),
+    **{name: (0, math.inf, False) for name in ("dist_timeout_minutes", "gpu_memory_gb")},
+    "vllm_max_num_batched_tokens": (1, math.inf, True),
+    "vllm_cpu_kv_cache_gb": (0, math.inf, False),
+    **{name: (0, 1, True) for name in ("warmup_ratio", "min_lr_ratio", "adam_beta2", "gamma", "lam", "epsilon_low", "clip_eps")},
+    **{name: (0, math.inf, True) for name in ("lr", "actor_lr", "critic_lr", "weight_decay", "grad_clip", "beta",
+                                               "kl_coef", "tis_cap", "epsilon_high", "value_clip",
+                                               "critic_warmup_steps", "log_completions_steps", "save_total_limit",
+                                               "plan_gpus")},
+    "seed": (0, 2 ** 32 - 1, True),  # numpy's seed range
+}
+
+
+def check_flags(config):
+    """Every value in range, every float finite, the output folder usable: checked before anything
+    loads, so a bad flag is one line naming it, never a traceback minutes later or NaN weights."""
+    for field in dataclasses.fields(config):
+        value, flag = getattr(config, field.name), "--" + field.name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SystemExit(f"error: {flag} must be a finite number, not {value}")
+        if field.name in FLAG_BOUNDS and not isinstance(value, bool):
+            low, high, low_allowed = FLAG_BOUNDS[field.name]
+            if not (low <= value <= high) or (value == low and not low_allowed):
+                bound = f"in {'[' if low_allowed else '('}{low}, {high}]" if high < math.inf else \
+                    f"{'>=' if low_allowed else '>'} {low}"
+                raise SystemExit(f"error: {flag} must be {bound}, not {value}")
+    output_dir = getattr(config, "output_dir", None)
+    if output_dir:
+        existing = Path(output_dir).expanduser().absolute()
+        while not existing.exists():  # the folder is made later; its nearest existing ancestor must allow it
+            existing = existing.parent
+        if not existing.is_dir():
+            raise SystemExit(f"error: --output-dir {output_dir!r}: {existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK):
+            raise SystemExit(f"error: --output-dir {output_dir!r}: {existing} is not writable")
+    if getattr(config, "engine", None) == "vllm" and str(getattr(config, "model", "")).endswith(".gguf"):
+        raise SystemExit(f"error: --model {config.model!r} is a GGUF file; --engine vllm loads a save_pretrained "
+                         f"folder or hub id, so use --engine hf")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,7 +139,13 @@ class Dist:
         return self.world_size > 1
 
 
-def init_distributed() -> Dist:
+def init_distributed(timeout_minutes: float = 30.0) -> Dist:
+    """timeout_minutes: how long a collective waits for the slowest rank before the run is aborted
+    (NCCL's default is 10: too short for a rank still writing a large checkpoint or generating)."""
+    from datetime import timedelta
+
+    if not timeout_minutes > 0:
+        raise SystemExit(f"error: --dist-timeout-minutes must be > 0, not {timeout_minutes}")
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)
@@ -93,7 +156,8 @@ def init_distributed() -> Dist:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=timedelta(minutes=timeout_minutes))
         return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
     return Dist(0, 1, local_rank, device)
 
@@ -138,6 +202,19 @@ def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def seed_per_rank(seed: int, d: Dist):
+    """Give each rank its own random stream; call it after the models are built.
+
+    Models must be initialised identically on every rank (a new critic value head, the tiny model),
+    so every rank first seeds with `seed`. Sampling must not be identical: with one stream on every
+    rank, rank r's k-th draw equals rank 0's, and the completions of different ranks are correlated,
+    which every estimator here assumes they are not. Rank 0 keeps the stream it has (a one-process run
+    samples as it always did); rank r > 0 reseeds from (seed, r), hashed so no two (seed, rank) pairs
+    share a stream. The checkpoint saves each rank's RNG state, so a resumed run continues each stream."""
+    if d.rank > 0:
+        seed_everything(int(np.random.SeedSequence([seed, d.rank]).generate_state(1)[0]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,12 +306,38 @@ def _split_gguf(name_or_path: str):
     return name_or_path, None
 
 
-def check_model_path(name_or_path: str):
-    """Fail in a second, not after minutes, when a local model path does not exist."""
+def check_model_path(name_or_path: str, flag: str = "--model"):
+    """Fail in a second, naming the flag, when a model cannot load: a missing path, a folder that is
+    not a model, a hub id that is neither in the local cache nor on a reachable hub. Never minutes of
+    download retries: with HF_HUB_OFFLINE set the hub is not asked, otherwise asked once, briefly."""
     path = os.path.expanduser(name_or_path)
-    looks_like_hub_id = len(path.split("/")) == 2 and not path.startswith((".", "/"))
-    if not os.path.exists(path) and not looks_like_hub_id:
-        raise SystemExit(f"error: model {name_or_path!r} is neither a local path nor a hub id (org/name)")
+    if path.endswith(".gguf") or os.path.exists(path):
+        if path.endswith(".gguf") and not os.path.isfile(path):
+            raise SystemExit(f"error: {flag} {name_or_path!r}: no such GGUF file")
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+            raise SystemExit(f"error: {flag} {name_or_path!r} is a folder without config.json, not a saved model")
+        if os.path.isfile(path) and not path.endswith(".gguf"):
+            raise SystemExit(f"error: {flag} {name_or_path!r} is a file; expected a model folder, .gguf file or hub id")
+        return
+    if len(path.split("/")) != 2 or path.startswith((".", "/")):
+        raise SystemExit(f"error: {flag} {name_or_path!r} is neither a local path nor a hub id (org/name)")
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(path, "config.json"), str):
+        return
+    missing = f"error: {flag} {name_or_path!r}: no such local folder, and not in the Hugging Face cache"
+    if constants.HF_HUB_OFFLINE:
+        raise SystemExit(f"{missing} (HF_HUB_OFFLINE is set: nothing is downloaded); pass a local model folder")
+    try:
+        HfApi().model_info(path, timeout=10)
+    except GatedRepoError:
+        pass  # it exists; the download says whether this login may read it
+    except RepositoryNotFoundError:
+        raise SystemExit(f"{missing} or on the hub") from None
+    except Exception as error:  # no network, DNS, timeout: say so now rather than after the loader's retries
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise SystemExit(f"{missing}, and the hub cannot be reached ({reason})") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,6 +359,17 @@ def shard_model(model, d: Dist, bf16: bool, gradient_checkpointing: bool):
     for layer in model.model.layers:
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
+    # Gradient accumulation keeps FSDP2's default: each micro-batch's backward reduce-scatters its
+    # gradients, so a rank only ever holds its shard of them (fp32, 4 bytes x parameters / ranks).
+    # Skipping the sync until the last micro-batch (set_requires_gradient_sync(False)) would hold every
+    # gradient unsharded in fp32 meanwhile: 28 GiB per rank for a 7B model.
+    #
+    # token_logprobs runs the decoder and lm_head itself rather than model.forward; registering it
+    # makes FSDP gather the root's parameters (embeddings, final norm, lm_head) around it as around forward.
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    model.logprobs_forward = types.MethodType(_logprobs_forward, model)
+    register_fsdp_forward_method(model, "logprobs_forward")
     return model
 
 
@@ -265,15 +379,20 @@ def autocast(d: Dist, bf16: bool):
     return torch.autocast(device_type=d.device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def set_gradient_sync(model, sync: bool):
-    """Skip the reduce-scatter on all but the last micro-batch of a gradient-accumulation step."""
-    if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(sync)
-
-
 def clip_grad_norm(model, max_norm: float) -> float:
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def stop_if_not_finite(values: dict, optimizer_step: int):
+    """The NaN guard: a non-finite loss or gradient norm stops the run with one line, before the
+    optimizer applies it and before anything more is saved, so no checkpoint or final model ever
+    holds NaN or inf weights. Pass only values that are the same on every rank (gradient norms, all-
+    reduced losses): then every rank stops at the same point and none waits in a collective."""
+    bad = ", ".join(f"{name} is {value}" for name, value in values.items() if not math.isfinite(value))
+    if bad:
+        raise SystemExit(f"error: {bad} at optimizer step {optimizer_step}: stopped before applying it, nothing "
+                         f"more saved (checkpoints already written hold finite weights); is the learning rate too high?")
 
 
 def cosine_schedule(optimizer, max_steps: int, warmup_ratio: float, min_lr_ratio: float):
@@ -316,27 +435,80 @@ def pack_logprobs(logprobs: list[list[float]], prompt_lengths: list[int], width:
     return out
 
 
-def token_logprobs(model, input_ids, completion_mask, temperature: float, with_entropy=False):
-    """log pi(o_t | q, o_<t) of each completion token at the sampling temperature (and entropy),
-    on rows packed by pack()."""
-    logits = model(input_ids=input_ids).logits[:, :-1].float() / temperature
-    targets = input_ids[:, 1:]
+LOGPROB_CHUNK_SIZE = 1024  # the default of every trainer's --logprob-chunk-size
+
+
+def token_logprobs(model, input_ids, completion_mask, temperature: float, with_entropy=False,
+                   chunk_size: int = LOGPROB_CHUNK_SIZE, entropy_grad=False):
+    """log pi(o_t | q, o_<t) of each completion token at the sampling temperature, on rows packed by
+    pack(): logp[:, t] is the log-prob of token t + 1 given tokens 0..t, zero outside completion_mask.
+
+    The full-vocabulary logits of a whole micro-batch are never built: 4 x 3584 positions x 152k
+    vocabulary is 8 GiB in fp32, and logsumexp, softmax and backward multiply that. The model runs to
+    its last hidden states, then lm_head and the log-softmax run on `chunk_size` tokens at a time;
+    in backward each chunk's logits are recomputed (torch.utils.checkpoint), so one chunk's logits
+    exist at a time, forward or backward. The result equals the unchunked computation. (It takes the
+    logits to be lm_head(last hidden state), as Qwen2 and Llama compute them; a model that scales or
+    caps its logits, like Gemma 2, would need that step here too.)
+
+    with_entropy also returns each position's entropy of pi(. | q, o_<t), a no-grad diagnostic unless
+    entropy_grad (an entropy bonus needs its gradient)."""
+    forward = getattr(model, "logprobs_forward", None) or types.MethodType(_logprobs_forward, model)
+    logp, entropy = forward(input_ids, temperature, chunk_size, with_entropy, entropy_grad)
+    shape = (input_ids.shape[0], input_ids.shape[1] - 1)
+    return logp.view(shape) * completion_mask[:, 1:], entropy.view(shape) if with_entropy else None
+
+
+def _logprobs_forward(model, input_ids, temperature: float, chunk_size: int, with_entropy: bool,
+                      entropy_grad: bool):
+    """token_logprobs' model pass, flat over rows x positions; shard_model registers it with FSDP as a
+    forward method. (It returns whole tensors, not views: FSDP's backward hooks on a view can be lost.)"""
+    hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+    # Position t predicts token t + 1: the last position predicts nothing, the first token is not predicted.
+    rows, width = input_ids.shape[0], input_ids.shape[1] - 1
+    hidden, targets = hidden[:, :-1].reshape(rows * width, -1), input_ids[:, 1:].reshape(-1)
+    lm_head = model.get_output_embeddings()
+    # A lone chunk is kept for backward like any last layer's output: one chunk, within the bound already.
+    recompute = torch.is_grad_enabled() and len(targets) > chunk_size
+    logps, entropies = [], []
+    for start in range(0, len(targets), chunk_size):
+        args = (lm_head, hidden[start:start + chunk_size], targets[start:start + chunk_size], temperature,
+                with_entropy, entropy_grad)
+        logp, entropy = (torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+                         if recompute else _chunk_logprobs(*args))
+        logps.append(logp)
+        entropies.append(entropy)
+    return torch.cat(logps), torch.cat(entropies) if with_entropy else None
+
+
+def _chunk_logprobs(lm_head, hidden, targets, temperature: float, with_entropy: bool, entropy_grad: bool):
+    """log-softmax of one chunk's logits at the target tokens, in fp32 (bf16 log-probs would round
+    the ratio pi / pi_old by ~1%). Dividing by the temperature gives the distribution the engine sampled."""
+    logits = lm_head(hidden).float()
+    if temperature != 1.0:
+        logits = logits / temperature
     logsumexp = torch.logsumexp(logits, dim=-1)
-    logp = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - logsumexp
+    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - logsumexp
     entropy = None
     if with_entropy:
-        with torch.no_grad():
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             entropy = logsumexp - (torch.softmax(logits, -1) * logits).sum(-1)
-    return logp * completion_mask[:, 1:], entropy
+    return logp, entropy
 
 
 def prepare_prompts(problems, tokenizer, template: str, max_prompt_length: int, d: Dist, who: str):
     """Format and tokenize every prompt once; prompts over the length budget are left out, and said so."""
     import data
 
-    prompts = [data.format_prompt(p["prompt"], tokenizer, template) for p in problems]
+    try:
+        prompts = [data.format_prompt(p["prompt"], tokenizer, template) for p in problems]
+    except ValueError as error:  # qwen-math on a tokenizer without a chat template
+        raise SystemExit(f"error: --template {template}: {error}") from None
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     keep = [i for i, ids in enumerate(prompt_ids) if len(ids) <= max_prompt_length]
+    if not keep:
+        raise SystemExit(f"error: all {len(problems)} prompts are longer than --max-prompt-length "
+                         f"{max_prompt_length} tokens (the shortest has {min(map(len, prompt_ids), default=0)})")
     if d.is_main and len(keep) < len(problems):
         print(f"{who}: left out {len(problems) - len(keep)} of {len(problems)} prompts longer than "
               f"{max_prompt_length} tokens")
@@ -376,14 +548,25 @@ def log_rollouts(step: int, completions, owners, scores: dict, problems, prompts
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints. `D/checkpoint-N/` is a save_pretrained folder (transformers and vLLM load it as it
-# is) plus `trainer_state.pt` (optimizer, scheduler, step, data position, each rank's RNG). It is
-# written under a temporary name and renamed when complete, so a crash mid-write never leaves a
-# folder that looks finished.
+# Checkpoints. `D/checkpoint-N/` holds
+#   - the model as a save_pretrained folder (config, safetensors weights, tokenizer): transformers and
+#     vLLM load it as it is. PPO's critic is a second such folder, `critic/`;
+#   - `optimizer/`: the Adam states in torch.distributed.checkpoint's sharded format: each rank writes
+#     and reads only its own shard, and a checkpoint of N ranks loads on any number (DCP reshards);
+#   - `trainer_state.pt` (a few kB): step, schedulers, each rank's random state, the world size;
+#   - `complete.json`, written last: every file of the checkpoint with its size.
+# It is written as `.partial-checkpoint-N` and renamed when complete. A checkpoint is used only when
+# its marker is there and every file it lists is whole; the newest such one is resumed from.
+
+COMPLETE_MARKER = "complete.json"
+# Rank 0 holds one weights file at a time while writing: 5 GB (transformers 4's default shard size)
+# bounds its host memory whatever the model's size (a 7B model in fp32 is 7 files).
+MAX_SHARD_BYTES = 5 * 2**30
 
 
 def full_model_state(model, d: Dist) -> dict:
-    """The whole state dict in fp32 on CPU, gathered on rank 0 (other ranks get an empty dict)."""
+    """The whole state dict in fp32 on CPU, gathered on rank 0 (other ranks get an empty dict).
+    For tests and small models only: checkpoints stream the weights instead (save_pretrained)."""
     if not d.enabled:
         return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -391,14 +574,108 @@ def full_model_state(model, d: Dist) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_pretrained(model, tokenizer, path, d: Dist, state=None):
-    state = full_model_state(model, d) if state is None else state
+class CheckpointWriteError(Exception):
+    """A file of a checkpoint or model folder could not be written (e.g. the disk is full)."""
+
+
+def _write_errors() -> tuple:
+    from safetensors import SafetensorError  # what safetensors raises for a full disk, not OSError
+
+    return OSError, SafetensorError
+
+
+def _agree_all_wrote(error, d: Dist, what):
+    """Every rank learns whether any rank failed to write (rank 0 writes alone; the others must not
+    carry on into the next collective as if it had worked, nor wait for it until the timeout)."""
+    failed = all_reduce_sum(float(error is not None), d).item() > 0
+    if failed:
+        raise CheckpointWriteError(f"could not write {what}: {_why(error, what)}")
+
+
+def _why(error, path) -> str:
+    """The error's own words, and the free space left: torch's writer words a full disk as
+    "unexpected pos 704 vs 598"."""
+    if error is None:
+        return "another rank's write failed"
+    words = error.strerror if isinstance(error, OSError) and error.strerror else str(error).strip()
+    folder = Path(path)
+    while not folder.exists():
+        folder = folder.parent
+    return f"{words} ({shutil.disk_usage(folder).free / 2**20:.1f} MiB free on its disk)"
+
+
+def _saved_tensor_names(model, state: dict) -> list[str]:
+    """state_dict's names, each tensor once: a tied weight (lm_head.weight when it is the embedding)
+    is saved under its first name only, as save_pretrained does; from_pretrained ties it again."""
+    first_name = {}
+    repeats = set()
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if first_name.setdefault(id(parameter), name) != name:
+            repeats.add(name)
+    return [name for name in state if name not in repeats]
+
+
+def _unwrapped_class_name(model) -> str:
+    """Qwen2ForCausalLM, not FSDP2's dynamic subclass FSDPQwen2ForCausalLM (config.architectures)."""
+    return next(c for c in type(model).__mro__ if not c.__name__.startswith("FSDP")).__name__
+
+
+def save_pretrained(model, tokenizer, path, d: Dist, max_shard_bytes: int = MAX_SHARD_BYTES):
+    """model.save_pretrained's folder, written one tensor at a time.
+
+    Each tensor is gathered in full (under FSDP2 every rank holds 1/world_size of it) and only rank 0
+    keeps it, until its weights file is written: rank 0 never holds more than one file's worth
+    (max_shard_bytes), the other ranks one tensor. Several files come with the usual
+    model.safetensors.index.json. Raises CheckpointWriteError on every rank if a write fails."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    state = model.state_dict()  # under FSDP2: each rank's shards (DTensors); nothing is gathered here
+    names = _saved_tensor_names(model, state)
+    files, size = [[]], 0       # plan the files from the global shapes, the same on every rank
+    for name in names:
+        nbytes = state[name].numel() * state[name].element_size()
+        if files[-1] and size + nbytes > max_shard_bytes:
+            files.append([])
+            size = 0
+        files[-1].append(name)
+        size += nbytes
+    file_names = ["model.safetensors"] if len(files) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+    error = None
     if d.is_main:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(path, state_dict=state)
-        tokenizer.save_pretrained(path)
-    barrier(d)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except _write_errors() as e:
+            error = e
+    for file_name, file_tensors in zip(file_names, files):
+        tensors = {}
+        for name in file_tensors:
+            tensor = state[name].detach()
+            tensor = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # a collective
+            if d.is_main:
+                tensors[name] = tensor.to("cpu").contiguous()
+        if d.is_main and error is None:
+            try:
+                save_file(tensors, path / file_name, metadata={"format": "pt"})
+            except _write_errors() as e:
+                error = e
+        del tensors
+    if d.is_main and error is None:
+        try:
+            if len(files) > 1:
+                total = sum(state[n].numel() * state[n].element_size() for n in names)
+                index = {"metadata": {"total_size": total},
+                         "weight_map": {n: f for f, ns in zip(file_names, files) for n in ns}}
+                (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            model.config.architectures = [_unwrapped_class_name(model)]
+            model.config.save_pretrained(path)
+            if model.can_generate():
+                model.generation_config.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+        except _write_errors() as e:
+            error = e
+    _agree_all_wrote(error, d, path)
 
 
 def rng_state() -> dict:
@@ -417,73 +694,199 @@ def set_rng_state(state: dict):
 
 
 def save_checkpoint(output_dir, step: int, model, tokenizer, optimizers: dict, schedulers: dict,
-                    trainer_state: dict, d: Dist, extra_models: dict | None = None):
-    """Everything needed to continue as if never stopped. `optimizers`/`schedulers` are by name."""
+                    trainer_state: dict, d: Dist, extra_models: dict | None = None, save_total_limit: int = 0):
+    """Everything needed to continue as if never stopped. `optimizers` = {name: (model, optimizer)},
+    `schedulers` = {name: scheduler}, `extra_models` = {folder name: model} (PPO's critic).
+    Keeps the newest `save_total_limit` complete checkpoints (0: all). A failed write (a full disk)
+    removes the half-written folder and stops the run with one line; the previous checkpoint stays."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
     output_dir = Path(output_dir)
     final, partial = output_dir / f"checkpoint-{step}", output_dir / f".partial-checkpoint-{step}"
-    if d.is_main:
-        shutil.rmtree(partial, ignore_errors=True)
-    barrier(d)
-    save_pretrained(model, tokenizer, partial, d)
-    for name, extra in (extra_models or {}).items():  # e.g. PPO's critic
-        extra_state = full_model_state(extra, d)
+    try:
+        error = None
         if d.is_main:
-            torch.save(extra_state, partial / f"{name}.pt")
-    optimizer_states = {name: _full_optimizer_state(model_of, opt, d)
-                        for name, (model_of, opt) in optimizers.items()}
-    rng_states = all_gather_objects(rng_state(), d)
-    if d.is_main:
-        torch.save({"step": step, "optimizers": optimizer_states,
-                    "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
-                    "trainer": trainer_state, "rng": rng_states, "world_size": d.world_size},
-                   partial / "trainer_state.pt")
-        os.replace(partial, final)  # atomic: the folder appears complete or not at all
+            try:
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir(parents=True)
+            except _write_errors() as e:
+                error = e
+        _agree_all_wrote(error, d, partial)
+        save_pretrained(model, tokenizer, partial, d)
+        for name, extra in (extra_models or {}).items():
+            save_pretrained(extra, tokenizer, partial / name, d)
+        # An optimizer that has not stepped yet (PPO's actor during the critic's warm-up) has no state,
+        # and DCP would create one by stepping it with zero gradients: it is left out, and stays fresh.
+        stepped = {name: get_optimizer_state_dict(m, opt) for name, (m, opt) in optimizers.items() if opt.state}
+        try:
+            with _quiet_without_process_group():
+                dcp.save(stepped, checkpoint_id=partial / "optimizer")  # each rank writes its own shard
+        except CheckpointException as e:  # raised on every rank when any rank failed
+            failure = next(iter(e.failures.values()))[0] if e.failures else e
+            raise CheckpointWriteError(f"could not write {partial / 'optimizer'}: {_why(failure, partial)}") \
+                from None
+        rng_states = all_gather_objects(rng_state(), d)
+        if d.is_main:
+            try:
+                small_state = io.BytesIO()  # written by Python, so a full disk is an OSError that says so
+                torch.save({"step": step, "world_size": d.world_size, "trainer": trainer_state,
+                            "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
+                            "optimizers": sorted(stepped), "rng": rng_states}, small_state)
+                (partial / "trainer_state.pt").write_bytes(small_state.getvalue())
+                _write_marker(partial, step, d.world_size, ["", *[f"{name}/" for name in extra_models or {}]])
+                if final.exists():  # a damaged checkpoint of this step, skipped when this run resumed
+                    shutil.rmtree(final)
+                os.replace(partial, final)  # atomic: the folder appears complete or not at all
+            except _write_errors() as e:
+                error = e
+        _agree_all_wrote(error, d, final)
+    except CheckpointWriteError as failure:
+        if d.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+        previous = latest_checkpoint(output_dir, warn=False)
+        kept = f"{previous} is intact" if previous else "there is no earlier checkpoint"
+        _stop(f"error: {failure}; the run stops here and {kept}: rerun the same command to resume from it", d)
+    if d.is_main and save_total_limit > 0:
+        for old in complete_checkpoints(output_dir)[:-save_total_limit]:
+            (old / COMPLETE_MARKER).unlink()  # first: a deletion cut short leaves no folder that looks complete
+            shutil.rmtree(old)
     barrier(d)
 
 
-def _full_optimizer_state(model, optimizer, d: Dist):
+def _stop(message: str, d: Dist):
+    """Exit every rank with `message` said once. Under torchrun the first rank to exit gets the others
+    killed: rank 0 says it, and has cleaned up, before any rank leaves."""
     if not d.enabled:
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        raise SystemExit(message)
+    if d.is_main:
+        print(message, file=sys.stderr, flush=True)
+    barrier(d)
+    raise SystemExit(1)
 
-    return get_optimizer_state_dict(model, optimizer,
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+@contextlib.contextmanager
+def _quiet_without_process_group():
+    """DCP warns at every save and load in one process that it assumes one process: it is right."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable")
+        yield
 
 
-def latest_checkpoint(output_dir) -> Path | None:
-    """The newest complete checkpoint; partial ones (temporary names) are never considered."""
-    candidates = [Path(p) for p in glob.glob(os.path.join(output_dir, "checkpoint-*"))
-                  if (Path(p) / "trainer_state.pt").exists()]
-    return max(candidates, key=lambda p: int(p.name.split("-")[-1]), default=None)
+def _write_marker(folder: Path, step: int, world_size: int, model_folders: list[str]):
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    marker = folder / f".{COMPLETE_MARKER}.tmp"
+    with open(marker, "w") as f:
+        json.dump({"step": step, "world_size": world_size, "models": model_folders, "files": files}, f,
+                  indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(marker, folder / COMPLETE_MARKER)
+
+
+def checkpoint_problem(folder) -> str | None:
+    """Why a checkpoint folder cannot be resumed from, or None when it is complete: its marker is
+    there, every file it lists has the size it was written with, and nothing it needs is missing
+    (config, weights and tokenizer of each model, trainer state, optimizer shards' index)."""
+    folder = Path(folder)
+    try:
+        marker = json.loads((folder / COMPLETE_MARKER).read_text())
+        files, model_folders = dict(marker["files"]), list(marker["models"])
+    except FileNotFoundError:
+        return f"{COMPLETE_MARKER} is missing (written last: the checkpoint was never finished)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{COMPLETE_MARKER} is unreadable"
+    needed = ["trainer_state.pt", "tokenizer_config.json"]
+    if any(name.startswith("optimizer/") for name in files):
+        needed.append("optimizer/.metadata")
+    for prefix in model_folders:
+        weights = "model.safetensors" if f"{prefix}model.safetensors" in files else "model.safetensors.index.json"
+        needed += [f"{prefix}config.json", prefix + weights]
+    for name in needed:
+        if name not in files:
+            return f"{name} is missing"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, not the {size} it was written with"
+    return None
+
+
+def _checkpoint_folders(output_dir) -> list[Path]:
+    """checkpoint-N folders, oldest first (temporary .partial-checkpoint-N folders are not among them)."""
+    folders = [Path(p) for p in glob.glob(os.path.join(output_dir, "checkpoint-*"))
+               if Path(p).name.split("-", 1)[1].isdigit() and Path(p).is_dir()]
+    return sorted(folders, key=lambda p: int(p.name.split("-", 1)[1]))
+
+
+def complete_checkpoints(output_dir) -> list[Path]:
+    return [p for p in _checkpoint_folders(output_dir) if checkpoint_problem(p) is None]
+
+
+def latest_checkpoint(output_dir, warn: bool = True) -> Path | None:
+    """The newest complete checkpoint. A newer one that is damaged or unfinished is skipped with a
+    warning saying what is wrong with it; no file of it is read."""
+    for folder in reversed(_checkpoint_folders(output_dir)):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        if warn and int(os.environ.get("RANK", 0)) == 0:
+            print(f"warning: skipping {folder}: {problem}", file=sys.stderr)
+    return None
 
 
 def load_trainer_state(checkpoint: Path) -> dict:
-    return torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    """The small part of the trainer state (step, schedulers, RNG); the optimizer state stays on disk
+    until restore_checkpoint reads this rank's shard of it."""
+    state = torch.load(Path(checkpoint) / "trainer_state.pt", weights_only=False)
+    return state | {"checkpoint": Path(checkpoint)}
 
 
-def restore_checkpoint(state: dict, optimizers: dict, schedulers: dict, d: Dist):
-    """Optimizer, scheduler and RNG state; model weights come from loading the checkpoint folder."""
-    if state["world_size"] != d.world_size:
-        raise SystemExit(f"error: checkpoint was written by {state['world_size']} ranks, "
-                         f"this run has {d.world_size}; exact resume needs the same number")
-    for name, (model, optimizer) in optimizers.items():
-        saved = state["optimizers"][name]
-        if d.enabled:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+def restore_checkpoint(state: dict, optimizers: dict, schedulers: dict, d: Dist, seed: int = 0):
+    """Optimizer, scheduler and RNG state; model weights come from loading the checkpoint folder.
 
-            set_optimizer_state_dict(model, optimizer, saved,
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            optimizer.load_state_dict(saved)
+    Each rank reads only its shard of the optimizer state, whatever the number of ranks that wrote
+    it. On the same number of ranks each rank gets its own random state back, and the run continues
+    exactly; on another number the streams are reseeded from (seed, step, rank), said in one line."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    saved = set(state["optimizers"])
+    if saved - set(optimizers):
+        raise SystemExit(f"error: {state['checkpoint']} holds optimizers {sorted(saved)}, "
+                         f"this run has {sorted(optimizers)}")
+    # The optimizers are fresh: get_optimizer_state_dict sizes their states (a step at lr 0, which
+    # leaves the weights as they are) for DCP to read the saved values into.
+    loaded = {name: get_optimizer_state_dict(m, opt) for name, (m, opt) in optimizers.items() if name in saved}
+    if loaded:
+        with _quiet_without_process_group():
+            dcp.load(loaded, checkpoint_id=state["checkpoint"] / "optimizer")  # this rank's shard only
+    for name, (m, opt) in optimizers.items():
+        if name in loaded:
+            set_optimizer_state_dict(m, opt, loaded[name])
     for name, scheduler in schedulers.items():
         scheduler.load_state_dict(state["schedulers"][name])
-    set_rng_state(state["rng"][d.rank])
+    if state["world_size"] == d.world_size:
+        set_rng_state(state["rng"][d.rank])
+    else:
+        entropy = np.random.SeedSequence([seed, state["step"], d.rank]).generate_state(1)[0]
+        seed_everything(int(entropy))
+        if d.is_main:
+            print(f"resume: {state['checkpoint']} was written by {state['world_size']} rank(s), this run has "
+                  f"{d.world_size}: optimizer state resharded; random streams reseeded from (seed {seed}, "
+                  f"step {state['step']}, rank), so sampling differs from an uninterrupted run")
     return state["trainer"]
 
 
 def finish(output_dir, model, tokenizer, d: Dist):
     """The final model at the root of the output dir, loadable by transformers and vLLM."""
-    save_pretrained(model, tokenizer, output_dir, d)
+    try:
+        save_pretrained(model, tokenizer, output_dir, d)
+    except CheckpointWriteError as failure:
+        _stop(f"error: {failure}", d)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -532,9 +935,35 @@ def _plain(value):
     return value
 
 
+RUN_LOGS = ("metrics.jsonl", "trajectories.jsonl", "completions.jsonl")
+
+
+def truncate_logs(output_dir, step: int, d: Dist):
+    """Logs hold each step once. At the start of every run, resumed (step = the checkpoint's) or fresh
+    (step = 0), lines of later steps come from an attempt that died before its next checkpoint: the
+    steps are redone, so those lines go."""
+    for name in RUN_LOGS:
+        truncate_jsonl_after(Path(output_dir) / name, step, d)
+
+
 def truncate_jsonl_after(path, step: int, d: Dist):
-    """On resume, drop the lines of steps the resumed run will redo, so logs hold each step once."""
+    """Keep the lines of steps <= step. A line that does not parse (the last one, cut short by a kill
+    or a full disk) is dropped with a warning. The file is replaced atomically: a kill during this
+    leaves the old file or the new one, never half of one."""
     path = Path(path)
-    if d.is_main and path.exists():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in lines))
+    if not d.is_main or not path.exists():
+        return
+    kept, unreadable = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            unreadable += line.strip() != ""
+            continue
+        if record_step <= step:
+            kept.append(line + "\n")
+    if unreadable:
+        print(f"warning: {path}: dropped {unreadable} unreadable line(s) (a write cut short)", file=sys.stderr)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text("".join(kept))
+    os.replace(temporary, path)

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import rewards  # noqa: E402
+import grader  # noqa: E402
 
 STYLES = {
     "boxed": lambda x: f"Putting it together, the answer is $\\boxed{{{x}}}$.",
@@ -113,7 +113,7 @@ def commuted(gold):
     """a + b -> b + a for a sum of two terms outside any bracket."""
     if "," in gold or "=" in gold or "\\pm" in gold:
         return None
-    terms = rewards._split_top_level(gold, "+")
+    terms = grader._split_top_level(gold, "+")
     if len(terms) != 2 or not terms[0].strip() or terms[0].strip().endswith(("^", "_")):
         return None
     return f"{terms[1].strip()} + {terms[0].strip()}"
@@ -124,21 +124,21 @@ def is_thousands(gold):
 
 
 def top_level_items(gold):
-    return [gold] if is_thousands(gold) else rewards._split_top_level(gold, ",")
+    return [gold] if is_thousands(gold) else grader._split_top_level(gold, ",")
 
 
 def reordered(gold):
     items = top_level_items(gold)
     if len(items) < 2 or gold.strip()[0] in "([" and len(items) == 2 and not gold.strip().startswith("("):
         return None
-    if gold.strip()[:1] in "([" and rewards._encloses(gold.strip(), 0):
+    if gold.strip()[:1] in "([" and grader._encloses(gold.strip(), 0):
         return None  # a tuple or an interval: order matters
     return ", ".join(reversed(items)) if len(set(items)) > 1 else None
 
 
 def as_set(gold):
     items = top_level_items(gold)
-    if len(items) < 2 or (gold.strip()[:1] in "([" and rewards._encloses(gold.strip(), 0)):
+    if len(items) < 2 or (gold.strip()[:1] in "([" and grader._encloses(gold.strip(), 0)):
         return None
     return "\\{" + ", ".join(items) + "\\}"
 
@@ -194,9 +194,9 @@ GE = "\\ge"
 def as_inequality(gold):
     """(a, b] -> a < x \\le b;  (a, \\infty) -> x > a."""
     text = gold.strip()
-    if text[:1] not in "([" or text[-1:] not in ")]" or not rewards._encloses(text, 0):
+    if text[:1] not in "([" or text[-1:] not in ")]" or not grader._encloses(text, 0):
         return None
-    items = rewards._split_top_level(text[1:-1], ",")
+    items = grader._split_top_level(text[1:-1], ",")
     if len(items) != 2:
         return None
     low, high = (item.strip() for item in items)
@@ -226,7 +226,7 @@ def numeric_value(gold):
     if "," in gold or "=" in gold or re.search(r"\\infty|\\text|_|\\pm|\\in", gold):
         return None
     try:
-        ours = rewards.latex_to_sympy(rewards.normalize_answer(gold))
+        ours = grader.latex_to_sympy(grader.normalize_answer(gold))
         theirs = parse(f"\\boxed{{{gold}}}")[0]
         if ours.free_symbols or ours.is_Rational or abs(complex(ours.evalf(30)) - complex(theirs.evalf(30))) > 1e-20:
             return None
@@ -264,9 +264,9 @@ def perturbed(gold):
 
 def swapped(gold):
     text = gold.strip()
-    if text[:1] != "(" or not rewards._encloses(text, 0):
+    if text[:1] != "(" or not grader._encloses(text, 0):
         return None
-    items = rewards._split_top_level(text[1:-1], ",")
+    items = grader._split_top_level(text[1:-1], ",")
     if len(items) < 2 or items[0].strip() == items[1].strip():
         return None
     return "(" + ",".join([items[1], items[0]] + items[2:]) + ")"
@@ -274,11 +274,11 @@ def swapped(gold):
 
 def flipped_end(gold):
     text = gold.strip()
-    if text[:1] not in "([" or text[-1:] not in ")]" or not rewards._encloses(text, 0):
+    if text[:1] not in "([" or text[-1:] not in ")]" or not grader._encloses(text, 0):
         return None
-    if len(rewards._split_top_level(text[1:-1], ",")) != 2:
+    if len(grader._split_top_level(text[1:-1], ",")) != 2:
         return None
-    if "\\infty" in rewards._split_top_level(text[1:-1], ",")[1]:
+    if "\\infty" in grader._split_top_level(text[1:-1], ",")[1]:
         return {"(": "[", "[": "("}[text[0]] + text[1:]
     return text[:-1] + {")": "]", "]": ")"}[text[-1]]
 
@@ -296,7 +296,7 @@ def sign_flipped(gold):
 
 def dropped_item(gold):
     items = top_level_items(gold)
-    if len(items) < 2 or (gold.strip()[:1] in "([" and rewards._encloses(gold.strip(), 0)):
+    if len(items) < 2 or (gold.strip()[:1] in "([" and grader._encloses(gold.strip(), 0)):
         return None
     return ", ".join(items[:-1])
 
@@ -336,9 +336,9 @@ def renamed_variable(gold):
 def pair_as_set(gold):
     """(a, b) -> \\{a, b\\}: an ordered pair or an interval is not a two-element set."""
     text = gold.strip()
-    if text[:1] != "(" or text[-1:] != ")" or not rewards._encloses(text, 0):
+    if text[:1] != "(" or text[-1:] != ")" or not grader._encloses(text, 0):
         return None
-    items = rewards._split_top_level(text[1:-1], ",")
+    items = grader._split_top_level(text[1:-1], ",")
     return "\\{" + ",".join(items) + "\\}" if len(items) == 2 else None
 
 
@@ -412,7 +412,7 @@ def main():
     ours, theirs, seconds = [], [], Counter()
     for family, style, completion, gold, verdict in pairs:
         start = time.perf_counter()
-        ours.append(rewards.is_equiv(rewards.extract_answer(completion), gold))
+        ours.append(grader.is_equiv(grader.extract_answer(completion), gold))
         seconds["ours"] += time.perf_counter() - start
         start = time.perf_counter()
         theirs.append(math_verify_verdict(completion, gold))

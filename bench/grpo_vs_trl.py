@@ -14,7 +14,7 @@ learning rate, optimizer, number of steps, thread count and CPU for
 Each run is its own process (peak RSS is that process's, from wait4). The work per step is
 grpo.py's tiny preset: 32 prompts x 8 completions of <= 192 tokens, one AdamW step over micro-batches
 of 32 (TRL: per-device batch 32, 8 accumulation steps), temperature 1, accuracy reward graded by
-the same rewards.Grader, no KL term (beta 0, so neither loads a reference model), constant lr.
+the same grader.Grader, no KL term (beta 0, so neither loads a reference model), constant lr.
 After the steps each model is evaluated on the 200 held-out `linear` problems.
 
 Scaling: seconds per step as the group size and the completion length double, on a fresh tiny
@@ -85,6 +85,7 @@ def trl_worker(spec_path: str):
     import data
     import rewards
     import training
+    from grader import Grader
 
     spec = json.loads(Path(spec_path).read_text())
     work, out = spec["work"], Path(spec["out"])
@@ -96,13 +97,13 @@ def trl_worker(spec_path: str):
     # the same prompt tokens grpo.py feeds its engine (TRL tokenizes with special tokens on)
     assert tokenizer(prompts[0])["input_ids"] == tokenizer(prompts[0], add_special_tokens=False)["input_ids"]
     dataset = Dataset.from_list([{"prompt": text, "answer": p["answer"]} for text, p in zip(prompts, problems)])
-    grader = rewards.Grader(num_workers=1)
+    grader = Grader(num_workers=1)
     clock = {}
 
     def accuracy(completions, answer, completion_ids, **_):
         n, limit = len(completions), work["max_completion_length"]
         scores = rewards.compute_rewards(completions, answer, [len(c) for c in completion_ids],
-                                         [len(c) >= limit for c in completion_ids], limit, {"accuracy": 1.0}, grader)
+                                         [len(c) >= limit for c in completion_ids], {"accuracy": 1.0}, grader)
         clock["reward_mean"] = sum(scores["total"]) / n
         return scores["total"]
 
@@ -182,6 +183,7 @@ def math500_grading_seconds(path: Path, completions: int, repeats: int = 3) -> f
     import random
 
     import rewards
+    from grader import Grader
 
     if not path.is_file():
         return None
@@ -190,13 +192,13 @@ def math500_grading_seconds(path: Path, completions: int, repeats: int = 3) -> f
     picked = [rng.choice(rows) for _ in range(completions)]
     texts = [row["solution"] for row in picked]
     answers = [row["answer"] if k % 2 == 0 else rng.choice(rows)["answer"] for k, row in enumerate(picked)]
-    grader = rewards.Grader(num_workers=1)
+    grader = Grader(num_workers=1)
     try:
-        rewards.compute_rewards(texts[:8], answers[:8], [500] * 8, [False] * 8, 4096, {"accuracy": 1.0}, grader)  # start-up
+        rewards.compute_rewards(texts[:8], answers[:8], [500] * 8, [False] * 8, {"accuracy": 1.0}, grader)  # start-up
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            rewards.compute_rewards(texts, answers, [500] * completions, [False] * completions, 4096,
+            rewards.compute_rewards(texts, answers, [500] * completions, [False] * completions,
                                     {"accuracy": 1.0}, grader)
             times.append(time.perf_counter() - start)
     finally:

@@ -36,7 +36,8 @@ def main(out: str):
     reference, _ = training.build_tiny_model(hidden_size=32, num_layers=2, num_heads=2, seed=0)
     start = {k: v.clone() for k, v in policy.state_dict().items()}
     cfg = grpo.Config(micro_batch_size=2, num_iterations=2, beta=0.1, temperature=0.9, epsilon_low=0.2,
-                      epsilon_high=0.28, max_completion_length=16, lr=1e-2, bf16=False, gradient_checkpointing=False)
+                      epsilon_high=0.28, max_completion_length=16, lr=1e-2, bf16=False, gradient_checkpointing=False,
+                      logprob_chunk_size=16)  # micro-batches of 2 x 4 to 2 x 13 positions: 1 or 2 chunks
     policy = training.shard_model(policy, d, bf16=False, gradient_checkpointing=False)
     reference = training.shard_model(reference, d, bf16=False, gradient_checkpointing=False).eval()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import HFEngine, Sampling, VLLMEngine, make_engine, stop_token_ids
+from engine import HFEngine, Sampling, VLLMEngine, make_engine, rank_stream, stop_token_ids
 from training import Dist, build_tiny_model
 
 SINGLE = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -246,6 +246,86 @@ def test_vllm_follows_pushed_weights(tiny, vllm_engine):
     finally:
         vllm_engine.push_weights(model)  # leave the shared engine as the other tests expect it
     assert_same_greedy(greedy(HFEngine(model, tokenizer, SINGLE), prompts), greedy(vllm_engine, prompts))
+
+
+def test_vllm_ranks_sample_apart_even_from_equal_generators(vllm_engine):
+    """vLLM samples under generators seeded with the rank mixed in: two ranks whose torch generators
+    agree (a caller that seeded every rank alike) still draw different completions, and each rank
+    replays its own."""
+    sampling = Sampling(n=4, temperature=1.0, max_new_tokens=10)
+    ids = lambda out: [[c.token_ids for c in samples] for samples in out]  # noqa: E731
+    by_rank = {}
+    try:
+        for rank in (0, 1, 1):
+            vllm_engine.d = Dist(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
+            torch.manual_seed(5)
+            by_rank.setdefault(rank, []).append(ids(vllm_engine.generate(SHORT_PROMPTS, sampling)))
+    finally:
+        vllm_engine.d = SINGLE
+    assert by_rank[1][0] == by_rank[1][1]
+    assert all(a != b for a, b in zip(by_rank[0][0], by_rank[1][0]))  # every prompt, not just one
+
+
+def test_rank_stream_seeds_every_generator_from_the_callers_draw_and_the_rank():
+    import numpy as np
+
+    def inside(rank):
+        with rank_stream(rank):
+            return torch.rand(3).tolist(), np.random.rand(3).tolist()
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    first = inside(rank=0)
+    after = torch.get_rng_state(), np.random.get_state()[1].copy()
+    torch.manual_seed(0)
+    assert inside(rank=0) == first  # replayed from the caller's torch stream
+    assert torch.equal(torch.get_rng_state(), after[0])  # the caller's stream moved by exactly one draw
+    assert (np.random.get_state()[1] == after[1]).all()  # numpy's is given back untouched
+    torch.manual_seed(0)
+    other_rank = inside(rank=1)
+    assert first[0] != other_rank[0] and first[1] != other_rank[1]
+    assert inside(rank=0) != first  # the next call draws afresh
+
+
+class FakeLLM:
+    """Records what VLLMEngine asks of vLLM on a GPU, where sleep mode is on."""
+    def __init__(self):
+        self.calls = []
+
+    def sleep(self, level):
+        self.calls.append(f"sleep {level}")
+
+    def wake_up(self, tags):
+        self.calls.append(f"wake {','.join(tags)}")
+
+    def apply_model(self, function):
+        class Model:
+            def load_weights(_, weights):
+                self.calls.append(f"load {len(list(weights))} tensors")
+        function(Model())
+
+    def reset_prefix_cache(self):
+        self.calls.append("reset prefix cache")
+
+
+def test_gpu_sleep_releases_weights_and_wakes_them_for_the_push_first(tiny):
+    """TRL's colocate cycle: level 2 during the update, the weights woken alone for the push, the KV
+    cache only before generating; generating without a push after a sleep is refused."""
+    model, tokenizer, _ = tiny
+    engine = object.__new__(VLLMEngine)
+    engine.llm, engine.on_gpu, engine.sleep_enabled = FakeLLM(), True, True
+    engine.resident, engine.weights_valid = {"weights", "kv_cache"}, True
+    engine.sleep()
+    engine.sleep()  # already asleep: nothing more
+    with pytest.raises(RuntimeError, match="push_weights"):
+        engine.wake_up()
+    engine.push_weights(model)
+    assert engine.resident == {"weights"}  # the KV cache stays released until generation
+    engine.wake_up()
+    engine.wake_up()
+    tensors = len(model.state_dict()) - int(model.config.tie_word_embeddings)
+    assert engine.llm.calls == ["sleep 2", "wake weights", f"load {tensors} tensors", "reset prefix cache",
+                                "wake kv_cache"]
 
 
 # ----------------------------------------------------------------------------------------------

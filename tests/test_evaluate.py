@@ -1,15 +1,18 @@
 """evaluate.py: pass@k, scoring on the real benchmark files, the CLI's outputs and resume."""
 import itertools
 import json
+import shutil
+import subprocess
+import sys
 
 import pytest
 
 import data
 import evaluate
-import rewards
 import training
-from conftest import shared_file
+from conftest import ROOT, shared_file
 from engine import Completion, Sampling
+from grader import Grader
 
 
 def test_pass_at_k_equals_the_probability_over_all_k_subsets():
@@ -47,7 +50,7 @@ BENCHMARKS = {"math500": "math500/test.jsonl", "gsm8k": "gsm8k/test.jsonl", "aim
 
 @pytest.fixture(scope="module")
 def grader():
-    with rewards.Grader(num_workers=2) as g:
+    with Grader(num_workers=2) as g:
         yield g
 
 
@@ -95,9 +98,6 @@ def test_cli_writes_summary_and_samples_and_skips_done_problems(tmp_path, capsys
     assert summaries[0]["n_problems"] == 8
 
 
-def test_k_larger_than_n_is_a_usage_error():
-    with pytest.raises(SystemExit):
-        evaluate.parse_args(["--model", "m", "--bench", "linear", "--n", "2", "--k", "1,4"])
 
 
 def test_vllm_and_hf_engines_give_the_same_greedy_results(tmp_path):
@@ -116,3 +116,247 @@ def test_vllm_and_hf_engines_give_the_same_greedy_results(tmp_path):
     assert results["hf"][1] == results["vllm"][1]          # token-for-token the same greedy completions
     for key in ("pass@1", "mean_response_tokens", "truncated_frac"):
         assert results["hf"][0][key] == results["vllm"][0][key]
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume: torn lines, settings recorded with every record.
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("model")
+    model, tokenizer = training.build_tiny_model(hidden_size=32, num_layers=1, num_heads=1)
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
+def lines_of(path):
+    return path.read_text().splitlines()
+
+
+def test_a_torn_last_line_is_dropped_and_its_problem_redone(tiny_model, tmp_path):
+    out = tmp_path / "r.json"
+    argv = ["--model", str(tiny_model), "--bench", "linear", "--limit", "4", "--n", "2", "--temperature", "1.0",
+            "--max-tokens", "6", "--template", "plain", "--out", str(out)]
+    evaluate.main(argv)
+    samples = out.with_suffix(".samples.jsonl")
+    whole = lines_of(samples)
+    samples.write_text("\n".join(whole[:3]) + "\n" + whole[3][: len(whole[3]) // 2])  # the disk filled mid-write
+    summary = evaluate.main(argv)[0]
+    redone = lines_of(samples)
+    assert len(redone) == 4 and redone[:3] == whole[:3]  # the whole records are kept, not generated again
+    assert [json.loads(line)["id"] for line in redone] == [json.loads(line)["id"] for line in whole]
+    assert summary["n_problems"] == 4 and summary["n_samples"] == 2
+    record = json.loads(redone[3])
+    assert record["produced_by"] == {"model": str(tiny_model), "split": "test", "seed": 0, "dtype": "float32",
+                                     "fallback": [], "n": 2, "temperature": 1.0, "top_p": 1.0, "max_tokens": 6,
+                                     "template": "plain"}
+
+
+def test_read_samples_keeps_whole_records_and_refuses_a_damaged_middle(tmp_path):
+    path = tmp_path / "s.samples.jsonl"
+    records = [{"bench": "b", "id": i, "correct": [True]} for i in range(3)]
+    path.write_text("\n".join(json.dumps(r) for r in records))  # the last record lacks only its newline
+    assert evaluate.read_samples(path, is_main=True) == records
+    assert path.read_text().endswith("}\n") and len(lines_of(path)) == 3  # the next append starts a new line
+    path.write_text(json.dumps(records[0]) + "\n{\"bench\": \"b\", \"id\n" + json.dumps(records[2]) + "\n")
+    with pytest.raises(SystemExit, match="line 2 is not JSON"):
+        evaluate.read_samples(path, is_main=True)
+    path.write_bytes(json.dumps(records[0]).encode() + b"\n\xff\xfe{\n\n")  # a torn tail of any bytes
+    assert evaluate.read_samples(path, is_main=True) == records[:1]
+    assert path.read_text() == json.dumps(records[0]) + "\n"
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_model, tmp_path_factory):
+    """The samples file of one short run, and the command that wrote it."""
+    out = tmp_path_factory.mktemp("first") / "r.json"
+    argv = ["--model", str(tiny_model), "--bench", "linear", "--limit", "2", "--n", "2", "--temperature", "1.0",
+            "--max-tokens", "6", "--template", "plain"]
+    evaluate.main(argv + ["--out", str(out)])
+    return argv, out.with_suffix(".samples.jsonl").read_text()
+
+
+@pytest.mark.parametrize("flag, value", [("--temperature", "0.5"), ("--n", "3"), ("--template", "auto"),
+                                         ("--max-tokens", "7"), ("--top-p", "0.9"), ("--seed", "1"),
+                                         ("--model", "OTHER")])
+def test_a_rerun_with_other_settings_is_a_one_line_error(tiny_model, first_run, tmp_path, flag, value, monkeypatch):
+    argv, before = first_run
+    out = tmp_path / "r.json"
+    out.with_suffix(".samples.jsonl").write_text(before)
+    argv = argv + ["--out", str(out)]
+    if value == "OTHER":  # the same weights under another name
+        value = str(shutil.copytree(tiny_model, tmp_path / "other-model"))
+    monkeypatch.setattr(training, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    changed = argv + [flag, value]
+    with pytest.raises(SystemExit) as error:
+        evaluate.main(changed)
+    name = flag.lstrip("-").replace("-", "_")
+    assert f"{name}=" in str(error.value) and "\n" not in str(error.value) and "use another --out" in str(error.value)
+    assert out.with_suffix(".samples.jsonl").read_text() == before  # nothing overwritten
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one line naming the flag or file, exit != 0, no traceback, before the model loads.
+
+BAD_INPUTS = [
+    (["--bench", "linear", "--k", "a"], "--k"),
+    (["--bench", "linear", "--n", "2", "--k", "1,4"], "--k"),
+    (["--bench", "linear", "--template", "chatml"], "--template"),
+    (["--bench", "linear", "--limit", "0"], "--limit 0"),
+    (["--bench", "linear", "--n", "0"], "--n"),
+    (["--bench", "linear", "--top-p", "0"], "--top-p"),
+    (["--bench", "linear", "--temperature", "-1"], "--temperature"),
+    (["--bench", "linear", "--tensor-parallel-size", "2"], "--tensor-parallel-size"),
+    (["--bench", "linear", "linear"], "--bench"),
+    (["--protocol", "nope"], "--protocol"),
+    (["--protocol", "limr", "--bench", "gsm8k"], "--n and --temperature"),
+    (["--bench", "linear", "--template", "qwen-math"], "--template"),  # the tiny tokenizer has no chat template
+    ([], "--bench"),
+]
+
+
+@pytest.mark.parametrize("flags, named", BAD_INPUTS, ids=[" ".join(f) or "no-bench" for f, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_before_the_model_loads(tiny_model, flags, named, monkeypatch):
+    monkeypatch.setattr(training, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(SystemExit) as error:
+        evaluate.main(["--model", str(tiny_model), *flags])
+    assert error.value.code != 0 and named in str(error.value) and "\n" not in str(error.value)
+
+
+def test_cli_bad_input_exits_with_one_line_and_no_traceback(tiny_model, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    for flags, named in [(["--bench", "linear", "--k", "a"], "--k"), (["--bench", str(empty)], "empty.jsonl"),
+                         (["--bench", "linear", "--out", str(out_dir)], "--out")]:
+        result = subprocess.run([sys.executable, "evaluate.py", "--model", str(tiny_model), *flags], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+        assert named in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Protocols: each value as the upstream code has it (evaluate.PROTOCOLS cites file:line), the
+# prompt it renders, and its answer fallback.
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, "[UNK]")))
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def settings(*flags):
+    return evaluate.parse_args(["--model", "m", *flags])
+
+
+def test_limr_protocol(chat_tokenizer):
+    args = settings("--protocol", "limr")
+    assert args.bench == ["aime24", "math500", "amc23"]
+    common = dict(top_p=0.95, max_tokens=3072, template="qwen-math")
+    assert args.settings == {"aime24": dict(n=4, temperature=0.4, **common),
+                             "amc23": dict(n=4, temperature=0.4, **common),
+                             "math500": dict(n=1, temperature=0.0, **common)}
+    assert evaluate.PROTOCOLS["limr"]["fallback"] == ()
+    assert data.format_prompt("Q?", chat_tokenizer, "qwen-math") == (
+        "<|system|>Please reason step by step, and put your final answer within \\boxed{}.\n<|user|>Q?\n<|assistant|>")
+    # explicit flags override the protocol, benchmark by benchmark
+    args = settings("--protocol", "limr", "--temperature", "0.9", "--bench", "math500", "gsm8k", "--n", "2")
+    assert args.settings["math500"] == dict(n=2, temperature=0.9, **common) == args.settings["gsm8k"]
+
+
+def test_open_rs_protocol(chat_tokenizer):
+    args = settings("--protocol", "open-rs")
+    assert args.bench == ["aime24", "math500", "amc23", "minerva", "olympiadbench"]
+    assert all(s == dict(n=1, temperature=0.6, top_p=0.95, max_tokens=32768, template="lighteval-math")
+               for s in args.settings.values())
+    assert evaluate.PROTOCOLS["open-rs"]["max_model_len"] == 32768
+    assert evaluate.PROTOCOLS["open-rs"]["fallback"] == ("answer-line", "last-number")
+    assert data.format_prompt("Q?", chat_tokenizer, "lighteval-math") == (  # the user turn only, no system turn
+        "<|user|>Solve the following math problem efficiently and clearly.  The last line of your response should "
+        "be of the following format: 'Therefore, the final answer is: $\\boxed{ANSWER}$. I hope it is correct' "
+        "(without quotes) where ANSWER is just the final number or expression that solves the problem. Think step "
+        "by step before answering.\n\nQ?\n<|assistant|>")
+
+
+def test_qwen_baselines_protocol(chat_tokenizer):
+    args = settings("--protocol", "qwen-baselines", "--bench", "aime24", "math500", "gsm8k", "limo")
+    common = dict(temperature=0.6, top_p=1.0, max_tokens=32768, template="question")
+    assert args.settings == {"aime24": dict(n=10, **common), "math500": dict(n=8, **common),
+                             "gsm8k": dict(n=8, **common), "limo": dict(n=8, **common)}
+    assert settings("--protocol", "qwen-baselines").bench == ["aime24", "math500"]
+    assert evaluate.PROTOCOLS["qwen-baselines"]["fallback"] == ("last-number",)
+    assert data.format_prompt("Q?", chat_tokenizer, "question") == "<|user|>Question: Q?\n<|assistant|>"
+
+
+def test_qwen_math_protocol():
+    args = settings("--protocol", "qwen-math")
+    assert args.bench == ["gsm8k", "minerva", "olympiadbench", "aime24", "amc23"]
+    assert all(s == dict(n=1, temperature=0.0, top_p=1.0, max_tokens=2048, template="qwen-math")
+               for s in args.settings.values())
+    assert evaluate.PROTOCOLS["qwen-math"]["fallback"] == ("last-number",)
+
+
+def test_fallbacks_apply_only_inside_their_protocol(grader):
+    problems = [{"id": "a", "prompt": "p1", "answer": "12"}, {"id": "b", "prompt": "p2", "answer": "\\frac{1}{2}"}]
+    texts = {"p1": "3 boxes of 4 make 12 apples, I think.", "p2": "So half of them.\nAnswer: $\\frac{1}{2}$"}
+
+    class Unboxed:
+        def generate(self, prompts, sampling):
+            return [[Completion([1], texts[p.split("\n")[0]], [0.0], "stop")] for p in prompts]
+
+    d = training.init_distributed()
+    verdicts = {}
+    for name in ("limr", "qwen-math", "open-rs"):
+        records = evaluate.evaluate_problems(Unboxed(), problems, None, Sampling(n=1), "plain", grader, d,
+                                             fallback=evaluate.PROTOCOLS[name]["fallback"])
+        verdicts[name] = [(r["extracted"][0], r["correct"][0]) for r in records]
+    assert verdicts["limr"] == [(None, False), (None, False)]  # strict: nothing boxed, nothing right
+    assert verdicts["qwen-math"] == [("12", True), ("2", False)]  # Qwen's parser: the last number
+    assert verdicts["open-rs"] == [("12", True), ("\\frac{1}{2}", True)]  # the Answer: line first
+    assert evaluate.fallback_answer("total 1,234.5 then -7", ("last-number",)) == "-7"
+    assert evaluate.fallback_answer("no digits", ("answer-line", "last-number")) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU defaults: bf16 on CUDA, large chunks for vLLM.
+
+def test_dtype_defaults_to_bf16_on_cuda_only(monkeypatch):
+    monkeypatch.setattr(evaluate.torch.cuda, "is_available", lambda: True)
+    assert evaluate.resolve_dtype("auto") == "bfloat16" and evaluate.resolve_dtype("float32") == "float32"
+    monkeypatch.setattr(evaluate.torch.cuda, "is_available", lambda: False)
+    assert evaluate.resolve_dtype("auto") == "float32" and evaluate.resolve_dtype("bfloat16") == "bfloat16"
+    assert settings("--bench", "linear", "--bf16").dtype == "bfloat16"
+    assert settings("--bench", "linear").dtype == "auto"
+
+
+def test_whole_benchmarks_go_to_the_engine_in_chunks_of_thousands_of_completions(grader):
+    problems = data.load_problems("linear", "train", limit=600)
+    engine = AnsweringEngine(problems, lambda p: p["answer"])
+    calls = []
+    generate = engine.generate
+    engine.generate = lambda prompts, sampling: calls.append(len(prompts)) or generate(prompts, sampling)
+    d = training.init_distributed()
+    records = evaluate.evaluate_problems(engine, problems, None, Sampling(n=8), "plain", grader, d)
+    assert calls == [512, 88] and len(records) == 600  # 4096 completions per call: MATH-500 x 8 is one call
+
+
+def test_a_protocol_runs_end_to_end_and_is_recorded(tiny_model, tmp_path):
+    out = tmp_path / "r.json"
+    summary = evaluate.main(["--model", str(tiny_model), "--protocol", "qwen-math", "--bench", "linear",
+                             "--template", "plain", "--max-tokens", "4", "--limit", "3", "--out", str(out)])[0]
+    assert summary["n_problems"] == 3 and summary["n_samples"] == 1 and summary["mean_response_tokens"] == 4
+    assert summary["sampling"]["protocol"] == "qwen-math" and summary["sampling"]["top_p"] == 1.0
+    records = [json.loads(line) for line in lines_of(out.with_suffix(".samples.jsonl"))]
+    assert all(r["produced_by"]["fallback"] == ["last-number"] and r["produced_by"]["max_tokens"] == 4
+               for r in records)

@@ -225,3 +225,155 @@ def test_the_rl_pool_of_the_demos_is_one_unknown_train_problems_that_grpo_can_lo
     assert [(p["prompt"], p["answer"]) for p in pool] == [(p["prompt"], p["answer"]) for p in first]
     held_out = {p["prompt"] for p in data.load_problems("linear", split="test")}
     assert not held_out & {p["prompt"] for p in pool}
+
+
+# ---- LIMR's own rule (--gaps limr, the default), against a step-by-step re-implementation of
+# GAIR-NLP/LIMR lim/lim_selection.py run on step files written as their OpenRLHF fork writes them
+
+MISSING = None
+
+
+def limr_selection_by_hand(step_dir, steps_per_epoch, epochs):
+    """What LIMR's script computes, spelled out: prompt -> score for the prompts it keeps."""
+    # 1. group the step files into epochs of steps_per_epoch; count reward == 1 per prompt and epoch
+    counts = []  # one {prompt: [right, total]} per epoch
+    for epoch in range(epochs):
+        tally = {}
+        for step in range(epoch * steps_per_epoch + 1, (epoch + 1) * steps_per_epoch + 1):
+            for sample in json.loads((step_dir / f"step_{step}.json").read_text()):
+                right_total = tally.setdefault(sample["prompt"].strip(), [0, 0])
+                right_total[0] += 1 if sample["reward"] == 1 else 0
+                right_total[1] += 1
+        counts.append(tally)
+    # 2. each prompt's accuracy per epoch, MISSING where the epoch never drew it
+    every_prompt = sorted({prompt for tally in counts for prompt in tally})
+    curves = {}
+    for prompt in every_prompt:
+        curves[prompt] = [tally[prompt][0] / tally[prompt][1] if prompt in tally else MISSING for tally in counts]
+    as_drawn = {prompt: list(curve) for prompt, curve in curves.items()}
+    # 3. walk each curve left to right: a MISSING epoch followed by a seen one copies it
+    for curve in curves.values():
+        for k in range(epochs - 1):
+            if curve[k] is MISSING and curve[k + 1] is not MISSING:
+                curve[k] = curve[k + 1]
+    # 4. drop the curves that still have a hole; the average curve is over the survivors
+    survivors = {prompt: curve for prompt, curve in curves.items() if MISSING not in curve}
+    average = [sum(curve[k] for curve in survivors.values()) / len(survivors) for k in range(epochs)]
+    # 5. the score: 1 - squared distance to the average / squared distance of an always-solved curve
+    scores = {}
+    for prompt, curve in survivors.items():
+        distance = sum((curve[k] - average[k]) ** 2 for k in range(epochs))
+        ceiling = sum((1 - average[k]) ** 2 for k in range(epochs))
+        scores[prompt] = 1 - distance / ceiling
+    return scores, curves, as_drawn
+
+
+def simulate_limr_run(tmp_path, pool_size, prompts_per_step, steps_per_epoch, epochs, seed, group=4):
+    """A run the way LIMR's trainer records it: every epoch a fresh shuffle of the pool, the first
+    steps_per_epoch * prompts_per_step prompts drawn (the rest dropped with the last partial batch),
+    `group` completions each with LIMR's rewards 1 / -0.5 / -1, one step_N.json per step. Also the
+    same run as grpo.py's trajectories.jsonl. Returns the data file, the step dir, the trajectories."""
+    rng = np.random.default_rng(seed)
+    problems = [{"id": f"q{n}", "problem": f"Solve {n} x = {n * n}.", "answer": str(n),
+                 "solution": f"\\boxed{{{n}}}"} for n in range(1, pool_size + 1)]
+    data_file = tmp_path / "pool.jsonl"
+    data_file.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    loaded = data.load_problems(str(data_file))
+    skill = rng.uniform(0.0, 0.6, size=pool_size)  # each prompt learns at its own pace
+    step_dir, lines, step = tmp_path / "output" / "train", [], 0
+    step_dir.mkdir(parents=True)
+    for epoch in range(epochs):
+        order = rng.permutation(pool_size)[:steps_per_epoch * prompts_per_step]
+        for batch in order.reshape(steps_per_epoch, prompts_per_step):
+            step += 1
+            samples = []
+            for i in batch:
+                chance = min(1.0, skill[i] * (1 + epoch) / 2)
+                rewards = [1.0 if rng.random() < chance else float(rng.choice([-0.5, -1.0])) for _ in range(group)]
+                samples += [{"prompt": loaded[i]["prompt"], "response": "...", "reward": r, "response_length": 9}
+                            for r in rewards]
+                lines.append({"step": step, "id": loaded[i]["id"], "epoch": epoch,
+                              "correct": rewards.count(1.0), "n": group})
+            (step_dir / f"step_{step}.json").write_text(json.dumps(samples, indent=4))
+    trajectories = tmp_path / "trajectories.jsonl"
+    trajectories.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return data_file, step_dir, trajectories, loaded
+
+
+@pytest.mark.parametrize("pool_size, prompts_per_step, steps_per_epoch, epochs, seed",
+                         [(30, 4, 6, 8, 0),      # 6 of 30 sit out each epoch: gaps of every length
+                          (37, 4, 8, 6, 1),      # LIMR's shape in small: drop_last leaves out 5
+                          (50, 5, 7, 10, 2)])
+def test_limr_mode_matches_limr_selection_step_by_step(tmp_path, pool_size, prompts_per_step, steps_per_epoch,
+                                                       epochs, seed):
+    data_file, step_dir, trajectories, loaded = simulate_limr_run(tmp_path, pool_size, prompts_per_step,
+                                                                 steps_per_epoch, epochs, seed)
+    expected, curves, as_drawn = limr_selection_by_hand(step_dir, steps_per_epoch, epochs)
+    id_of = {p["prompt"]: p["id"] for p in loaded}
+    # the simulation must exercise the rule: some prompts dropped, some kept thanks to a filled gap
+    assert 0 < len(curves) - len(expected) < len(curves)
+    assert any(MISSING in as_drawn[p] for p in expected)
+    kept_by_hand = sorted(id_of[p] for p, s in expected.items() if s >= 0.6)
+    assert 0 < len(kept_by_hand) < len(expected)
+
+    # the functions: read the step files, fill, drop, score
+    prompts, r = lim.read_limr_steps(step_dir, steps_per_epoch)
+    assert r.shape == (len(prompts), epochs)
+    filled_r, keep = lim.fill_gaps_like_limr(r)
+    got = dict(zip(np.array(prompts)[keep], lim.lim_scores(filled_r[keep])))
+    assert got.keys() == expected.keys()
+    np.testing.assert_allclose([got[p] for p in expected], list(expected.values()), rtol=1e-12, atol=1e-12)
+    assert [list(row) for row in filled_r[keep]] == [curves[p] for p in np.array(prompts)[keep]]
+
+    # the script, from LIMR's step files and from the same run's trajectories.jsonl: the same selection
+    for source in (["--limr-steps", str(step_dir), "--steps-per-epoch", str(steps_per_epoch)],
+                   ["--trajectories", str(trajectories)]):
+        scores_file = tmp_path / "scores.jsonl"
+        kept = lim.main([*source, "--data", str(data_file), "--out", str(tmp_path / "kept.jsonl"),
+                         "--scores", str(scores_file)])
+        assert sorted(p["id"] for p in kept) == kept_by_hand
+        rows = {row["id"]: row for row in map(json.loads, scores_file.read_text().splitlines())}
+        assert set(rows) == {id_of[p] for p in expected}
+        np.testing.assert_allclose([rows[id_of[p]]["score"] for p in expected], list(expected.values()),
+                                   rtol=1e-12)
+        assert all(rows[id_of[p]]["trajectory"] == curves[p] for p in expected)
+
+    # the opt-in rule keeps every prompt seen at all
+    kept_seen = lim.main(["--trajectories", str(trajectories), "--gaps", "seen", "--data", str(data_file),
+                          "--out", str(tmp_path / "seen.jsonl"), "--scores", str(scores_file)])
+    assert len(scores_file.read_text().splitlines()) == len(curves) > len(expected)
+    nan_for_missing = [[nan if x is MISSING else x for x in as_drawn[p]] for p in as_drawn]
+    seen_scores = lim_by_loops(nan_for_missing)
+    kept_by_hand_seen = sorted(id_of[p] for p, s in zip(as_drawn, seen_scores) if s >= 0.6)
+    assert sorted(p["id"] for p in kept_seen) == kept_by_hand_seen
+
+
+def test_limr_gap_rule_by_hand():
+    r = [[nan, 0.5, nan, 0.25],        # both gaps filled from the next epoch: kept
+         [nan, 0.5, 0.75, nan],        # a gap in the last epoch stays: dropped
+         [nan, nan, 0.5, 0.75],        # two gaps running: the first stays: dropped
+         [0.25, 0.5, 0.75, 1.0]]       # no gap: kept, unchanged
+    filled, keep = lim.fill_gaps_like_limr(r)
+    assert keep.tolist() == [True, False, False, True]
+    np.testing.assert_array_equal(filled[0], [0.5, 0.5, 0.25, 0.25])
+    np.testing.assert_array_equal(filled[1], [0.5, 0.5, 0.75, nan])
+    np.testing.assert_array_equal(filled[2], [nan, 0.5, 0.5, 0.75])
+    # the average curve is over the prompts kept: (0.375, 0.5, 0.5, 0.625)
+    np.testing.assert_allclose(lim.average_curve(filled[keep]), [0.375, 0.5, 0.5, 0.625])
+
+
+def test_read_limr_steps_whole_epochs_and_clear_errors(tmp_path):
+    for step, rewards in enumerate([[1, -0.5], [1.0, 1], [-1, -1], [1, 0.5]], 1):  # 0.5 is not correct
+        (tmp_path / f"step_{step}.json").write_text(json.dumps([{"prompt": f" p{step % 2} ", "reward": r}
+                                                                for r in rewards]))
+    (tmp_path / "step_5.json").write_text("[]")  # a third epoch begun, not finished: left out
+    prompts, r = lim.read_limr_steps(tmp_path, steps_per_epoch=2)
+    assert prompts == ["p1", "p0"]
+    np.testing.assert_array_equal(r, [[0.5, 0.0], [1.0, 0.5]])
+    with pytest.raises(data.DataError, match="step_6.json does not exist"):
+        lim.read_limr_steps(tmp_path, steps_per_epoch=2, epochs=3)
+    (tmp_path / "step_2.json").write_text('[{"prompt": "p0"}]')
+    with pytest.raises(data.DataError, match="step_2.json entry 0: .*numeric reward"):
+        lim.read_limr_steps(tmp_path, steps_per_epoch=2)
+    with pytest.raises(data.DataError, match="fewer than one epoch"):
+        lim.read_limr_steps(tmp_path, steps_per_epoch=6)

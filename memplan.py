@@ -1,0 +1,323 @@
+"""The memory plan: what one GPU will hold for a training config, worked out before anything loads.
+
+    python grpo.py --preset limo --dry-run --plan-gpus 8       # the budget of one of 8 GPUs, then exit
+    torchrun --nproc_per_node 8 ppo.py --preset limr --dry-run  # the same, for this launch's ranks
+
+`--dry-run` exits 0 when the config is predicted to fit, 1 (naming the flag to change) when not;
+every real run prints the plan's two-line summary on rank 0. No model is downloaded: shapes come
+from KNOWN_MODELS, a local folder's config.json, or the Hugging Face cache.
+
+The arithmetic, per GPU, with W ranks sharing each model (FSDP2) and P parameters per model:
+
+  resident, all run long  fp32 master weights 4P/W and Adam's two fp32 moments 8P/W of each model
+                          trained (PPO: actor and critic); the frozen reference 2P/W in bf16
+  during an update        fp32 gradients 4P/W (reduce-scattered after every micro-batch); what FSDP
+                          has gathered (the root group, embeddings and LM head, stays gathered for
+                          the whole forward and backward; two layers at a time, one being prefetched)
+                          with the unsharded gradients of the root and of one layer; the activations
+                          (with checkpointing: each layer's input, plus one layer recomputed in
+                          backward); the log-prob chunk (chunk tokens x vocab x 14 bytes)
+  during generation       vLLM's --vllm-gpu-memory-utilization share of the GPU (its bf16 weights,
+                          activations, KV cache); the training state stays, gradients are freed
+  always                  RESERVE_GIB for the CUDA context, NCCL buffers and vLLM asleep
+
+The weights, gradient and Adam terms are exact counts (tests/test_memplan.py checks them against
+the tensors FSDP holds on 1 and 2 ranks); activations are an estimate of what one decoder layer
+saves for backward. Against bench/memory.py's CPU measurements (52M and 134M models, 1-4 ranks,
+512-4096 tokens) the predicted update peak came within -8% to +34% of the measured one.
+"""
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+GiB = 1 << 30
+# Allowance, not a measurement: CUDA context ~0.5 GiB per process, NCCL buffers ~1 GiB, vLLM asleep
+# (CUDA graphs, its own context) ~1 GiB, and allocator fragmentation.
+RESERVE_GIB = 4.0
+# vLLM profiles a forward pass of max_num_batched_tokens at start-up and keeps that much free for
+# activations (sampler logits included): an allowance for it.
+VLLM_ACTIVATION_GIB = 2.0
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A decoder-only transformer of the Qwen2/Llama family: what its memory depends on."""
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    tied: bool               # input embedding and LM head share one matrix
+    qkv_bias: bool = True    # Qwen2 has biases on q, k and v; Llama does not
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * (self.hidden // self.heads)
+
+    def layer_parameters(self) -> int:
+        h, kv, bias = self.hidden, self.kv_dim, int(self.qkv_bias)
+        attention = h * h + 2 * h * kv + h * h + bias * (h + 2 * kv)  # q, k, v, o
+        return attention + 3 * h * self.intermediate + 2 * h            # gate, up, down; two RMSNorms
+
+    def root_parameters(self) -> int:
+        """Embedding, final norm and (untied) LM head: what FSDP's root group holds."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
+    def parameters(self) -> int:
+        return self.layers * self.layer_parameters() + self.root_parameters()
+
+    def critic_parameters(self) -> int:
+        """ppo.load_critic: the same body with a Linear(hidden, 1) head in place of the LM head."""
+        return self.parameters() - (0 if self.tied else self.vocab * self.hidden) + self.hidden + 1
+
+
+# Each from the model's published config.json on the Hugging Face hub
+# (https://huggingface.co/<name>/blob/main/config.json): hidden_size, num_hidden_layers,
+# num_attention_heads, num_key_value_heads, intermediate_size, vocab_size, tie_word_embeddings.
+KNOWN_MODELS = {
+    "Qwen/Qwen2.5-Math-1.5B": Shape(1536, 28, 12, 2, 8960, 151936, tied=True),
+    "Qwen/Qwen2.5-Math-7B": Shape(3584, 28, 28, 4, 18944, 152064, tied=False),
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": Shape(1536, 28, 12, 2, 8960, 151936, tied=False),
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": Shape(3584, 28, 28, 4, 18944, 152064, tied=False),
+    "Qwen/Qwen2.5-1.5B-Instruct": Shape(1536, 28, 12, 2, 8960, 151936, tied=True),
+    "Qwen/Qwen2.5-7B-Instruct": Shape(3584, 28, 28, 4, 18944, 152064, tied=False),
+    "Qwen/Qwen2.5-32B-Instruct": Shape(5120, 64, 40, 8, 27648, 152064, tied=False),
+}
+
+
+def shape_from_config(config: dict) -> Shape:
+    config = config.get("text_config", config)
+    heads = config["num_attention_heads"]
+    return Shape(hidden=config["hidden_size"], layers=config["num_hidden_layers"], heads=heads,
+                 kv_heads=config.get("num_key_value_heads") or heads, intermediate=config["intermediate_size"],
+                 vocab=config["vocab_size"], tied=bool(config.get("tie_word_embeddings", False)),
+                 qkv_bias=config.get("model_type") == "qwen2" or bool(config.get("attention_bias", False)))
+
+
+def model_shape(name_or_path: str) -> Shape | None:
+    """The shape of --model without loading it: the table, `tiny`, a local config.json, the HF cache."""
+    if name_or_path in KNOWN_MODELS:
+        return KNOWN_MODELS[name_or_path]
+    if name_or_path == "tiny":  # training.build_tiny_model's defaults
+        import training
+
+        return Shape(128, 4, 4, 2, 512, len(training.build_tiny_tokenizer()), tied=True)
+    path = Path(os.path.expanduser(name_or_path))
+    config = path / "config.json"
+    if not config.exists() and not path.exists():
+        try:  # a hub id downloaded before: read its cached config, never download
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name_or_path, "config.json")
+            config = Path(cached) if isinstance(cached, str) else config
+        except Exception:  # not a valid repo id, or no hub library: the shape is unknown
+            pass
+    try:  # a config of another architecture (or not JSON) has no shape the plan knows
+        return shape_from_config(json.loads(config.read_text())) if config.is_file() else None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# The budget of one GPU for one trainer's config.
+
+
+@dataclass
+class Plan:
+    header: str
+    rows: list            # (phase, what, bytes)
+    update_bytes: float   # peak while training
+    generation_bytes: float
+    gpu_bytes: float
+    notes: list           # e.g. vLLM's KV-cache capacity
+    advice: list          # empty when it fits
+
+    @property
+    def fits(self) -> bool:
+        return not self.advice
+
+    def summary(self) -> str:
+        verdict = "fits" if self.fits else "does NOT fit: " + "; ".join(self.advice)
+        generation = (f"generation {self.generation_bytes / GiB:.1f} GiB" if self.generation_bytes
+                      else "no generation")
+        return (f"{self.header}\n  peak per GPU: update {self.update_bytes / GiB:.1f} GiB, {generation}, "
+                f"of {self.gpu_bytes / GiB:.0f} GiB: {verdict}")
+
+    def table(self) -> str:
+        lines = [self.header]
+        for phase, what, size in self.rows:
+            lines.append(f"  {phase:<11} {what:<58} {size / GiB:8.2f} GiB")
+        lines += [f"  {note}" for note in self.notes]
+        return "\n".join(lines) + "\n" + self.summary().split("\n", 1)[1]
+
+
+def count(parameters: int) -> str:
+    return f"{parameters / 1e9:.2f}B" if parameters >= 1e8 else f"{parameters / 1e6:.2f}M"
+
+
+def layer_activation_elements(shape: Shape) -> int:
+    """Per token, what one decoder layer saves for backward (estimate): the norms' inputs and
+    outputs, q, k, v and rotated q, k, the attention output and o_proj's, the residual, gate, up,
+    silu(gate) and their product, down's output: ~10 h + 3 kv + 4 intermediate values."""
+    return 10 * shape.hidden + 3 * shape.kv_dim + 4 * shape.intermediate
+
+
+def activation_bytes(shape: Shape, tokens: int, compute_bytes: int, checkpointing: bool) -> float:
+    one_layer = tokens * layer_activation_elements(shape) * compute_bytes
+    if checkpointing:  # each layer's input is kept; one layer at a time is recomputed in backward
+        return shape.layers * tokens * shape.hidden * compute_bytes + one_layer
+    return shape.layers * one_layer
+
+
+def logprob_bytes(shape: Shape, tokens: int, chunk: int | None, compute_bytes: int) -> float:
+    """One chunk's logits: compute dtype, the fp32 copy over the temperature, the logsumexp/softmax
+    temporary, and in backward the fp32 gradient of the logits (see training.token_logprobs).
+    Without chunking (chunk None) the whole micro-batch is one chunk."""
+    chunk = tokens if not chunk else min(chunk, tokens)
+    return chunk * shape.vocab * (compute_bytes + 4 + 4 + 4)
+
+
+def gathered_bytes(shape: Shape, world_size: int, compute_bytes: int, critic: bool = False) -> float:
+    """FSDP's unsharded working set: the root group (gathered for the whole forward and backward) and
+    two layers in the compute dtype, the unsharded gradients of the root (the LM head's lives through
+    the backward) and of one layer, and that layer's gradients copied into fp32 to be reduce-scattered.
+    A critic's root has a Linear(hidden, 1) head where the LM head was.
+    One process has no FSDP; under bf16 autocast it caches a bf16 copy of every weight it uses."""
+    root, layer = shape.root_parameters(), shape.layer_parameters()
+    if critic:
+        root += shape.hidden + 1 - (0 if shape.tied else shape.vocab * shape.hidden)
+    if world_size == 1:
+        return (root + shape.layers * layer) * 2 if compute_bytes == 2 else 0.0
+    return (root + 2 * layer) * compute_bytes + (root + layer) * compute_bytes + layer * 4
+
+
+def make_plan(trainer: str, cfg, world_size: int, gpu_memory_gb: float) -> Plan | None:
+    """The budget of one GPU for `cfg` of grpo.py, ppo.py or sft.py; None if the shape is unknown."""
+    shape = model_shape(cfg.model)
+    if shape is None:
+        return None
+    W, gpu = world_size, gpu_memory_gb * GiB
+    cb = 2 if cfg.bf16 else 4
+    policy = shape.parameters()
+    if trainer == "ppo":
+        critic_shape = model_shape(cfg.critic) if cfg.critic else shape
+        if critic_shape is None:
+            return None
+        critic = critic_shape.critic_parameters()
+        with_reference, seq = cfg.kl_coef > 0, cfg.max_prompt_length + cfg.max_completion_length
+    elif trainer == "grpo":
+        critic_shape, critic = None, 0
+        with_reference, seq = cfg.beta > 0, cfg.max_prompt_length + cfg.max_completion_length
+    else:
+        critic_shape, critic, with_reference, seq = None, 0, False, cfg.max_length
+    trained = policy + critic
+    tokens = cfg.micro_batch_size * seq
+    chunk = getattr(cfg, "logprob_chunk_size", None)
+
+    rows = [("resident", f"weights, fp32, 1/{W} of {count(trained)} parameters", 4 * trained / W),
+            ("resident", "Adam moments, fp32, sharded", 8 * trained / W)]
+    if with_reference:
+        rows.append(("resident", f"reference model, {'bf16' if cfg.bf16 else 'fp32'}, sharded", cb * policy / W))
+    resident = sum(size for _, _, size in rows)
+
+    # during an update: the gradients, then what one micro-batch of the policy (or critic) needs
+    grads = 4 * trained / W
+    checkpointing = cfg.gradient_checkpointing
+    policy_activations = activation_bytes(shape, tokens, cb, checkpointing)
+    logprobs = logprob_bytes(shape, tokens, chunk, cb)
+    policy_step = gathered_bytes(shape, W, cb) + policy_activations + logprobs
+    rows.append(("update", "gradients, fp32, sharded", grads))
+    rows.append(("update", "gathered by FSDP: root + 2 layers, unsharded gradients" if W > 1 else
+                 "bf16 copies of the weights cached by autocast", gathered_bytes(shape, W, cb)))
+    rows.append(("update", f"activations of {cfg.micro_batch_size} x {seq} tokens"
+                           f"{', checkpointed' if checkpointing else ', NOT checkpointed'}", policy_activations))
+    rows.append(("update", f"log-probs: {min(chunk or tokens, tokens)} tokens x {shape.vocab} vocabulary "
+                           f"at once{'' if chunk else ' (unchunked)'}", logprobs))
+    step = policy_step
+    if critic_shape is not None:  # the critic's step alternates with the actor's: the larger one counts
+        critic_step = gathered_bytes(critic_shape, W, cb, critic=True) + \
+            activation_bytes(critic_shape, tokens, cb, checkpointing)
+        rows.append(("update", "critic micro-batch: gathered + activations (alternates)", critic_step))
+        step = max(policy_step, critic_step)
+    rows.append(("always", "reserve: CUDA context, NCCL, vLLM asleep, fragmentation", RESERVE_GIB * GiB))
+    update = resident + grads + step + RESERVE_GIB * GiB
+
+    # during generation: vLLM's share, or the HF engine's KV cache
+    notes, advice = [], []
+    kv_per_token = 2 * shape.layers * shape.kv_dim * cb
+    engine = getattr(cfg, "engine", None)
+    if engine == "vllm":
+        share = cfg.vllm_gpu_memory_utilization * gpu
+        vllm_weights = cb * policy
+        kv_room = share - vllm_weights - VLLM_ACTIVATION_GIB * GiB
+        sequences = max(0.0, kv_room) / (kv_per_token * seq)
+        rows.append(("generation", f"vLLM: {cfg.vllm_gpu_memory_utilization:g} of the GPU", share))
+        notes.append(f"vLLM's share: weights {vllm_weights / GiB:.1f} GiB, "
+                     f"activations {VLLM_ACTIVATION_GIB:.0f} GiB, KV cache {max(0.0, kv_room) / GiB:.1f} GiB "
+                     f"= {sequences:.1f} sequences of {seq} tokens")
+        generation = resident + share + RESERVE_GIB * GiB
+        if sequences < 1:
+            advice.append(f"vLLM's share cannot hold its weights and one {seq}-token sequence: raise "
+                          f"--vllm-gpu-memory-utilization (now {cfg.vllm_gpu_memory_utilization:g})")
+        if generation > gpu:
+            room = (gpu - resident - RESERVE_GIB * GiB) / gpu
+            advice.append(f"generation needs {generation / GiB:.1f} GiB: lower --vllm-gpu-memory-utilization "
+                          f"(now {cfg.vllm_gpu_memory_utilization:g}, at most {max(0.0, room):.2f} fits)"
+                          + ("" if room * gpu > vllm_weights + VLLM_ACTIVATION_GIB * GiB + kv_per_token * seq
+                             else ", which is too little: use more GPUs"))
+    elif engine == "hf":
+        cache = cfg.micro_batch_size * 4 * seq * kv_per_token  # make_engine's batch_size
+        rows.append(("generation", f"HF engine KV cache, {cfg.micro_batch_size * 4} sequences", cache))
+        generation = resident + cache + gathered_bytes(shape, W, cb) + RESERVE_GIB * GiB
+    else:
+        generation = 0.0
+
+    if update > gpu:  # name the flag that moves the largest part
+        parts = {"state": resident + grads + gathered_bytes(shape, W, cb), "activations": policy_activations,
+                 "logprobs": logprobs}
+        largest = max(parts, key=parts.get)
+        if largest == "activations" and not checkpointing:
+            advice.append("turn on --gradient-checkpointing")
+        elif largest == "activations" and cfg.micro_batch_size > 1:
+            advice.append(f"lower --micro-batch-size (now {cfg.micro_batch_size})")
+        elif largest == "activations":
+            length_flag = "--max-length" if trainer == "sft" else "--max-completion-length"
+            advice.append(f"shorten {length_flag} (now {seq} tokens with the prompt)")
+        elif largest == "logprobs":
+            advice.append(f"lower --logprob-chunk-size (now {chunk or 'unchunked'})")
+        else:
+            advice.append(f"the sharded state needs more GPUs than {W}: raise torchrun --nproc_per_node "
+                          f"(or --plan-gpus for the plan)")
+        advice[-1] = f"the update needs {update / GiB:.1f} GiB: " + advice[-1]
+    header = (f"memory plan: {trainer}, {cfg.model} ({count(policy)} parameters"
+              f"{f', critic {count(critic)}' if critic else ''}), {W} GPU(s) x {gpu_memory_gb:g} GiB, "
+              f"{'bf16' if cfg.bf16 else 'fp32'}")
+    return Plan(header, rows, update, generation, gpu, notes, advice)
+
+
+def report(trainer: str, cfg, d):
+    """Print the plan on rank 0 (the whole table under --dry-run, then exit: 0 if it fits, 1 if not)."""
+    import training
+
+    if cfg.plan_gpus < 0 or not cfg.gpu_memory_gb > 0 or getattr(cfg, "logprob_chunk_size", 1) < 1:
+        raise SystemExit(f"error: need --plan-gpus >= 0 (now {cfg.plan_gpus}), --gpu-memory-gb > 0 (now "
+                         f"{cfg.gpu_memory_gb}) and --logprob-chunk-size >= 1")
+    plan = make_plan(trainer, cfg, cfg.plan_gpus or d.world_size, cfg.gpu_memory_gb)
+    if plan is None:
+        critic = f" or --critic {cfg.critic!r}" if getattr(cfg, "critic", "") else ""
+        message = (f"the shape of --model {cfg.model!r}{critic} is unknown offline "
+                   f"(not in memplan.KNOWN_MODELS, no config.json found)")
+        if cfg.dry_run:
+            training.shutdown(d)
+            raise SystemExit(f"error: --dry-run: {message}")
+        if d.is_main:
+            print(f"memory plan: skipped, {message}")
+        return None
+    if d.is_main:
+        print(plan.table() if cfg.dry_run else plan.summary() + " (--dry-run for the breakdown)")
+    if cfg.dry_run:
+        training.shutdown(d)
+        raise SystemExit(0 if plan.fits else 1)
+    return plan

@@ -1,0 +1,135 @@
+"""memplan.py: the parameter counts are exact, the per-rank weight / gradient / Adam bytes equal what
+FSDP holds on 1 and 2 ranks (measured by bench/memory.py), and --dry-run's verdicts name the flag."""
+import importlib
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import memplan
+import training
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+memory_bench = importlib.import_module("memory")
+
+
+def built_parameters(shape: memplan.Shape, critic=False) -> int:
+    """Parameters of the transformers model of that shape, built on the meta device (no memory)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2ForTokenClassification
+
+    config = Qwen2Config(vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
+                         num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+                         intermediate_size=shape.intermediate, tie_word_embeddings=shape.tied, num_labels=1)
+    with torch.device("meta"):
+        model = (Qwen2ForTokenClassification if critic else Qwen2ForCausalLM)(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(memplan.KNOWN_MODELS))
+def test_parameter_counts_of_known_models_equal_the_built_models(name):
+    shape = memplan.KNOWN_MODELS[name]
+    assert shape.parameters() == built_parameters(shape)
+    assert shape.critic_parameters() == built_parameters(shape, critic=True)
+
+
+def test_known_sizes():
+    assert memplan.KNOWN_MODELS["Qwen/Qwen2.5-32B-Instruct"].parameters() == 32_763_876_352
+    assert memplan.KNOWN_MODELS["Qwen/Qwen2.5-Math-7B"].parameters() == 7_615_616_512
+    assert memplan.KNOWN_MODELS["Qwen/Qwen2.5-Math-1.5B"].parameters() == 1_543_714_304
+
+
+def test_tiny_and_local_config_shapes(tmp_path):
+    model, _ = training.build_tiny_model()
+    assert memplan.model_shape("tiny").parameters() == sum(p.numel() for p in model.parameters())
+    model.save_pretrained(tmp_path)  # a local folder's config.json
+    assert memplan.model_shape(str(tmp_path)) == memplan.model_shape("tiny")
+    assert memplan.model_shape(str(tmp_path / "absent")) is None
+
+
+TINY = "[64, 2, 4, 2, 128]"  # hidden, layers, heads, kv heads, intermediate: every dim splits over 2 ranks
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_weights_gradients_and_adam_per_rank_equal_what_fsdp_holds(ranks):
+    measured = memory_bench.run(str(ROOT), TINY, ranks, micro_batches=2, seq=64, vocab=1000)
+    plan = memory_bench.planned(TINY, ranks, 2, 64, chunked=True, vocab=1000)
+    assert len(measured) == ranks
+    for rank in measured:
+        assert rank["parameters"] == plan["parameters"]
+        for what in ("weights", "gradients", "adam"):
+            assert rank[what] == plan[what], what
+
+
+def plan_of(trainer, argv):
+    module = importlib.import_module(trainer)
+    cfg = training.parse_args(module.Config, module.PRESETS, argv)
+    return memplan.make_plan(trainer, cfg, cfg.plan_gpus, cfg.gpu_memory_gb)
+
+
+def test_presets_fit_on_eight_80gb_gpus_and_sharding_divides_the_state():
+    presets = [(trainer, name) for trainer in ("grpo", "ppo", "sft")
+               for name in importlib.import_module(trainer).PRESETS if name != "tiny"]
+    assert len(presets) >= 4
+    for trainer, preset in presets:
+        plans = {gpus: plan_of(trainer, ["--preset", preset, "--plan-gpus", str(gpus)]) for gpus in (1, 8)}
+        assert plans[8].fits, (trainer, preset, plans[8].advice)
+        state = {gpus: sum(size for phase, what, size in plan.rows if what.startswith(("weights", "Adam")))
+                 for gpus, plan in plans.items()}
+        assert state[1] == pytest.approx(8 * state[8], rel=1e-12)
+
+
+def test_logprob_memory_stops_growing_at_the_chunk():
+    shape = memplan.KNOWN_MODELS["Qwen/Qwen2.5-Math-7B"]
+    sizes = [memplan.logprob_bytes(shape, tokens, 1024, 2) for tokens in (512, 1024, 4096, 16384)]
+    assert sizes[0] == 512 * 152064 * 14 and sizes[1] == sizes[2] == sizes[3] == 1024 * 152064 * 14
+    assert memplan.logprob_bytes(shape, 4096, None, 2) == 4 * sizes[1]  # unchunked grows with length
+
+
+def run_dry(trainer, argv, capsys):
+    module = importlib.import_module(trainer)
+    with pytest.raises(SystemExit) as exit_:
+        module.main(argv + ["--dry-run"])
+    return exit_.value.code, capsys.readouterr().out
+
+
+SEVEN_B = ["--model", "Qwen/Qwen2.5-Math-7B", "--plan-gpus", "8", "--micro-batch-size", "4", "--max-prompt-length",
+           "512", "--max-completion-length", "3072", "--vllm-gpu-memory-utilization", "0.3"]
+SFT_7B = ["--model", "Qwen/Qwen2.5-7B-Instruct", "--plan-gpus", "8", "--micro-batch-size", "1",
+          "--max-length", "16384", "--bf16", "--gradient-checkpointing"]
+
+
+def test_dry_run_exits_0_when_it_fits(capsys):
+    code, out = run_dry("grpo", SEVEN_B + ["--logprob-chunk-size", "1024"], capsys)
+    assert code == 0 and "Qwen/Qwen2.5-Math-7B (7.62B parameters), 8 GPU(s) x 80 GiB" in out
+    assert "log-probs: 1024 tokens x 152064 vocabulary" in out and out.rstrip().endswith("fits")
+
+
+@pytest.mark.parametrize("trainer, argv, flag", [
+    ("grpo", SEVEN_B + ["--micro-batch-size", "64"], "--micro-batch-size"),
+    ("grpo", SEVEN_B + ["--vllm-gpu-memory-utilization", "0.2"], "raise --vllm-gpu-memory-utilization"),
+    ("grpo", SEVEN_B + ["--vllm-gpu-memory-utilization", "0.9"], "lower --vllm-gpu-memory-utilization"),
+    ("grpo", SEVEN_B + ["--logprob-chunk-size", "16384", "--gpu-memory-gb", "40",
+                        "--vllm-gpu-memory-utilization", "0.5"], "lower --logprob-chunk-size"),
+    ("ppo", SEVEN_B + ["--plan-gpus", "2"], "--nproc_per_node"),
+    ("sft", SFT_7B + ["--no-gradient-checkpointing"], "--gradient-checkpointing"),
+    ("sft", SFT_7B + ["--max-length", "262144"], "shorten --max-length"),
+    ("sft", SFT_7B + ["--gpu-memory-gb", "24"], "more GPUs than 8"),
+])
+def test_dry_run_of_a_config_that_does_not_fit_names_the_flag(trainer, argv, flag, capsys):
+    code, out = run_dry(trainer, argv, capsys)
+    assert code == 1 and "does NOT fit" in out and flag in out
+
+
+def test_dry_run_of_an_unknown_model_says_so_in_one_line(tmp_path, capsys):
+    code, _ = run_dry("sft", ["--model", str(tmp_path / "nowhere")], capsys)
+    assert code.startswith("error: --dry-run: the shape of --model") and "\n" not in code
+
+
+def test_real_runs_print_the_summary(capsys):
+    cfg = training.parse_args(importlib.import_module("sft").Config, {}, ["--model", "tiny"])
+    plan = memplan.report("sft", cfg, SimpleNamespace(world_size=1, is_main=True))
+    out = capsys.readouterr().out
+    assert plan.fits and out.startswith("memory plan: sft, tiny") and "--dry-run for the breakdown" in out
