@@ -565,8 +565,9 @@ def make_arith_problems(n: int, seed: int = 0, split: str = "train",
 
 # ----------------------------------------------------------------------------------------------
 # Prompts. "qwen-math": the tokenizer's chat template with Qwen2.5-Math's chain-of-thought system
-# prompt. "r1": the R1-style prompt Open-RS trains with (knoveleng/open-rs, recipes/grpo.yaml; the
-# YAML writes the box as `\\boxed{{}}`, a formatting slip we do not copy). "plain": for base models
+# prompt. "r1": the R1-style prompt Open-RS trains with, character for character (knoveleng/open-rs
+# recipes/grpo.yaml:9: the YAML string `\\boxed{{}}` is the text `\boxed{{}}`, which open_r1/grpo.py:183-190
+# passes on unformatted, so their model saw the doubled braces; so does ours). "plain": for base models
 # and the tiny model, which reads the prompt character by character. "auto": qwen-math when the
 # tokenizer has a chat template, else plain. Two evaluation templates put the question alone in the
 # user turn with no system message (a chat template may still add its own default one, as
@@ -577,7 +578,7 @@ QWEN_MATH_SYSTEM_PROMPT = "Please reason step by step, and put your final answer
 R1_SYSTEM_PROMPT = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
     "The assistant first thinks about the reasoning process in the mind and then provides the user with the "
-    "answer, and put your final answer within \\boxed{} . The reasoning process and answer are enclosed within "
+    "answer, and put your final answer within \\boxed{{}} . The reasoning process and answer are enclosed within "
     "<think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
     "<answer> answer here </answer>. Note that respond by English, NOT use other languages."
 )

@@ -73,7 +73,7 @@ def stop_token_ids(tokenizer, generation_config) -> list[int]:
 def check_sampling(sampling: Sampling):
     if sampling.n < 1 or sampling.max_new_tokens < 1:
         raise ValueError(f"need n >= 1 and max_new_tokens >= 1, got {sampling}")
-    if sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
+    if not sampling.temperature >= 0 or not 0 < sampling.top_p <= 1:  # `not >=` also refuses NaN
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {sampling}")
 
 

@@ -290,6 +290,8 @@ def parse_args(argv=None):
                              ("--grader-workers", args.grader_workers, 1)):
         if value is not None and value < low:
             p.error(f"{flag} must be at least {low}, got {value}")
+    if not 0 <= args.seed < 2 ** 32:  # numpy's seed range
+        p.error(f"--seed must be in [0, 2^32), got {args.seed}")
     if not 0 < args.gpu_memory_utilization <= 1:
         p.error(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
     one_process = int(os.environ.get("WORLD_SIZE", "1")) == 1  # torchrun runs one engine per GPU instead
@@ -319,7 +321,7 @@ def bench_settings(args, spec: str, p) -> dict:
     settings.update({key: value for key, value in explicit.items() if value is not None})
     if settings["n"] < 1 or settings["max_tokens"] < 1:
         p.error(f"--n and --max-tokens must be at least 1, got {settings['n']} and {settings['max_tokens']}")
-    if settings["temperature"] < 0 or not 0 < settings["top_p"] <= 1:
+    if not settings["temperature"] >= 0 or not 0 < settings["top_p"] <= 1:  # `not >=` also refuses NaN
         p.error(f"need --temperature >= 0 and 0 < --top-p <= 1, "
                 f"got {settings['temperature']} and {settings['top_p']}")
     if any(not 1 <= k <= settings["n"] for k in args.k):
@@ -350,6 +352,7 @@ def main(argv=None):
     dtype = resolve_dtype(args.dtype)
     protocol = PROTOCOLS.get(args.protocol, {})
     fallback = protocol.get("fallback", ())
+    max_model_len = args.max_model_len or protocol.get("max_model_len")
     d = training.init_distributed()
     training.seed_everything(args.seed)
 
@@ -361,7 +364,8 @@ def main(argv=None):
             raise SystemExit(f"error: --bench {spec} has no problems (an empty file, or --limit 0)")
     training.check_model_path(args.model)
     produced_by = {spec: {"model": args.model, "split": SINGLE_SPLIT.get(spec, args.split), "seed": args.seed,
-                          "dtype": dtype, "fallback": list(fallback), **args.settings[spec]}
+                          "dtype": dtype, "fallback": list(fallback), "engine": args.engine,
+                          "max_model_len": max_model_len, **args.settings[spec]}
                    for spec in benches}
     samples_path = Path(args.out).with_suffix(".samples.jsonl") if args.out else None
     done = {}  # (bench, id) -> record, from an earlier run with the same --out
@@ -381,7 +385,7 @@ def main(argv=None):
         model = training.load_model(args.model, dtype=getattr(torch, dtype)).to(d.device).eval()
     engine = make_engine(args.engine, model, tokenizer, args.model, d, batch_size=args.batch_size,
                          gpu_memory_utilization=args.gpu_memory_utilization, dtype=dtype,
-                         max_model_len=args.max_model_len or protocol.get("max_model_len"),
+                         max_model_len=max_model_len,
                          tensor_parallel_size=args.tensor_parallel_size)
     training.seed_per_rank(args.seed, d)  # ranks sample their shares of the problems from their own streams
 

@@ -251,12 +251,12 @@ def policy_update(policy, reference, optimizer, scheduler, rows, cfg: Config, d,
                 sums["gap"] += gap.sum().item() / num_tokens
                 gap_max = torch.maximum(gap_max, gap.max())
         grad_norm = training.clip_grad_norm(policy, cfg.grad_clip)
-        training.stop_if_not_finite({"gradient norm": grad_norm}, scheduler.last_epoch + 1)  # NaN guard
+        training.stop_if_not_finite({"gradient norm": grad_norm}, scheduler.last_epoch + 1, d)  # NaN guard
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     stats = {name: training.all_reduce_sum(value, d).item() for name, value in sums.items()}
-    training.stop_if_not_finite({"loss": stats["loss"]}, scheduler.last_epoch)
+    training.stop_if_not_finite({"loss": stats["loss"]}, scheduler.last_epoch, d)
     return {"loss": stats["loss"], "clip_frac": stats["clip"], "kl": stats["kl"], "entropy": stats["entropy"],
             "grad_norm": grad_norm, "logprob_gap_mean": stats["gap"],
             "logprob_gap_max": training.all_reduce_max(gap_max, d).item()}
@@ -291,8 +291,8 @@ def main(argv=None):
     policy_path = str(checkpoint) if checkpoint else cfg.model
     policy = training.shard_model(training.load_model(policy_path), d, cfg.bf16, cfg.gradient_checkpointing)
     reference = None
-    if cfg.beta > 0:  # frozen: no optimizer needs fp32 master weights, so bf16 runs keep it in bf16
-        reference = training.load_model(cfg.model, dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+    if cfg.beta > 0:  # frozen: no optimizer needs fp32 master weights (one bf16 process: fp32 under autocast, as pi)
+        reference = training.load_model(cfg.model, dtype=training.frozen_dtype(d, cfg.bf16))
         reference = training.shard_model(reference, d, cfg.bf16, False).eval()
         reference.requires_grad_(False)
     training.seed_per_rank(cfg.seed, d)  # models are built identically on all ranks; sampling differs per rank

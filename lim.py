@@ -311,8 +311,8 @@ def parse_args(argv=None):
                    "rest. seen (ours, opt-in): keep every prompt, score it over the epochs it was seen in")
     p.add_argument("--threshold", type=float, default=None, help="keep scores >= this (default: the paper's, "
                    "0.6 for lim; rand keeps as many as lim does at it; 0.7 for linear)")
-    p.add_argument("--epochs", type=int, default=None, help="score epochs 0..N-1 only (default: all; with "
-                   "--limr-steps all complete ones; LIMR's lim.sh used 21)")
+    p.add_argument("--epochs", type=int, default=None, help="score epochs 0..N-1 only (default: all; under "
+                   "--gaps limr all complete ones, as LIMR reads; LIMR's lim.sh used 21)")
     p.add_argument("--steps-per-epoch", type=int, default=None,
                    help=f"with --limr-steps: steps per epoch (default {LIMR_STEPS_PER_EPOCH}, LIMR's lim.sh)")
     p.add_argument("--out", required=True, help="the kept problems (.jsonl, or .json for a JSON list)")
@@ -326,6 +326,10 @@ def parse_args(argv=None):
         p.error("--epochs takes a number >= 1, and only with --trajectories or --limr-steps")
     if args.steps_per_epoch is not None and (args.steps_per_epoch < 1 or not args.limr_steps):
         p.error("--steps-per-epoch takes a number >= 1, and only with --limr-steps")
+    if args.threshold is not None and not np.isfinite(args.threshold):
+        p.error(f"--threshold must be a finite number, not {args.threshold}")
+    if args.seed < 0:
+        p.error(f"--seed must be >= 0, not {args.seed}")
     if args.steps_per_epoch is None:
         args.steps_per_epoch = LIMR_STEPS_PER_EPOCH
     return args
@@ -366,10 +370,16 @@ def main(argv=None):
         scored, r = trajectories_of_problems(args, problems)
         origin = f"{args.trajectories or args.limr_steps} ({r.shape[1]} epochs, gaps: {args.gaps})"
         seen = (~np.isnan(r)).sum(axis=0)
-        if seen[-1] < seen.max():
-            last, fate = r.shape[1] - 1, "dropped (--gaps limr)" if args.gaps == "limr" else "scored without it"
+        if seen[-1] < seen.max() and r.shape[1] > 1:
+            last = r.shape[1] - 1
             print(f"lim: note: epoch {last} saw only {seen[-1]} of the {seen.max()} samples other epochs saw "
-                  f"(a run stopped inside it?); the rest are {fate}; --epochs {last} leaves it out")
+                  f"(a run stopped inside it?)", end="; ")
+            if args.gaps == "limr" and args.epochs is None:  # LIMR reads whole epochs only (lim_selection.py:11-19)
+                print(f"left out, as LIMR's reader does (--epochs {last + 1} keeps it)")
+                r = r[:, :-1]
+            else:
+                print("the samples it missed are " + ("dropped (--gaps limr)" if args.gaps == "limr"
+                                                       else "scored without it") + f"; --epochs {last} leaves it out")
         if args.gaps == "limr":
             r, keep = fill_gaps_like_limr(r)
             if not keep.all():

@@ -304,6 +304,8 @@ def report(trainer: str, cfg, d):
     if cfg.plan_gpus < 0 or not cfg.gpu_memory_gb > 0 or getattr(cfg, "logprob_chunk_size", 1) < 1:
         raise SystemExit(f"error: need --plan-gpus >= 0 (now {cfg.plan_gpus}), --gpu-memory-gb > 0 (now "
                          f"{cfg.gpu_memory_gb}) and --logprob-chunk-size >= 1")
+    if not cfg.dry_run and d.device.type != "cuda":
+        return None  # a GPU budget means nothing to a CPU run (--dry-run still prints it anywhere)
     plan = make_plan(trainer, cfg, cfg.plan_gpus or d.world_size, cfg.gpu_memory_gb)
     if plan is None:
         critic = f" or --critic {cfg.critic!r}" if getattr(cfg, "critic", "") else ""

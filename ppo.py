@@ -322,14 +322,14 @@ def ppo_update(experience, optimizers: dict, schedulers: dict, cfg: Config, d, t
             for name in ("critic", "actor") if train_actor else ("critic",):
                 model, optimizer = optimizers[name]
                 grad_norm = training.clip_grad_norm(model, cfg.grad_clip)
-                training.stop_if_not_finite({f"{name} gradient norm": grad_norm}, schedulers[name].last_epoch + 1)
+                training.stop_if_not_finite({f"{name} gradient norm": grad_norm}, schedulers[name].last_epoch + 1, d)
                 grad_norms[name] += grad_norm / num_updates
                 optimizer.step()
                 schedulers[name].step()
                 optimizer.zero_grad(set_to_none=True)
     stats = {name: training.all_reduce_sum(value, d).item() for name, value in sums.items()}
     training.stop_if_not_finite({"policy loss": stats["policy_loss"], "value loss": stats["value_loss"]},
-                                schedulers["critic"].last_epoch)
+                                schedulers["critic"].last_epoch, d)
     return {**stats, "actor_grad_norm": grad_norms["actor"], "critic_grad_norm": grad_norms["critic"]}
 
 
@@ -369,8 +369,8 @@ def main(argv=None):
     critic = load_critic(str(checkpoint / "critic") if checkpoint else cfg.critic or cfg.model, cfg.seed)
     critic = training.shard_model(critic, d, cfg.bf16, cfg.gradient_checkpointing)
     reference = None
-    if cfg.kl_coef > 0:  # frozen: no optimizer needs fp32 master weights, so bf16 runs keep it in bf16
-        reference = training.load_model(cfg.model, dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+    if cfg.kl_coef > 0:  # frozen: no optimizer needs fp32 master weights (one bf16 process: fp32 under autocast, as pi)
+        reference = training.load_model(cfg.model, dtype=training.frozen_dtype(d, cfg.bf16))
         reference = training.shard_model(reference, d, cfg.bf16, False).eval()
         reference.requires_grad_(False)
     training.seed_per_rank(cfg.seed, d)  # models (the critic's new head too) are identical on all ranks first
@@ -448,7 +448,7 @@ def main(argv=None):
 
     grader.close()
     training.finish(cfg.output_dir, actor, tokenizer, d)
-    training.save_pretrained(critic, tokenizer, Path(cfg.output_dir) / "critic", d)  # --critic can start from it
+    training.finish(Path(cfg.output_dir) / "critic", critic, tokenizer, d)  # --critic can start from it
     if d.is_main:
         print(f"ppo: final actor in {cfg.output_dir}, critic in {cfg.output_dir}/critic")
     engine.close()  # vLLM's teardown needs the process group that training.shutdown destroys

@@ -167,13 +167,13 @@ def main(argv=None):
             (token_nll / global_tokens * d.world_size).backward()
             loss_sum += token_nll.detach()
         grad_norm = training.clip_grad_norm(model, cfg.grad_clip)
-        training.stop_if_not_finite({"gradient norm": grad_norm}, step + 1)  # NaN guard: before the step
+        training.stop_if_not_finite({"gradient norm": grad_norm}, step + 1, d)  # NaN guard: before the step
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         loss = training.all_reduce_sum(loss_sum.double(), d).item() / global_tokens
-        training.stop_if_not_finite({"loss": loss}, step + 1)
+        training.stop_if_not_finite({"loss": loss}, step + 1, d)
         seconds = time.time() - started
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
                    "tokens_per_s": global_tokens / seconds, "step_s": seconds, "epoch": (step + 1) * cfg.batch_size / len(examples)}

@@ -211,7 +211,8 @@ def seed_per_rank(seed: int, d: Dist):
     so every rank first seeds with `seed`. Sampling must not be identical: with one stream on every
     rank, rank r's k-th draw equals rank 0's, and the completions of different ranks are correlated,
     which every estimator here assumes they are not. Rank 0 keeps the stream it has (a one-process run
-    samples as it always did); rank r > 0 reseeds from (seed, r), hashed so no two (seed, rank) pairs
+    with the HF engine samples as before; the vLLM engine derives each call's stream from this one and the
+    rank, engine.rank_stream); rank r > 0 reseeds from (seed, r), hashed so no two (seed, rank) pairs
     share a stream. The checkpoint saves each rank's RNG state, so a resumed run continues each stream."""
     if d.rank > 0:
         seed_everything(int(np.random.SeedSequence([seed, d.rank]).generate_state(1)[0]))
@@ -373,6 +374,13 @@ def shard_model(model, d: Dist, bf16: bool, gradient_checkpointing: bool):
     return model
 
 
+def frozen_dtype(d: Dist, bf16: bool) -> torch.dtype:
+    """The dtype of a frozen model (the reference): bf16 under FSDP with bf16, where the policy computes
+    from bf16 copies of its weights too; one process runs pi's fp32 weights under autocast, and a bf16
+    reference would differ from pi at step 0 (the residual stream stays fp32 under autocast)."""
+    return torch.bfloat16 if bf16 and d.enabled else torch.float32
+
+
 def autocast(d: Dist, bf16: bool):
     """Single-process runs have no FSDP mixed-precision policy: autocast does the same job."""
     enabled = bf16 and not d.enabled
@@ -384,15 +392,15 @@ def clip_grad_norm(model, max_norm: float) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
-def stop_if_not_finite(values: dict, optimizer_step: int):
-    """The NaN guard: a non-finite loss or gradient norm stops the run with one line, before the
-    optimizer applies it and before anything more is saved, so no checkpoint or final model ever
-    holds NaN or inf weights. Pass only values that are the same on every rank (gradient norms, all-
-    reduced losses): then every rank stops at the same point and none waits in a collective."""
+def stop_if_not_finite(values: dict, optimizer_step: int, d: "Dist"):
+    """The NaN guard: a non-finite gradient norm stops the run with one line before the optimizer
+    applies it; a non-finite loss (known after the step) stops it before anything more is saved. So no
+    checkpoint or final model ever holds NaN or inf weights. Pass only values that are the same on every
+    rank (gradient norms, all-reduced losses): then every rank stops at the same point, rank 0 says why."""
     bad = ", ".join(f"{name} is {value}" for name, value in values.items() if not math.isfinite(value))
     if bad:
-        raise SystemExit(f"error: {bad} at optimizer step {optimizer_step}: stopped before applying it, nothing "
-                         f"more saved (checkpoints already written hold finite weights); is the learning rate too high?")
+        _stop(f"error: {bad} at optimizer step {optimizer_step}: stopped, nothing more saved (checkpoints "
+              f"already written hold finite weights); is the learning rate too high?", d)
 
 
 def cosine_schedule(optimizer, max_steps: int, warmup_ratio: float, min_lr_ratio: float):
@@ -519,9 +527,14 @@ def log_rollouts(step: int, completions, owners, scores: dict, problems, prompts
                  prompts_per_step: int, output_dir, log_completions_steps: int, d: Dist) -> dict:
     """The rollout half of an RL step's metrics (rewards, accuracy, lengths) over all ranks, plus
     two files on rank 0: trajectories.jsonl (for lim.py: per prompt and epoch, how many of its
-    group were right) and, every log_completions_steps, a sample of completions.jsonl."""
+    group were right) and, every log_completions_steps, a sample of completions.jsonl.
+
+    Rank r sampled batch[r::world_size], so its j-th group sits at position r + j * world_size of the
+    step's batch; the epoch of a prompt is that of its position in the stream of batches."""
+    positions = [d.rank + j * d.world_size for j in range(len(owners) // group_size)]
     gathered = all_gather_objects({"scores": scores, "owners": owners, "lengths": [len(c.token_ids) for c in completions],
-                                   "truncated": [c.finish_reason == "length" for c in completions]}, d)
+                                   "truncated": [c.finish_reason == "length" for c in completions],
+                                   "positions": positions}, d)
     every = lambda key: [x for part in gathered for x in part[key]]
     column = lambda name: [x for part in gathered for x in part["scores"][name]]
     lengths = every("lengths")
@@ -533,11 +546,12 @@ def log_rollouts(step: int, completions, owners, scores: dict, problems, prompts
                 "response_length_max": max(lengths), "truncated_frac": float(np.mean(every("truncated"))),
                 "epoch": (step + 1) * prompts_per_step / len(problems)}
     if d.is_main:
-        all_owners, correct = every("owners"), column("correct")
+        all_owners, correct, all_positions = every("owners"), column("correct"), every("positions")
         with open(Path(output_dir) / "trajectories.jsonl", "a") as f:
             for g in range(0, len(all_owners), group_size):
+                position = step * prompts_per_step + all_positions[g // group_size]
                 f.write(json.dumps({"step": step + 1, "id": problems[all_owners[g]]["id"],
-                                    "epoch": (step * prompts_per_step + g // group_size) // len(problems),
+                                    "epoch": position // len(problems),
                                     "correct": sum(correct[g:g + group_size]), "n": group_size}) + "\n")
         if log_completions_steps and (step + 1) % log_completions_steps == 0:
             with open(Path(output_dir) / "completions.jsonl", "a") as f:
@@ -749,9 +763,15 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, optimizers: dict, s
         kept = f"{previous} is intact" if previous else "there is no earlier checkpoint"
         _stop(f"error: {failure}; the run stops here and {kept}: rerun the same command to resume from it", d)
     if d.is_main and save_total_limit > 0:
-        for old in complete_checkpoints(output_dir)[:-save_total_limit]:
-            (old / COMPLETE_MARKER).unlink()  # first: a deletion cut short leaves no folder that looks complete
-            shutil.rmtree(old)
+        kept = complete_checkpoints(output_dir)[-save_total_limit:]
+        oldest_kept = int(kept[0].name.split("-", 1)[1]) if kept else 0
+        # older complete ones, and damaged or unfinished ones older than those kept (never resumable)
+        for old in [p for p in _checkpoint_folders(output_dir) if int(p.name.split("-", 1)[1]) < oldest_kept]:
+            try:
+                (old / COMPLETE_MARKER).unlink(missing_ok=True)  # first: a cut-short deletion never looks complete
+                shutil.rmtree(old)
+            except OSError as error:  # the run goes on; a folder left behind costs disk, not correctness
+                warnings.warn(f"--save-total-limit: could not delete {old}: {error}")
     barrier(d)
 
 

@@ -34,3 +34,18 @@ def kill_after_first_checkpoint(command: list[str], output_dir: Path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (output_dir / "model.safetensors").exists(), "the run finished before it could be killed"
+
+
+# A tokenizer with a minimal chat template: renders prompts with no vocabulary to load.
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, "[UNK]")))
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer

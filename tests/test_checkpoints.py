@@ -138,6 +138,12 @@ def test_save_total_limit_keeps_the_newest_complete_checkpoints(tmp_path):
         save(tmp_path / "all", step, model, tokenizer, optimizer, scheduler)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoint-4", "checkpoint-5"]
     assert len(training.complete_checkpoints(tmp_path / "all")) == 5
+    # a damaged folder older than every kept checkpoint can never be resumed from: rotation removes it too
+    DAMAGES["tokenizer.json"](tmp_path / "two" / "checkpoint-5")
+    (tmp_path / "two" / "checkpoint-3").mkdir()          # a deletion cut short, marker already gone
+    for step in (6, 7):
+        save(tmp_path / "two", step, model, tokenizer, optimizer, scheduler, save_total_limit=2)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoint-6", "checkpoint-7"]
 
 
 def test_logs_keep_each_step_once_and_lose_a_torn_last_line(tmp_path, capsys):

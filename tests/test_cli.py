@@ -164,5 +164,15 @@ def test_nan_guard_stops_without_writing_weights(inputs, tmp_path, trainer):
     script, *args = NAN_RUNS[trainer]
     result = run(script, [*args, "--output-dir", str(tmp_path / "run")], inputs)
     assert_one_line_error(result, "is nan at optimizer step 1" if trainer != "sft" else "is nan")
-    assert "stopped before applying it" in result.stderr
+    assert "stopped, nothing more saved" in result.stderr
     assert not list((tmp_path / "run").rglob("*.safetensors")) and not list((tmp_path / "run").rglob("*.pt"))
+
+
+def test_nan_guard_under_two_ranks_stops_both_and_says_it_once(tmp_path):
+    """Every rank sees the same global gradient norm: both stop at the same step, rank 0 alone says why."""
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             *NAN_RUNS["sft"], "--output-dir", str(tmp_path / "run")], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert result.stderr.count("stopped, nothing more saved") == 1, result.stderr[-3000:]
+    assert not list((tmp_path / "run").rglob("*.safetensors"))

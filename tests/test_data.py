@@ -332,18 +332,7 @@ def test_linear_answers_grade_with_is_equiv():
 # ---------------------------------------------------------------------------------------------
 # Prompt templates.
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-
-@pytest.fixture(scope="module")
-def chat_tokenizer():
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, "[UNK]")))
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+# chat_tokenizer and CHAT_TEMPLATE: conftest.py
 
 
 def test_plain_prompt_is_short_and_the_default_without_a_chat_template():
@@ -358,7 +347,9 @@ def test_chat_prompts(chat_tokenizer):
     assert data.QWEN_MATH_SYSTEM_PROMPT == "Please reason step by step, and put your final answer within \\boxed{}."
     r1 = format_prompt("What is 1+1?", chat_tokenizer, "r1")
     assert r1 == f"<|system|>{data.R1_SYSTEM_PROMPT}\n<|user|>What is 1+1?\n<|assistant|>"
-    assert "<think> </think>" in data.R1_SYSTEM_PROMPT and "\\boxed{}" in data.R1_SYSTEM_PROMPT
+    assert "<think> </think>" in data.R1_SYSTEM_PROMPT
+    # open-rs recipes/grpo.yaml:9 is a double-quoted YAML string: "\\\\boxed{{}} ." reaches the model as \boxed{{}} .
+    assert "put your final answer within \\boxed{{}} . The reasoning" in data.R1_SYSTEM_PROMPT
     assert format_prompt("Q", chat_tokenizer, "plain") == "Q\nSolution:\n"
     assert format_prompt("Q", None, "r1").endswith("\nUser: Q\nAssistant:")
     with pytest.raises(ValueError, match="needs a tokenizer with a chat template"):

@@ -150,8 +150,8 @@ def test_a_torn_last_line_is_dropped_and_its_problem_redone(tiny_model, tmp_path
     assert summary["n_problems"] == 4 and summary["n_samples"] == 2
     record = json.loads(redone[3])
     assert record["produced_by"] == {"model": str(tiny_model), "split": "test", "seed": 0, "dtype": "float32",
-                                     "fallback": [], "n": 2, "temperature": 1.0, "top_p": 1.0, "max_tokens": 6,
-                                     "template": "plain"}
+                                     "fallback": [], "engine": "hf", "max_model_len": None, "n": 2,
+                                     "temperature": 1.0, "top_p": 1.0, "max_tokens": 6, "template": "plain"}
 
 
 def test_read_samples_keeps_whole_records_and_refuses_a_damaged_middle(tmp_path):
@@ -180,7 +180,7 @@ def first_run(tiny_model, tmp_path_factory):
 
 @pytest.mark.parametrize("flag, value", [("--temperature", "0.5"), ("--n", "3"), ("--template", "auto"),
                                          ("--max-tokens", "7"), ("--top-p", "0.9"), ("--seed", "1"),
-                                         ("--model", "OTHER")])
+                                         ("--model", "OTHER"), ("--max-model-len", "64")])
 def test_a_rerun_with_other_settings_is_a_one_line_error(tiny_model, first_run, tmp_path, flag, value, monkeypatch):
     argv, before = first_run
     out = tmp_path / "r.json"
@@ -208,6 +208,8 @@ BAD_INPUTS = [
     (["--bench", "linear", "--n", "0"], "--n"),
     (["--bench", "linear", "--top-p", "0"], "--top-p"),
     (["--bench", "linear", "--temperature", "-1"], "--temperature"),
+    (["--bench", "linear", "--temperature", "nan"], "--temperature"),
+    (["--bench", "linear", "--seed", "-1"], "--seed"),
     (["--bench", "linear", "--tensor-parallel-size", "2"], "--tensor-parallel-size"),
     (["--bench", "linear", "linear"], "--bench"),
     (["--protocol", "nope"], "--protocol"),
@@ -242,18 +244,7 @@ def test_cli_bad_input_exits_with_one_line_and_no_traceback(tiny_model, tmp_path
 # Protocols: each value as the upstream code has it (evaluate.PROTOCOLS cites file:line), the
 # prompt it renders, and its answer fallback.
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-
-@pytest.fixture(scope="module")
-def chat_tokenizer():
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, "[UNK]")))
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+# chat_tokenizer and CHAT_TEMPLATE: conftest.py
 
 
 def settings(*flags):

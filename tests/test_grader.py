@@ -126,25 +126,13 @@ NOT_EQUIVALENT_SPELLINGS = [
 ]
 
 
-@pytest.mark.parametrize("pred, gold", EQUIVALENT_SPELLINGS)
-def test_equivalent_spellings(pred, gold):
-    assert is_equiv(pred, gold)
-    assert is_equiv(gold, pred)
-
-
-@pytest.mark.parametrize("pred, gold", NOT_EQUIVALENT_SPELLINGS)
-def test_not_equivalent_spellings(pred, gold):
-    assert not is_equiv(pred, gold)
-    assert not is_equiv(gold, pred)
-
-
-@pytest.mark.parametrize("pred, gold", EQUIVALENT)
+@pytest.mark.parametrize("pred, gold", EQUIVALENT + EQUIVALENT_SPELLINGS)
 def test_equivalent(pred, gold):
     assert is_equiv(pred, gold)
     assert is_equiv(gold, pred)
 
 
-@pytest.mark.parametrize("pred, gold", NOT_EQUIVALENT)
+@pytest.mark.parametrize("pred, gold", NOT_EQUIVALENT + NOT_EQUIVALENT_SPELLINGS)
 def test_not_equivalent(pred, gold):
     assert not is_equiv(pred, gold)
     assert not is_equiv(gold, pred)

@@ -377,3 +377,20 @@ def test_read_limr_steps_whole_epochs_and_clear_errors(tmp_path):
         lim.read_limr_steps(tmp_path, steps_per_epoch=2)
     with pytest.raises(data.DataError, match="fewer than one epoch"):
         lim.read_limr_steps(tmp_path, steps_per_epoch=6)
+
+
+def test_a_run_stopped_inside_an_epoch_scores_its_whole_epochs_under_limr_gaps(tmp_path, capsys):
+    """LIMR reads whole epochs only: a partial last epoch must not drop every prompt it did not reach."""
+    data_file, trajectories, loaded = write_run(tmp_path)
+    whole = lim.main(["--trajectories", str(trajectories), "--data", str(data_file), "--threshold", "-10",
+                      "--out", str(tmp_path / "whole.jsonl"), "--scores", str(tmp_path / "whole.json")])
+    partial = tmp_path / "partial.jsonl"   # a fourth epoch begun: only p0 reached
+    partial.write_text(trajectories.read_text() + json.dumps({"step": 99, "id": loaded["p0"], "epoch": 3,
+                                                              "correct": 4, "n": 4}) + "\n")
+    kept = lim.main(["--trajectories", str(partial), "--data", str(data_file), "--threshold", "-10",
+                     "--out", str(tmp_path / "kept.jsonl"), "--scores", str(tmp_path / "kept.json")])
+    assert "left out, as LIMR's reader does" in capsys.readouterr().out
+    assert [p["id"] for p in kept] == [p["id"] for p in whole] and len(kept) == len(CURVES)
+    assert json.loads((tmp_path / "kept.json").read_text()) == json.loads((tmp_path / "whole.json").read_text())
+    with pytest.raises(SystemExit):
+        lim.main(["--trajectories", str(partial), "--data", str(data_file), "--threshold", "nan", "--out", "x"])

@@ -128,8 +128,11 @@ def test_dry_run_of_an_unknown_model_says_so_in_one_line(tmp_path, capsys):
     assert code.startswith("error: --dry-run: the shape of --model") and "\n" not in code
 
 
-def test_real_runs_print_the_summary(capsys):
+def test_real_runs_print_the_summary_on_gpus_only(capsys):
     cfg = training.parse_args(importlib.import_module("sft").Config, {}, ["--model", "tiny"])
-    plan = memplan.report("sft", cfg, SimpleNamespace(world_size=1, is_main=True))
+    on_gpu = SimpleNamespace(world_size=1, is_main=True, device=torch.device("cuda", 0))
+    plan = memplan.report("sft", cfg, on_gpu)   # nothing touches the device: the plan is arithmetic
     out = capsys.readouterr().out
     assert plan.fits and out.startswith("memory plan: sft, tiny") and "--dry-run for the breakdown" in out
+    assert memplan.report("sft", cfg, SimpleNamespace(world_size=1, is_main=True, device=torch.device("cpu"))) is None
+    assert capsys.readouterr().out == ""   # a GPU budget means nothing on a CPU run
