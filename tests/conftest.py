@@ -49,3 +49,13 @@ def chat_tokenizer():
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, "[UNK]")))
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+def save_tiny_model(folder: Path, **sizes) -> Path:
+    """A random tiny Qwen2 (training.build_tiny_model's sizes) and its tokenizer, saved as a model folder."""
+    import training
+
+    model, tokenizer = training.build_tiny_model(**sizes)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

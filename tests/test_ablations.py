@@ -60,13 +60,9 @@ def changed_lines(patch_text: str) -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def start(tmp_path_factory):
-    import training
+    from conftest import save_tiny_model
 
-    path = tmp_path_factory.mktemp("start")
-    model, tokenizer = training.build_tiny_model(hidden_size=32, num_layers=1, num_heads=2, seed=1)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("start"), hidden_size=32, num_layers=1, num_heads=2, seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -124,11 +124,9 @@ def test_vllm_and_hf_engines_give_the_same_greedy_results(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    model_dir = tmp_path_factory.mktemp("model")
-    model, tokenizer = training.build_tiny_model(hidden_size=32, num_layers=1, num_heads=1)
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    return model_dir
+    from conftest import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("model"), hidden_size=32, num_layers=1, num_heads=1)
 
 
 def lines_of(path):

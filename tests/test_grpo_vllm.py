@@ -26,11 +26,9 @@ LONG_PROMPT = "Solve for (x, y):\n" + "3x + 4y = 10\n" * 20   # longer than vLLM
 @pytest.fixture(scope="module")
 def start_model(tmp_path_factory):
     """A random tiny policy (head_dim 32, which vLLM's CPU attention accepts) saved to disk."""
-    folder = tmp_path_factory.mktemp("start")
-    model, tokenizer = training.build_tiny_model(hidden_size=128, num_layers=2, num_heads=4, seed=1)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    from conftest import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("start"), hidden_size=128, num_layers=2, num_heads=4, seed=1)
 
 
 def grpo_args(model, out):

@@ -101,11 +101,9 @@ def test_clipped_objective_and_value_loss_by_hand():
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A small Qwen2 LM saved to disk (vLLM rejects its head_dim 16, so runs use --engine hf)."""
-    path = tmp_path_factory.mktemp("tiny-lm")
-    model, tokenizer = training.build_tiny_model(hidden_size=64, num_layers=2, num_heads=2)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    from conftest import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-lm"), hidden_size=64, num_layers=2, num_heads=2)
 
 
 def test_critic_is_the_language_model_backbone_with_a_scalar_head(tiny_model_dir, tmp_path):
