@@ -301,9 +301,7 @@ def report(trainer: str, cfg, d):
     """Print the plan on rank 0 (the whole table under --dry-run, then exit: 0 if it fits, 1 if not)."""
     import training
 
-    if cfg.plan_gpus < 0 or not cfg.gpu_memory_gb > 0 or getattr(cfg, "logprob_chunk_size", 1) < 1:
-        raise SystemExit(f"error: need --plan-gpus >= 0 (now {cfg.plan_gpus}), --gpu-memory-gb > 0 (now "
-                         f"{cfg.gpu_memory_gb}) and --logprob-chunk-size >= 1")
+    # the flags' ranges were checked by training.check_flags (FLAG_BOUNDS) when they were parsed
     if not cfg.dry_run and d.device.type != "cuda":
         return None  # a GPU budget means nothing to a CPU run (--dry-run still prints it anywhere)
     plan = make_plan(trainer, cfg, cfg.plan_gpus or d.world_size, cfg.gpu_memory_gb)
