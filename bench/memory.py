@@ -118,7 +118,10 @@ def run(tree: str, model: str, ranks: int, micro_batches: int, seq: int, vocab: 
     """One configuration under torchrun; each rank's measurements."""
     with tempfile.TemporaryDirectory(prefix="memory-bench-") as scratch:
         out = Path(scratch) / "result.json"
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+        # one relaunch: gloo can abort at exit ("terminate called without an active exception"); the worker is
+        # deterministic, so a rerun measures the same thing
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--max-restarts=1",
+                   f"--nproc_per_node={ranks}",
                    __file__, "--worker", "--tree", tree, "--model", model,
                    "--micro-batches", str(micro_batches), "--seq", str(seq), "--vocab", str(vocab),
                    "--out", str(out)]
