@@ -179,7 +179,7 @@ def _not_utf8(path: Path, raw: bytes, error: UnicodeDecodeError, first_line: int
     return DataError(f"{path} line {line}: not UTF-8 text (byte {raw[error.start]:#04x} at column {column})")
 
 
-def _jsonl_rows(path: Path):
+def jsonl_rows(path: Path):
     rows = []
     with open(path, "rb") as file:  # bytes, so that a bad byte is reported with its line
         for number, raw in enumerate(file, 1):
@@ -192,11 +192,12 @@ def _jsonl_rows(path: Path):
             try:
                 rows.append((f"{path} line {number}", json.loads(line)))
             except json.JSONDecodeError as error:
-                raise DataError(f"{path} line {number}: malformed JSON ({error.msg} at column {error.colno})") from None
+                raise DataError(f"{path} line {number}: malformed JSON ({error.msg} at column "
+                                f"{error.colno})") from None
     return rows
 
 
-def _json_rows(path: Path):
+def json_rows(path: Path):
     raw = path.read_bytes()
     try:
         table = json.loads(raw.decode("utf-8"))
@@ -204,8 +205,9 @@ def _json_rows(path: Path):
         raise _not_utf8(path, raw, error) from None
     except json.JSONDecodeError as error:
         if error.msg == "Extra data":  # JSON lines under a .json name (datasets' to_json writes these)
-            return _jsonl_rows(path)
-        raise DataError(f"{path} line {error.lineno}: malformed JSON ({error.msg} at column {error.colno})") from None
+            return jsonl_rows(path)
+        raise DataError(f"{path} line {error.lineno}: malformed JSON ({error.msg} at column "
+                        f"{error.colno})") from None
     if not isinstance(table, list):
         raise DataError(f"{path}: expected a JSON list of objects, got a {type(table).__name__}")
     return [(f"{path} row {i}", row) for i, row in enumerate(table)]
@@ -226,12 +228,13 @@ def _local_rows(path: Path, split: str):
     if path.is_dir():  # e.g. AIME 2025 as two files, I and II
         files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl", ".parquet"))
         if not files:
-            raise DataError(f"{path}: neither a datasets.save_to_disk folder nor a folder of .json/.jsonl/.parquet files")
+            raise DataError(f"{path}: neither a datasets.save_to_disk folder nor a folder of "
+                            f".json/.jsonl/.parquet files")
         return [row for file in files for row in _local_rows(file, split)]
     if path.suffix == ".jsonl":
-        return _jsonl_rows(path)
+        return jsonl_rows(path)
     if path.suffix == ".json":
-        return _json_rows(path)
+        return json_rows(path)
     if path.suffix == ".parquet":
         import pyarrow
         import pyarrow.parquet
@@ -267,20 +270,18 @@ def load_problems(spec: str, split: str = "train", *, fields: dict | None = None
     if limit is not None and limit < 0:
         raise DataError(f"limit must be >= 0, got {limit}")
     if fields is not None and set(fields) - set(ROLES):
-        raise DataError(f"fields: unknown role(s) {sorted(set(fields) - set(ROLES))} (use {', '.join(ROLES)})")
+        raise DataError(f"fields: unknown role(s) {sorted(set(fields) - set(ROLES))} "
+                        f"(use {', '.join(ROLES)})")
     spec = spec.strip()
     named = "=" in spec and spec.split("=", 1)[0] in SOURCES  # NAME=PATH
     exists = Path(spec.split("=", 1)[1] if named else spec).expanduser().exists()
     if not exists and ("," in spec or re.fullmatch(r".+:\d+", spec)):  # a file's name may hold a comma
         problems = _mixture(spec, split, fields, seed)
-    elif spec == "linear":
-        if split not in LINEAR_SIZES:
-            raise DataError(f"linear has no {split!r} split (it has 'train', 'test')")
-        problems = make_linear_problems(LINEAR_SIZES[split] if limit is None else limit, seed=0, split=split)
-    elif spec == "arith":  # task B of demo_ood.py: arithmetic word problems
-        if split not in ARITH_SIZES:
-            raise DataError(f"arith has no {split!r} split (it has 'train', 'test')")
-        problems = make_arith_problems(ARITH_SIZES[split] if limit is None else limit, seed=0, split=split)
+    elif spec in ("linear", "arith"):  # arith: task B of demo_ood.py, arithmetic word problems
+        if split not in SYNTHETIC_SIZES:
+            raise DataError(f"{spec} has no {split!r} split (it has 'train', 'test')")
+        make = make_linear_problems if spec == "linear" else make_arith_problems
+        problems = make(SYNTHETIC_SIZES[split] if limit is None else limit, seed=0, split=split)
     elif named:
         name, path = spec.split("=", 1)
         problems = _problems(_local_rows(Path(path).expanduser(), split), name, SOURCES[name], fields)
@@ -291,8 +292,9 @@ def load_problems(spec: str, split: str = "train", *, fields: dict | None = None
         name = path.name if path.is_dir() else f"{path.parent.name}/{path.stem}".lstrip("/")
         problems = _problems(_local_rows(path, split), name, GENERIC, fields)
     else:
-        raise DataError(f"unknown data {spec!r}: use linear, arith, {', '.join(SOURCES)}, NAME=PATH, a .json/.jsonl/"
-                        f".parquet file or save_to_disk folder, or a mixture like open-rs:3000,limo")
+        raise DataError(f"unknown data {spec!r}: use linear, arith, {', '.join(SOURCES)}, NAME=PATH, "
+                        f"a .json/.jsonl/.parquet file or save_to_disk folder, or a mixture like "
+                        f"open-rs:3000,limo")
     if not problems and limit != 0:  # training on nothing would divide by zero later
         raise DataError(f"{spec}: no problems (an empty file?)")
     return _unique_ids(problems)[:limit]
@@ -347,7 +349,7 @@ def _mixture(spec: str, split: str, fields: dict | None, seed: int):
 # so no system of the test split ever appears in the train split, whatever the seed.
 
 VARIABLES = "xyz"
-LINEAR_SIZES = {"train": 4000, "test": 200}
+SYNTHETIC_SIZES = {"train": 4000, "test": 200}  # of linear, and of arith below
 
 
 def _side(terms):
@@ -418,10 +420,10 @@ def _solve(equations, values):
     return None if inner is None else lines + inner + _substitute(equations[0], values[:k])
 
 
-def linear_split(question: str, test_fraction: float = 0.1) -> str:
+def linear_split(question: str) -> str:
     """Which split a system belongs to, by a hash of its text: the same answer on every machine."""
     bucket = int(hashlib.sha256(question.encode()).hexdigest()[:8], 16) % 10_000
-    return "test" if bucket < test_fraction * 10_000 else "train"
+    return "test" if bucket < 1_000 else "train"  # a tenth of the questions
 
 
 def _linear_problem(rng: random.Random, unknowns: int, max_coef: int, max_value: int, max_step_value: int):
@@ -449,21 +451,22 @@ def _linear_problem(rng: random.Random, unknowns: int, max_coef: int, max_value:
 
 
 def make_linear_problems(n: int, seed: int = 0, split: str = "train", *, unknowns=(1, 2), max_coef: int = 5,
-                         max_value: int = 9, max_step_value: int = 200, test_fraction: float = 0.1) -> list[dict]:
+                         max_value: int = 9, max_step_value: int = 200) -> list[dict]:
     """n distinct systems of the split: the number of unknowns drawn from `unknowns` (repeat an entry
     to weight it), nonzero coefficients in [-max_coef, max_coef], solutions in [-max_value, max_value],
     no number above max_step_value in the worked solution (elimination multiplies numbers up).
     The first m problems of a call with n > m are those of the call with m: a prefix is a smaller set."""
     if n < 0 or split not in ("train", "test") or not unknowns or not set(unknowns) <= {1, 2, 3} \
             or max_coef < 1 or max_value < 0:
-        raise DataError(f"make_linear_problems: need n >= 0, split train or test, unknowns within 1-3, max_coef >= 1, "
-                        f"max_value >= 0 (got {n}, {split!r}, {unknowns}, {max_coef}, {max_value})")
+        raise DataError(f"make_linear_problems: need n >= 0, split train or test, unknowns within 1-3, "
+                        f"max_coef >= 1, max_value >= 0 (got {n}, {split!r}, {unknowns}, {max_coef}, "
+                        f"{max_value})")
     rng, problems, seen = random.Random(seed), [], set()
     for _ in range(100 * n + 1000):
         if len(problems) == n:
             break
         made = _linear_problem(rng, rng.choice(unknowns), max_coef, max_value, max_step_value)
-        if made is None or made[0] in seen or linear_split(made[0], test_fraction) != split:
+        if made is None or made[0] in seen or linear_split(made[0]) != split:
             continue
         seen.add(made[0])
         question, answer, solution = made
@@ -489,7 +492,6 @@ def make_linear_problems(n: int, seed: int = 0, split: str = "train", *, unknown
 # Every number in a problem is a whole number from 0 to 200; train and test are split by the same
 # hash of the question as `linear`, so no question of the test split is ever in the train split.
 
-ARITH_SIZES = {"train": 4000, "test": 200}
 ARITH_NAMES = ("Ann", "Ben", "Cara", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivy", "Jon", "Kim", "Leo", "Mia",
                "Ned")
 ARITH_ITEMS = ("pens", "cards", "eggs", "books", "shells", "stamps", "marbles", "coins", "apples", "beads")
@@ -538,8 +540,7 @@ ARITH_OPERATIONS = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambd
                     "/": lambda x, y: x // y}
 
 
-def make_arith_problems(n: int, seed: int = 0, split: str = "train",
-                        test_fraction: float = 0.1) -> list[dict]:
+def make_arith_problems(n: int, seed: int = 0, split: str = "train") -> list[dict]:
     """n distinct word problems of the split; as with linear, a prefix of a larger call is a smaller set."""
     if n < 0 or split not in ("train", "test"):
         raise DataError(f"make_arith_problems: need n >= 0 and split train or test (got {n}, {split!r})")
@@ -551,7 +552,7 @@ def make_arith_problems(n: int, seed: int = 0, split: str = "train",
         results = [ARITH_OPERATIONS[op](x, y) for x, op, y in steps]
         numbers = [number for (x, _, y), z in zip(steps, results) for number in (x, y, z)]
         if min(numbers) < 0 or max(numbers) > ARITH_MAX or question in seen \
-                or linear_split(question, test_fraction) != split:
+                or linear_split(question) != split:
             continue
         seen.add(question)
         answer = str(results[-1])
@@ -576,18 +577,18 @@ def make_arith_problems(n: int, seed: int = 0, split: str = "train",
 
 QWEN_MATH_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 R1_SYSTEM_PROMPT = (
-    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
-    "The assistant first thinks about the reasoning process in the mind and then provides the user with the "
-    "answer, and put your final answer within \\boxed{{}} . The reasoning process and answer are enclosed within "
-    "<think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
-    "<answer> answer here </answer>. Note that respond by English, NOT use other languages."
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The "
+    "assistant first thinks about the reasoning process in the mind and then provides the user with the "
+    "answer, and put your final answer within \\boxed{{}} . The reasoning process and answer are enclosed "
+    "within <think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning process "
+    "here </think> <answer> answer here </answer>. Note that respond by English, NOT use other languages."
 )
 # knoveleng/open-rs src/open_r1/evaluate.py:34-38 (MATH_QUERY_TEMPLATE; its `{{ANSWER}}` is a format escape)
 LIGHTEVAL_MATH_QUERY = (
     "Solve the following math problem efficiently and clearly.  The last line of your response should be of "
-    "the following format: 'Therefore, the final answer is: $\\boxed{{ANSWER}}$. I hope it is correct' (without "
-    "quotes) where ANSWER is just the final number or expression that solves the problem. Think step by step "
-    "before answering.\n\n{question}")
+    "the following format: 'Therefore, the final answer is: $\\boxed{{ANSWER}}$. I hope it is correct' "
+    "(without quotes) where ANSWER is just the final number or expression that solves the problem. Think "
+    "step by step before answering.\n\n{question}")
 # rqzhangberkeley/efficient-reasoning evaluate_model.py:130-133 (at f36bf77, the commit of its tables)
 QUESTION_QUERY = "Question: {question}"
 USER_TURN_ONLY = {"lighteval-math": LIGHTEVAL_MATH_QUERY, "question": QUESTION_QUERY}
@@ -612,11 +613,3 @@ def format_prompt(question: str, tokenizer=None, template: str = "auto") -> str:
         system = QWEN_MATH_SYSTEM_PROMPT if template == "qwen-math" else R1_SYSTEM_PROMPT
         messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-if __name__ == "__main__":  # python data.py SPEC [SPLIT]: load, validate, show the first problem
-    import sys
-
-    loaded = load_problems(sys.argv[1], *sys.argv[2:3])
-    print(f"{len(loaded)} problems")
-    print(json.dumps(loaded[:1], indent=1, ensure_ascii=False))

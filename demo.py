@@ -12,6 +12,7 @@
    13.0 -> 13.5%, while the one-unknown pool gave 13.0 -> 20.0% in 64 steps (demo_lim.py's full arm).
 4. evaluate.py on the 200 held-out `linear` test problems: greedy pass@1, and pass@1 / pass@8
    from 8 samples at temperature 1
+5. plot.py: the RL runs' training curves, written to --figure (docs/figures/demo.png)
 
 Every step is an ordinary command, printed before it runs; rerunning skips finished steps, and
 the trainers resume from their last checkpoint if a step was interrupted.
@@ -53,6 +54,8 @@ def main():
     parser.add_argument("--out-dir", default="runs/demo", help="where models, metrics and results go")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (OMP_NUM_THREADS)")
     parser.add_argument("--with-ppo", action="store_true", help="also run PPO with a critic from the same SFT model")
+    parser.add_argument("--figure", default="docs/figures/demo.png",
+                        help="training curves of the RL runs (plot.py curves), as a PNG")
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     out = Path(args.out_dir)
@@ -72,6 +75,10 @@ def main():
             run([sys.executable, "ppo.py", "--preset", "tiny", "--model", str(sft), "--data", str(pool), "--output-dir", str(ppo)])
         models.append(("SFT + PPO", ppo))
 
+    rl_runs = [(name, model_dir) for name, model_dir in models if "+" in name]
+    run([sys.executable, "plot.py", "curves", *(str(m) for _, m in rl_runs), "--labels",
+         *(name.split("+ ")[1] for name, _ in rl_runs), "--panels", "reward", "accuracy", "length", "entropy",
+         "grad_norm", "logprob_gap", "--smooth", "10", "--out", args.figure])
     rows = []
     for name, model_dir in models:
         evaluate(model_dir, model_dir / "eval-greedy.json", sampled=False)

@@ -1,7 +1,7 @@
 """LIMR's experiment in miniature: does training on LIM-selected samples match training on all?
 
-    .venv/bin/python demo_lim.py              # 13-14 minutes on a 2-core CPU (measured), +5 to train SFT
-    .venv/bin/python demo_lim.py --seed 1 --out-dir runs/lim-demo-seed1     # the same experiment, another seed
+    .venv/bin/python demo_lim.py --seeds 0,1,2,3,4 --threads 1   # ~13 min a seed on one core, +5 to train SFT
+    .venv/bin/python demo_lim.py --seeds 0,1,2 --epochs 8 --out-dir runs/lim-demo-8ep   # a longer full run
 
 1. start from the tiny SFT model of demo.py (trained here if it is not there yet)
 2. the pool: 512 one-unknown `linear` training problems, which the tiny model solves anywhere from
@@ -18,91 +18,140 @@
 6. evaluate.py on the 200 held-out `linear` test problems: greedy pass@1 and sampled pass@1
    (4 samples per problem at temperature 1)
 
-Every step is an ordinary command, printed before it runs; rerunning skips what is finished.
-One seed per arm per call: differences of a few points are within run-to-run noise, so compare seeds
-(two are in the README).
+Every step is an ordinary command, printed before it runs; rerunning skips what is finished (and
+keeps the measured times in OUT_DIR/timings.json). Differences of a few points are within run-to-run
+noise, so the script prints means ± standard errors over seeds, writes every number to
+OUT_DIR/results.json and the first seed's LIM trajectories to --figure (plot.py lim).
 """
 import argparse
 import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import lim
 from demo import run, write_rl_pool
+from demo_ood import cell, peak_rss_gb, timed
 from grpo import PRESETS
 
 LIMR_KEEP_RATIO = 1389 / 8523
+ARMS = {"lim": "LIM", "lim-top": "LIM, top 16%", "rand": "RAND", "linear": "LINEAR"}  # --arms name: label
 
 
-def grpo(model: Path, data_file: Path, out: Path, steps: int, seed: int):
-    if not (out / "model.safetensors").exists():
-        run([sys.executable, "grpo.py", "--preset", "tiny", "--model", str(model), "--data", str(data_file),
-             "--max-steps", str(steps), "--save-steps", str(steps), "--seed", str(seed), "--output-dir", str(out)])
+def grpo_arm(model: Path, data_file: Path, run_dir: Path, steps: int, seed: int, out: Path):
+    if not (run_dir / "model.safetensors").exists():
+        timed(f"{run_dir.relative_to(out)} grpo", out,
+              [sys.executable, "grpo.py", "--preset", "tiny", "--model", str(model), "--data", str(data_file),
+               "--max-steps", str(steps), "--save-steps", str(steps), "--seed", str(seed),
+               "--output-dir", str(run_dir)])
 
 
-def select(out: Path, pool: Path, name: str, method: str, threshold: float, seed: int) -> Path:
-    subset = out / f"{name}.jsonl"
+def select(seed_dir: Path, pool: Path, name: str, method: str, threshold: float, seed: int) -> Path:
+    subset = seed_dir / f"{name}.jsonl"
     if not subset.exists():
-        run([sys.executable, "lim.py", "--trajectories", str(out / "full" / "trajectories.jsonl"), "--data", str(pool),
-             "--method", method, "--threshold", str(threshold), "--out", str(subset),
-             "--scores", str(out / f"{name}-scores.jsonl"), "--seed", str(seed)])
+        run([sys.executable, "lim.py", "--trajectories", str(seed_dir / "full" / "trajectories.jsonl"),
+             "--data", str(pool), "--method", method, "--threshold", str(threshold), "--out", str(subset),
+             "--scores", str(seed_dir / f"{name}-scores.jsonl"), "--seed", str(seed)])
     return subset
 
 
-def pass_at_1(model: Path, results: Path) -> tuple[float, float]:
+def pass_at_1(model: Path, results: Path, out: Path) -> tuple[float, float]:
     figures = []
     results.mkdir(parents=True, exist_ok=True)
     for name, extra in (("greedy", []), ("sampled", ["--n", "4", "--temperature", "1.0"])):
-        out = results / f"eval-{name}.json"
-        if not out.exists():
-            run([sys.executable, "evaluate.py", "--model", str(model), "--bench", "linear", "--template", "plain",
-                 "--max-tokens", "192", "--out", str(out), *extra])
-        figures.append(json.loads(out.read_text())[0]["pass@1"])
+        result = results / f"eval-{name}.json"
+        if not result.exists():
+            timed(f"{results.relative_to(out)} eval {name}", out,
+                  [sys.executable, "evaluate.py", "--model", str(model), "--bench", "linear", "--template", "plain",
+                   "--max-tokens", "192", "--out", str(result), *extra])
+        figures.append(json.loads(result.read_text())[0]["pass@1"])
     return figures[0], figures[1]
 
 
-def main():
+def one_seed(out: Path, sft: Path, pool: Path, steps: int, threshold: float, seed: int, wanted) -> dict:
+    """Every arm of one seed: {arm: {"problems", "greedy", "sampled", "rule"}}."""
+    seed_dir = out / f"seed{seed}"
+    seed_dir.mkdir(parents=True, exist_ok=True)
+    grpo_arm(sft, pool, seed_dir / "full", steps, seed, out)
+    subsets = {"LIM": select(seed_dir, pool, "lim", "lim", threshold, seed)}
+    scores = sorted((json.loads(line)["score"] for line in open(seed_dir / "lim-scores.jsonl")), reverse=True)
+    top_sixth = scores[max(0, round(LIMR_KEEP_RATIO * len(scores)) - 1)]
+    subsets["LIM, top 16%"] = select(seed_dir, pool, "lim-top", "lim", top_sixth, seed)
+    subsets["RAND"] = select(seed_dir, pool, "rand", "rand", top_sixth, seed)  # as many as LIM's top 16%
+    subsets["LINEAR"] = select(seed_dir, pool, "linear", "linear", lim.PAPER_THRESHOLDS["linear"], seed)
+    arms = {}
+    for name, subset in [("full pool", pool), *((n, s) for n, s in subsets.items() if s.stem in wanted)]:
+        run_dir = seed_dir / ("full" if subset == pool else subset.stem)
+        grpo_arm(sft, subset, run_dir, steps, seed, out)
+        greedy, sampled = pass_at_1(run_dir, run_dir, out)
+        arms[name] = {"problems": sum(1 for _ in open(subset)), "greedy": greedy, "sampled": sampled,
+                      "top_sixth_threshold": top_sixth}
+    return arms
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out-dir", default="runs/lim-demo", help="where runs and results go")
+    parser.add_argument("--out-dir", default="runs/lim-demo", help="where runs and results go (a folder per seed)")
     parser.add_argument("--sft", default="runs/demo/sft", help="the tiny SFT model (trained by sft.py if absent)")
     parser.add_argument("--pool", type=int, default=512, help="one-unknown linear training problems in the pool")
     parser.add_argument("--epochs", type=int, default=4, help="epochs of the full-pool run (which records trajectories)")
     parser.add_argument("--threshold", type=float, default=0.6, help="LIM score threshold")
-    parser.add_argument("--seed", type=int, default=0, help="every GRPO run's data order and sampling, and RAND's draw")
+    parser.add_argument("--seeds", default="0,1,2,3,4",
+                        help="comma-separated seeds; each sets every GRPO run's data order and sampling, and RAND's draw")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (OMP_NUM_THREADS)")
-    args = parser.parse_args()
+    parser.add_argument("--arms", default=",".join(ARMS),
+                        help=f"comma-separated selections trained beside the full pool, of {', '.join(ARMS)}")
+    parser.add_argument("--figure", default="docs/figures/lim-demo.png",
+                        help="the first seed's LIM trajectories and score histogram (plot.py lim), as a PNG")
+    args = parser.parse_args(argv)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise SystemExit(f"error: --seeds takes comma-separated integers, not {args.seeds!r}")
+    wanted = args.arms.split(",")
+    if set(wanted) - set(ARMS):
+        raise SystemExit(f"error: --arms takes names from {', '.join(ARMS)}, not {args.arms!r}")
+    if args.pool < 1 or args.epochs < 1 or not 0 <= args.threshold <= 1:
+        raise SystemExit("error: need --pool >= 1, --epochs >= 1 and 0 <= --threshold <= 1")
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     out, sft = Path(args.out_dir), Path(args.sft)
     out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
 
     if not (sft / "model.safetensors").exists():
-        run([sys.executable, "sft.py", "--preset", "tiny", "--output-dir", str(sft)])
+        timed("sft", out, [sys.executable, "sft.py", "--preset", "tiny", "--output-dir", str(sft)])
     pool = write_rl_pool(out / "pool.jsonl", args.pool)
     steps = math.ceil(args.epochs * args.pool / PRESETS["tiny"]["prompts_per_step"])
-    grpo(sft, pool, out / "full", steps, args.seed)
+    start = pass_at_1(sft, out / "sft", out)  # its figures under the same evaluation, kept beside the others
+    results = {"seeds": {seed: one_seed(out, sft, pool, steps, args.threshold, seed, wanted)
+                         for seed in seeds}}
+    run([sys.executable, "plot.py", "lim", "--scores", str(out / f"seed{seeds[0]}" / "lim-scores.jsonl"),
+         "--threshold", str(args.threshold), "--out", args.figure])
+    timings = json.loads((out / "timings.json").read_text())
+    results |= {"start": {"greedy": start[0], "sampled": start[1]}, "steps": steps, "timings_s": timings,
+                "wall_s_all_steps": sum(timings.values()), "peak_rss_gb": peak_rss_gb(out)}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
 
-    subsets = {"LIM": select(out, pool, "lim", "lim", args.threshold, args.seed)}
-    scores = sorted((json.loads(line)["score"] for line in open(out / "lim-scores.jsonl")), reverse=True)
-    top_sixth = scores[max(0, round(LIMR_KEEP_RATIO * len(scores)) - 1)]
-    subsets["LIM, top 16%"] = select(out, pool, "lim-top", "lim", top_sixth, args.seed)
-    subsets["RAND"] = select(out, pool, "rand", "rand", top_sixth, args.seed)  # as many as LIM's top 16%
-    subsets["LINEAR"] = select(out, pool, "linear", "linear", lim.PAPER_THRESHOLDS["linear"], args.seed)
-
-    greedy, sampled = pass_at_1(sft, out / "sft")  # its figures under the same evaluation, kept beside the others
-    rows = [f"| SFT model (no RL) | - | - | 0 | {100 * greedy:.1f} | {100 * sampled:.1f} |"]
-    for name, subset in [("full pool", pool), *subsets.items()]:
-        run_dir = out / ("full" if subset == pool else subset.stem)
-        grpo(sft, subset, run_dir, steps, args.seed)
-        greedy, sampled = pass_at_1(run_dir, run_dir)
-        rule = {"LIM": f"score >= {args.threshold}", "RAND": "random, as many as LIM top 16%", "LINEAR": f"score >= {lim.PAPER_THRESHOLDS['linear']}",
-                "LIM, top 16%": f"score >= {top_sixth:.3f}"}.get(name, "-")
-        rows.append(f"| {name} | {rule} | {sum(1 for _ in open(subset))} | {steps} | {100 * greedy:.1f} | {100 * sampled:.1f} |")
-    print("\nheld-out: the 200 `linear` test problems; sampled = 4 samples per problem at temperature 1\n")
-    print("| GRPO trained on | selection | problems | steps | greedy pass@1 (%) | sampled pass@1 (%) |")
+    runs = list(results["seeds"].values())
+    rules = {"LIM": f"score >= {args.threshold}", "RAND": "random, as many as LIM top 16%",
+             "LINEAR": f"score >= {lim.PAPER_THRESHOLDS['linear']}", "LIM, top 16%": "top-scoring 16%"}
+    print(f"\nseeds {args.seeds}; held-out: the 200 `linear` test problems; pass@1 in %, mean ± standard error "
+          f"over seeds; sampled = 4 samples per problem at temperature 1; {steps} GRPO steps per run\n")
+    print("| GRPO trained on | selection | problems (mean) | greedy pass@1 | sampled pass@1 | greedy - full pool |")
     print("|---|---|---|---|---|---|")
-    print("\n".join(rows))
+    print(f"| (SFT model, no RL) | - | - | {cell([start[0]])} | {cell([start[1]])} | - |")
+    for name in runs[0]:
+        arm = [r[name] for r in runs]
+        versus_full = [a["greedy"] - r["full pool"]["greedy"] for a, r in zip(arm, runs)]
+        print(f"| {name} | {rules.get(name, '-')} | {cell([a['problems'] for a in arm], 1.0)} | "
+              f"{cell([a['greedy'] for a in arm])} | {cell([a['sampled'] for a in arm])} | "
+              f"{cell(versus_full) if name != 'full pool' else '-'} |")
+    print(f"\nwall time of all steps {results['wall_s_all_steps'] / 60:.1f} min (this call "
+          f"{(time.time() - started) / 60:.1f} min); peak RSS of the largest step {results['peak_rss_gb']:.2f} GB; "
+          f"figure {args.figure}; every number in {out / 'results.json'}")
+    return results
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ rose (4.2 -> 71.6 and 74.0), but on GSM8K SFT fell from 55.19 to 0.73 while GRPO
      generation comes on top); both runs' trained response tokens and wall times are in the table.
 3. evaluate.py on the 200 held-out problems of each task: greedy pass@1 and sampled pass@1 (4
    samples per problem at temperature 1), before (the start) and after.
+4. plot.py: the first seed's two training runs, written to --figure (docs/figures/ood-demo.png).
 
 The claim holds here if SFT loses more on `arith` than GRPO does. The script prints a table of
 means +- standard errors over seeds, and writes every number to OUT_DIR/results.json. Every step is
@@ -100,6 +101,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (OMP_NUM_THREADS)")
     parser.add_argument("--sft-lr", type=float, default=1e-3,
                         help="peak learning rate of SFT on `linear` (the start: the tiny preset's 3e-3)")
+    parser.add_argument("--figure", default="docs/figures/ood-demo.png",
+                        help="the first seed's SFT and GRPO runs on `linear` (plot.py curves), as a PNG")
     parser.add_argument("--smoke", action="store_true",
                         help="a few steps of everything, 4 test problems per task: checks the pipeline, "
                              "its numbers mean nothing")
@@ -153,6 +156,10 @@ def main(argv=None):
                      "sequences": grpo_sequences,
                      "response_tokens": trained_tokens(grpo_dir, grpo["prompts"] * grpo["generations"])}}
 
+    first = out / f"seed{seeds[0]}"
+    run([sys.executable, "plot.py", "curves", str(first / "sft-linear"), str(first / "grpo-linear"), "--labels",
+         "SFT on linear", "GRPO on linear", "--panels", "loss", "grad_norm", "accuracy", "reward", "length",
+         "--out", args.figure])
     timings = json.loads((out / "timings.json").read_text())
     wall = sum(timings.values())
     peak = peak_rss_gb(out)

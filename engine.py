@@ -164,11 +164,12 @@ class HFEngine:
             dist.all_reduce(count, op=dist.ReduceOp.MAX)
             num_batches = int(count)
         was_training = self.model.training
-        self.model.eval()  # no dropout; and gradient checkpointing (train mode only) would disable the KV cache
+        # eval: no dropout; and gradient checkpointing (train mode only) would disable the KV cache
+        self.model.eval()
         try:
             generated = []
-            for b in range(num_batches):
-                generated += self._generate_batch(rows[b * self.batch_size:(b + 1) * self.batch_size], sampling)
+            for start in range(0, num_batches * self.batch_size, self.batch_size):
+                generated += self._generate_batch(rows[start:start + self.batch_size], sampling)
         finally:
             self.model.train(was_training)
             if hasattr(self.model, "reshard"):
@@ -200,7 +201,10 @@ class HFEngine:
             tokens.append(next_tokens)
             logprobs.append(next_logprobs)
             finished |= torch.isin(next_tokens, torch.tensor(self.stop_ids, device=device))
-            if self._all_finished(finished):
+            all_done = finished.all().to(torch.int32)
+            if self.lock_step:  # done when every row on every rank is (model.generate's synced_gpus rule)
+                dist.all_reduce(all_done, op=dist.ReduceOp.MIN)
+            if all_done:
                 break
             input_ids = next_tokens[:, None]
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
@@ -209,13 +213,6 @@ class HFEngine:
             return []
         tokens, logprobs = torch.stack(tokens, 1).tolist(), torch.stack(logprobs, 1).tolist()
         return list(zip(tokens, logprobs))  # make_completion cuts each row after its EOS
-
-    def _all_finished(self, finished: torch.Tensor) -> bool:
-        """Done when every row on every rank is done (the synced_gpus rule of model.generate)."""
-        all_done = finished.all().to(torch.int32)
-        if self.lock_step:
-            dist.all_reduce(all_done, op=dist.ReduceOp.MIN)
-        return bool(all_done)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,19 +233,13 @@ def full_tensors(model):
         yield name, tensor.detach()
 
 
-def repack_tied_lm_head(vllm_model) -> None:
-    """A tied lm_head receives no weights of its own on reload (vLLM skips them), so its CPU
-    kernel keeps a packed copy of the old embedding: rebuild it from the updated shared tensor."""
-    vllm_model.lm_head.quant_method.process_weights_after_loading(vllm_model.lm_head)
-
-
 @contextlib.contextmanager
 def quiet_expected_reload_warnings(tied: bool):
     """reload_weights warns "<layer>: Failed to load weights" for each layer that received no
     tensor, then puts that layer's current tensors back. Two such layers are expected, and the
     warnings harmless: a rotary embedding holds only a cos/sin table computed from the config (no
     checkpoint tensor exists), and a tied lm_head's tensor is embed_tokens' (vLLM skips
-    lm_head.weight; repack_tied_lm_head rebuilds its kernel). Any other layer still warns."""
+    lm_head.weight; push_weights rebuilds its kernel). Any other layer still warns."""
     expected = ("RotaryEmbedding", "ParallelLMHead") if tied else ("RotaryEmbedding",)
 
     def keep(record: logging.LogRecord) -> bool:
@@ -289,14 +280,13 @@ CPU_KV_CACHE_GIB = 0.5
 class VLLMEngine:
     def __init__(self, model_path: str, tokenizer, d: Dist, gpu_memory_utilization: float = 0.3,
                  max_model_len: int = 4096, dtype: str = "auto", enable_sleep_mode: bool = False,
-                 kv_cache_memory_bytes: int | None = None, enforce_eager: bool | None = None,
-                 tensor_parallel_size: int = 1, max_num_batched_tokens: int | None = None):
+                 kv_cache_memory_bytes: int | None = None, tensor_parallel_size: int = 1,
+                 max_num_batched_tokens: int | None = None):
         """tensor_parallel_size > 1 (one process, no torchrun; evaluate.py): vLLM shards the model
         over that many GPUs with workers of its own.
         gpu_memory_utilization, max_num_batched_tokens (None: vLLM's default): GPU only.
         kv_cache_memory_bytes: CPU only, the KV cache's size (None: CPU_KV_CACHE_GIB); vLLM's
-        own sizing from free RAM gives every rank most of the machine. enforce_eager: default True
-        on CPU, where torch.compile warm-up adds ~30 s to the start for little gain on small models."""
+        own sizing from free RAM gives every rank most of the machine."""
         # The engine core must live in this process: push_weights hands it tensors directly.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
@@ -317,16 +307,15 @@ class VLLMEngine:
         kwargs = dict(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=0,
                       # the log-probs of the distribution actually sampled from (temperature, top_p)
                       logprobs_mode="processed_logprobs",
-                      enforce_eager=(not self.on_gpu) if enforce_eager is None else enforce_eager)
+                      # CPU: torch.compile's warm-up adds ~30 s to the start for little gain on small models
+                      enforce_eager=not self.on_gpu)
         if self.on_gpu:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep_enabled)
             if max_num_batched_tokens is not None:
                 kwargs["max_num_batched_tokens"] = max_num_batched_tokens
         else:
             kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes or int(CPU_KV_CACHE_GIB * 2**30)
-        if tensor_parallel_size > 1:
-            if d.enabled:
-                raise ValueError("tensor_parallel_size > 1 needs a single process, not torchrun")
+        if tensor_parallel_size > 1:  # evaluate.py allows it in one process only
             kwargs["tensor_parallel_size"] = tensor_parallel_size
         if d.enabled:
             # One independent engine per rank: torchrun already set up the processes, and each
@@ -350,9 +339,8 @@ class VLLMEngine:
         requests = [{"prompt_token_ids": ids} for ids in prompt_ids]
         with rank_stream(self.d.rank):  # see the module docstring
             outputs = self.llm.generate(requests, params, use_tqdm=False)
-        return [[make_completion(list(sample.token_ids),
-                                 [step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids)],
-                                 self.stop_ids, self.tokenizer)
+        logprobs = lambda s: [step[token].logprob for step, token in zip(s.logprobs, s.token_ids)]
+        return [[make_completion(list(sample.token_ids), logprobs(sample), self.stop_ids, self.tokenizer)
                  for sample in output.outputs] for output in outputs]
 
     def push_weights(self, model) -> None:
@@ -370,8 +358,10 @@ class VLLMEngine:
             tied = getattr(model.config, "tie_word_embeddings", False)
             with quiet_expected_reload_warnings(tied):
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-            if tied:
-                self.llm.apply_model(repack_tied_lm_head)
+            if tied:  # its lm_head received no weights (vLLM skips them), so its CPU kernel keeps a packed
+                # copy of the old embedding: rebuild it from the updated shared tensor
+                self.llm.apply_model(
+                    lambda m: m.lm_head.quant_method.process_weights_after_loading(m.lm_head))
         self.weights_valid = True
         # Cached KV blocks of shared prompt prefixes were computed with the old weights: without
         # this reset, prompts longer than one KV block keep being served from them.
@@ -422,3 +412,15 @@ def make_engine(kind: str, model, tokenizer, model_path: str, d: Dist, **kwargs)
         kwargs.pop("batch_size", None)  # vLLM schedules its own batches
         return VLLMEngine(model_path, tokenizer, d, **kwargs)
     raise ValueError(f"unknown engine {kind!r}: expected 'hf' or 'vllm'")
+
+
+def trainer_engine(cfg, model, tokenizer, model_path: str, d: Dist) -> HFEngine | VLLMEngine:
+    """The engine of an RL trainer, from its Config (training.RLFlags): colocated with training, it
+    sleeps while the weights are updated; sequences fit prompt + completion."""
+    return make_engine(cfg.engine, model, tokenizer, model_path, d, batch_size=cfg.micro_batch_size * 4,
+                       gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                       dtype="bfloat16" if cfg.bf16 else "float32",
+                       max_model_len=cfg.max_prompt_length + cfg.max_completion_length,
+                       enable_sleep_mode=True,
+                       max_num_batched_tokens=cfg.vllm_max_num_batched_tokens,
+                       kv_cache_memory_bytes=int(cfg.vllm_cpu_kv_cache_gb * 2**30))

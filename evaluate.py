@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -235,11 +236,6 @@ def check_same_settings(records: list[dict], produced_by: dict, path: Path):
 # ----------------------------------------------------------------------------------------------
 # Flags. Sampling flags default to None so that a protocol can tell explicit flags from defaults.
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line naming the flag, without the usage block
-        raise SystemExit(f"evaluate.py: error: {message}")
-
-
 def _k_list(text: str) -> list[int]:
     try:
         return [int(k) for k in text.split(",")]
@@ -248,7 +244,8 @@ def _k_list(text: str) -> list[int]:
 
 
 def parse_args(argv=None):
-    p = _Parser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.error = lambda message: sys.exit(f"evaluate.py: error: {message}")  # one line, without the usage block
     p.add_argument("--model", required=True, help="hub id, local save_pretrained folder, or .gguf file")
     p.add_argument("--protocol", choices=sorted(PROTOCOLS),
                    help="the settings of a published table (PROTOCOLS in evaluate.py); flags override them")
@@ -409,8 +406,7 @@ def main(argv=None):
                                         d, done_ids=done_ids, on_chunk=append, fallback=fallback)
             records += [done[(spec, p["id"])] for p in problems if p["id"] in done_ids]
             summaries.append({"model": args.model, "bench": spec, **summarize(records, args.k),
-                              "sampling": {**produced_by[spec], "protocol": args.protocol,
-                                           "engine": args.engine},
+                              "sampling": {**produced_by[spec], "protocol": args.protocol},
                               "seconds": round(time.time() - started, 1)})
 
     if d.is_main:

@@ -1140,6 +1140,11 @@ class Grader:
         self.num_workers = num_workers
         self.timeout = timeout
         self._pool = self._new_pool()
+        # A run that stops on an error (training._stop's SystemExit) never reaches close(); at exit,
+        # concurrent.futures then wakes the pool's manager thread through a pipe that may already be
+        # closed ("OSError: Bad file descriptor" after the one-line error). Hooks registered here run
+        # before concurrent.futures' own (threading runs them last registered, first run).
+        threading._register_atexit(self.close)
 
     def _new_pool(self) -> ProcessPoolExecutor:
         # forkserver: workers neither inherit the trainer's threads (fork) nor re-import it (spawn)

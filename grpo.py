@@ -5,7 +5,7 @@
 
 GRPO (Shao et al., 2024, DeepSeekMath) drops PPO's critic: for each prompt it samples a group of
 G completions, scores them, and uses each completion's reward relative to its own group as the
-advantage of every one of its tokens. Per step:
+advantage of every one of its tokens. Per step (`rollout` is steps 1-3, `policy_update` step 4):
 
   1. take a batch of prompts; sample G completions of each with the current policy pi_old
   2. score them with the reward functions of rewards.py          r_i = sum_f w_f * r_f(o_i)
@@ -13,17 +13,30 @@ advantage of every one of its tokens. Per step:
   4. mu passes of clipped policy-gradient updates, each one optimizer step:
        rho_t = pi(o_t | q, o_<t) / pi_old(o_t | q, o_<t)
        L     = -min(rho_t A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) A_i) + beta * KL_t
-       KL_t  = exp(ref_t - logp_t) - (ref_t - logp_t) - 1       (k3, an unbiased, positive estimate)
+       KL_t  = exp(ref_t - logp_t) - (ref_t - logp_t) - 1       (k3: unbiased on samples of pi, >= 0)
   5. push the new weights into the generation engine (vLLM), so step 1 never samples stale weights.
 
-Options and where they come from: --scale-rewards none and --loss-type dr_grpo are Dr. GRPO
-(Liu et al., 2025: the std and length normalisations bias the objective); --loss-type bnpo and an
---epsilon-high above --epsilon-low (0.28) are DAPO (Yu et al., 2025); --tis-cap is truncated
-importance sampling against engine/trainer mismatch (Yao et al., 2025). The open-rs preset is
-Open-RS (Dang & Ngo, 2025), Table 5.
+Which equation each function implements:
+  token_logprobs      log pi(o_t | q, o_<t) at the sampling temperature, the terms of rho_t
+  group_advantages    A_i: DeepSeekMath sec. 4.1.2 (outcome supervision); --scale-rewards none is
+                      Dr. GRPO (Liu et al., 2025, sec. 3.2), batch is the std over the whole batch
+  clipped_objective   the clipped surrogate of DeepSeekMath eq. 3 (PPO's, Schulman et al., 2017, eq. 7),
+                      with DAPO's decoupled clip range (Yu et al., 2025, sec. 3.1 "Clip-Higher")
+  k3_kl               DeepSeekMath eq. 4 (Schulman's k3 estimator)
+  aggregate_loss      grpo: DeepSeekMath eq. 3's 1/G sum_i 1/|o_i| sum_t; dapo: DAPO sec. 3.3's token
+                      mean over the batch; dr_grpo: Dr. GRPO's constant normaliser
+  rollout             steps 1-3; --dynamic-sampling is DAPO sec. 3.2 (keep groups with 0 < correct < G)
+  policy_update       step 4; --tis-cap is truncated importance sampling (Yao et al., 2025)
+
+Left out, and why: no value model (that is the point of GRPO; ppo.py has one); no reward model (math
+answers are checked, grader.py); no overlong reward shaping or soft length penalty (DAPO sec. 3.4:
+the cosine reward of rewards.py is this project's length control); no asynchronous or off-policy
+generation (each step samples with the weights it updates, so rho = 1 at mu = 1); no sequence
+packing across rows (right padding, sorted by length, costs ~30% less than unsorted and is simpler).
+The plumbing (processes, FSDP, checkpoints, the engine) lives in training.py and engine.py.
 """
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
@@ -32,63 +45,54 @@ import data
 import memplan
 import rewards
 import training
-from engine import Sampling, make_engine
+from engine import Sampling, trainer_engine
 from grader import Grader
-
+from training import flag
 
 TEMPLATES = data.TEMPLATES  # inside Config, `data` is the --data field
+LOSS_TYPES = ["grpo", "dapo", "dr_grpo"]
 
 
 @dataclass
-class Config:
-    model: str = field(default="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", metadata={"help": "policy to start from: hub id or local folder"})
-    data: str = field(default="open-rs", metadata={"help": "training prompts: a data.load_problems spec (name, file, name=path, mixture a:N,b:M)"})
-    template: str = field(default="auto", metadata={"help": "prompt template (data.format_prompt): " + ", ".join(TEMPLATES), "choices": TEMPLATES})
-    output_dir: str = field(default="runs/grpo", metadata={"help": "checkpoints, metrics.jsonl, trajectories.jsonl, final model"})
-    max_steps: int = field(default=500, metadata={"help": "generation steps (each followed by num-iterations optimizer steps)"})
-    prompts_per_step: int = field(default=16, metadata={"help": "prompts per step over all ranks; each gets num-generations completions"})
-    num_generations: int = field(default=6, metadata={"help": "G, completions per prompt (the group)"})
-    micro_batch_size: int = field(default=4, metadata={"help": "completions per forward/backward pass on one rank"})
-    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (log-probs are taken at the same temperature)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
-    max_prompt_length: int = field(default=512, metadata={"help": "prompts longer than this (tokens) are left out, with a count printed"})
-    max_completion_length: int = field(default=3584, metadata={"help": "max new tokens per completion"})
-    rewards: str = field(default="format:1,cosine:2", metadata={"help": "weighted reward functions of rewards.py: accuracy, format, cosine, limr"})
-    cosine_max_len: int = field(default=1000, metadata={"help": "cosine reward: the length where it reaches its END values (Open-RS: 1000; their Exp. 3: 3584)"})
-    cosine_unit: str = field(default="chars", metadata={"help": "cosine reward: length in characters of the completion (Open-RS) or in tokens", "choices": ["chars", "tokens"]})
-    cosine_clamp: bool = field(default=False, metadata={"help": "cosine reward: hold lengths past --cosine-max-len at END (Open-RS: no, the cosine turns back up)"})
-    cosine_correct: str = field(default="1.0:0.5", metadata={"help": "cosine reward of a right answer, START:END = at length 0 : at --cosine-max-len (Open-RS: 1.0:0.5)"})
-    cosine_wrong: str = field(default="0.0:-0.5", metadata={"help": "cosine reward of a wrong answer, START:END (Open-RS: 0.0:-0.5; a negative START needs =, as --cosine-wrong=-1:-0.5)"})
-    scale_rewards: str = field(default="group", metadata={"help": "advantage scale: group (GRPO), batch, none (Dr. GRPO)", "choices": ["group", "batch", "none"]})
-    loss_type: str = field(default="grpo", metadata={"help": "grpo (sequence mean, then mean), bnpo (token mean over the batch, DAPO), dr_grpo (token sum / (sequences * max length))", "choices": ["grpo", "bnpo", "dr_grpo"]})
-    num_iterations: int = field(default=1, metadata={"help": "mu, policy updates per generation batch (1: the ratio is exactly 1)"})
-    epsilon_low: float = field(default=0.2, metadata={"help": "clip rho below at 1 - epsilon_low"})
-    epsilon_high: float = field(default=0.2, metadata={"help": "clip rho above at 1 + epsilon_high (DAPO: 0.28)"})
-    beta: float = field(default=0.04, metadata={"help": "KL coefficient to the reference policy (0: no reference model is loaded)"})
-    tis_cap: float = field(default=0.0, metadata={"help": "truncated importance sampling cap C for engine/trainer mismatch (0: off)"})
-    lr: float = field(default=1e-6, metadata={"help": "peak learning rate (AdamW)"})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of optimizer steps with linear warm-up"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to lr * this"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    adam_beta2: float = field(default=0.99, metadata={"help": "AdamW beta2 (beta1 is 0.9); TRL and the transformers Trainer use 0.999"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: no clipping)"})
-    bf16: bool = field(default=True, metadata={"help": "bf16 compute (GPU); master weights stay fp32"})
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward"})
-    logprob_chunk_size: int = field(default=1024, metadata={"help": "tokens whose full-vocabulary logits exist at once in the log-prob pass (memory: chunk x vocab x ~14 bytes)"})
-    engine: str = field(default="vllm", metadata={"help": "generation engine: vllm or hf", "choices": ["vllm", "hf"]})
-    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "GPU only: fraction of each GPU's memory the colocated vLLM engine takes while generating (its bf16 weights, activations, KV cache); it releases all of it during updates. A preset's value comes from the arithmetic beside it; on CPU see --vllm-cpu-kv-cache-gb"})
-    vllm_max_num_batched_tokens: int = field(default=4096, metadata={"help": "GPU only: tokens in one vLLM forward pass (prompt chunks + one per decoding sequence); sets the activation memory vLLM reserves (4096: TRL's colocate value)"})
-    vllm_cpu_kv_cache_gb: float = field(default=0.5, metadata={"help": "CPU only: each rank's vLLM KV cache, GiB (vLLM would otherwise size it from free RAM, every rank alike)"})
-    grader_workers: int = field(default=4, metadata={"help": "processes grading answers, each answer under a time limit"})
-    save_steps: int = field(default=50, metadata={"help": "write output-dir/checkpoint-N every N steps"})
-    save_total_limit: int = field(default=0, metadata={"help": "keep the newest N complete checkpoints, delete older ones (0: keep all)"})
-    dist_timeout_minutes: float = field(default=30.0, metadata={"help": "minutes a rank waits for the others in a collective (a checkpoint being written, a long generation) before the run aborts"})
-    log_completions_steps: int = field(default=10, metadata={"help": "append a sample of completions to completions.jsonl every N steps"})
-    seed: int = field(default=0, metadata={"help": "data order, sampling"})
-    report_to: str = field(default="none", metadata={"help": "none, wandb or tensorboard", "choices": ["none", "wandb", "tensorboard"]})
-    dry_run: bool = field(default=False, metadata={"help": "print the per-GPU memory plan (memplan.py) and exit: 0 if it fits, 1 if not"})
-    plan_gpus: int = field(default=0, metadata={"help": "GPUs the memory plan is for (0: this launch's ranks)"})
-    gpu_memory_gb: float = field(default=80.0, metadata={"help": "memory of one GPU for the memory plan, GiB"})
+class Config(training.RLFlags):
+    model: str = flag("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "policy to start from: hub id or folder")
+    data: str = flag("open-rs", "training prompts: a data.load_problems spec (name, file, name=path, "
+                                "mixture a:N,b:M)")
+    template: str = flag("auto", "prompt template (data.format_prompt)", TEMPLATES)
+    output_dir: str = flag("runs/grpo", "checkpoints, metrics.jsonl, trajectories.jsonl, final model")
+    max_steps: int = flag(500, "generation steps (each followed by num-iterations optimizer steps)")
+    prompts_per_step: int = flag(16, "prompts per step over all ranks; each gets num-generations completions")
+    num_generations: int = flag(6, "G, completions per prompt (the group)")
+    micro_batch_size: int = flag(4, "completions per forward/backward pass on one rank")
+    temperature: float = flag(0.7, "sampling temperature (log-probs are taken at the same temperature)")
+    top_p: float = flag(1.0, "nucleus sampling mass")
+    max_prompt_length: int = flag(512, "prompts longer than this (tokens) are left out, with a count printed")
+    max_completion_length: int = flag(3584, "max new tokens per completion")
+    dynamic_sampling: bool = flag(False, "DAPO's dynamic sampling: drop groups whose rewards are all equal "
+                                         "(zero advantage) and sample more prompts until the batch holds "
+                                         "prompts-per-step groups with signal")
+    max_sampling_rounds: int = flag(4, "dynamic sampling: at most this many rounds of prompts-per-step "
+                                       "prompts a step; short of groups with signal, groups without fill the "
+                                       "batch (OURS: the cap and the fill)")
+    rewards: str = flag("format:1,cosine:2", "weighted reward functions of rewards.py: accuracy, format, "
+                                             "cosine, limr")
+    scale_rewards: str = flag("group", "advantage scale: group (GRPO), batch, none (Dr. GRPO)",
+                              ["group", "batch", "none"])
+    loss_type: str = flag("grpo", "grpo (sequence mean, then mean), dapo (token mean over the batch, DAPO; "
+                                  "TRL's name), dr_grpo (token sum / (sequences * max length))", LOSS_TYPES)
+    num_iterations: int = flag(1, "mu, policy updates per generation batch (1: the ratio is exactly 1)")
+    epsilon_low: float = flag(0.2, "clip rho below at 1 - epsilon_low")
+    epsilon_high: float = flag(0.2, "clip rho above at 1 + epsilon_high (DAPO: 0.28)")
+    beta: float = flag(0.04, "KL coefficient to the reference policy (0: no reference model is loaded)")
+    tis_cap: float = flag(0.0, "truncated importance sampling cap C for engine/trainer mismatch (0: off)")
+    lr: float = flag(1e-6, "peak learning rate (AdamW)")
+    warmup_ratio: float = flag(0.1, "fraction of optimizer steps with linear warm-up")
+    min_lr_ratio: float = flag(0.1, "cosine decays to lr * this")
+    weight_decay: float = flag(0.0, "AdamW weight decay")
+    adam_beta2: float = flag(0.99, "AdamW beta2 (beta1 is 0.9); TRL and the transformers Trainer use 0.999")
+    grad_clip: float = flag(1.0, "max gradient norm (0: no clipping)")
+    save_steps: int = flag(50, "write output-dir/checkpoint-N every N steps")
+    seed: int = flag(0, "data order, sampling")
 
 
 PRESETS = {
@@ -98,76 +102,105 @@ PRESETS = {
     "tiny": dict(data="linear", template="plain", max_steps=80, prompts_per_step=32, num_generations=8,
                  micro_batch_size=32, temperature=1.0, max_prompt_length=128, max_completion_length=192,
                  rewards="accuracy:1", lr=5e-5, warmup_ratio=0.0, min_lr_ratio=1.0, beta=0.0, bf16=False,
-                 gradient_checkpointing=False, engine="hf", grader_workers=1, save_steps=20, log_completions_steps=10),
+                 gradient_checkpointing=False, engine="hf", grader_workers=1, save_steps=20,
+                 log_completions_steps=10),
     # Open-RS (Dang & Ngo 2025): knoveleng/open-rs recipes/grpo.yaml ("yaml:N"), launched on 3 training GPUs
     # (the 4th serves vLLM, README.md:82-88). Released models: Exp. 1 at step 100, Exps. 2 and 3 at step 50
     # (logs/overall/); Exp. 3 adds --cosine-max-len 3584 (README.md:91-98). Their pinned TRL (setup.py:70,
     # trl@69ad852) differs in ways kept as documented deviations: its log-probs ignore the temperature
     # (grpo_trainer.py _get_per_token_logps), its loss is a token mean per micro-batch of 6 completions
-    # (compute_loss) averaged over 4 accumulations x 3 GPUs, of which bnpo (the step's token mean) is the
+    # (compute_loss) averaged over 4 accumulations x 3 GPUs, of which dapo (the step's token mean) is the
     # nearest.
-    "open-rs": dict(model="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", data="open-rs",  # yaml:2, yaml:8
-                    template="r1",  # the system prompt of yaml:9, in R1-Distill's chat template
-                    prompts_per_step=12, num_generations=6,  # 6 per GPU (yaml:42) x 4 accum. (yaml:19) x 3 GPUs / 6 (yaml:37)
-                    micro_batch_size=6, max_steps=500, save_steps=50, seed=42,  # yaml:42, 36, 53, 54
-                    temperature=0.7, top_p=1.0,  # yaml:55; trl@69ad852 gives vLLM no top_p
-                    max_prompt_length=512, max_completion_length=3584,  # yaml:34-35
-                    rewards="format:1,cosine:2",  # yaml:46-51
-                    cosine_max_len=1000, cosine_unit="chars", cosine_clamp=False,  # open_r1/grpo.py:92-95, rewards.py:321-324
-                    cosine_correct="1.0:0.5", cosine_wrong="0.0:-0.5",  # open_r1/grpo.py:76-91
-                    lr=1e-6, warmup_ratio=0.1, min_lr_ratio=0.1,  # yaml:25, 56, 31-33
-                    beta=0.04, epsilon_low=0.2, epsilon_high=0.2, num_iterations=1,  # trl@69ad852 grpo_config.py:234-246
-                    scale_rewards="group", loss_type="bnpo",  # group std + 1e-4 as TRL; bnpo: see above
-                    weight_decay=0.0, grad_clip=1.0, adam_beta2=0.999,  # transformers TrainingArguments defaults
-                                                                       # (the yaml sets none of them)
-                    bf16=True, gradient_checkpointing=True,  # yaml:12, 20
-                    # OURS, vLLM colocated on each of 3 GPUs (memplan.py's terms): training keeps 14 B x 1.78B / 3
-                    # = 7.7 GiB (fp32 weights + Adam, bf16 reference); vLLM's 0.2 of 80 GiB = 16 GiB holds bf16
-                    # weights 3.3 GiB, ~2 GiB activations and 10.7 GiB of KV cache = 98 sequences of 4096 tokens
-                    # at 28 KiB each, for the 24 per GPU (on the paper's 48 GB A40s 3.6 GiB, 32 sequences).
-                    # 4096 tokens per pass: the 4 prompts of a GPU (<= 512 tokens) in one pass.
-                    vllm_gpu_memory_utilization=0.2, vllm_max_num_batched_tokens=4096),
-    # The Qwen-baselines study (rqzhangberkeley/efficient-reasoning): GRPO through open-r1's trainer on the 817
-    # LIMO problems from Qwen2.5-Math-1.5B, on 7 GPUs + 1 for vLLM. Its README.md:64 and "Baseline" run
+    "open-rs": dict(
+        model="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", data="open-rs",  # yaml:2, yaml:8
+        template="r1",  # the system prompt of yaml:9, in R1-Distill's chat template
+        prompts_per_step=12, num_generations=6,  # 6/GPU (yaml:42) x 4 accum. (yaml:19) x 3 GPUs / 6 (yaml:37)
+        micro_batch_size=6, max_steps=500, save_steps=50, seed=42,  # yaml:42, 36, 53, 54
+        temperature=0.7, top_p=1.0,  # yaml:55; trl@69ad852 gives vLLM no top_p
+        max_prompt_length=512, max_completion_length=3584,  # yaml:34-35
+        rewards="format:1,cosine:2",  # yaml:46-51
+        cosine_max_len=1000, cosine_unit="chars",  # open_r1/grpo.py:92-95, rewards.py:321
+        cosine_clamp=False,  # rewards.py:324
+        cosine_correct="1.0:0.5", cosine_wrong="0.0:-0.5",  # open_r1/grpo.py:76-91
+        lr=1e-6, warmup_ratio=0.1, min_lr_ratio=0.1,  # yaml:25, 56, 31-33
+        beta=0.04, epsilon_low=0.2, epsilon_high=0.2, num_iterations=1,  # trl@69ad852 grpo_config.py:234-246
+        scale_rewards="group", loss_type="dapo",  # group std + 1e-4 as TRL; dapo: see above
+        weight_decay=0.0, grad_clip=1.0, adam_beta2=0.999,  # transformers TrainingArguments defaults
+                                                           # (the yaml sets none of them)
+        bf16=True, gradient_checkpointing=True,  # yaml:12, 20
+        # OURS, vLLM colocated on each of 3 GPUs (memplan.py's terms): training keeps 14 B x 1.78B / 3
+        # = 7.7 GiB (fp32 weights + Adam, bf16 reference); vLLM's 0.2 of 80 GiB = 16 GiB holds bf16
+        # weights 3.3 GiB, ~2 GiB activations and 10.7 GiB of KV cache = 98 sequences of 4096 tokens
+        # at 28 KiB each, for the 24 per GPU (on the paper's 48 GB A40s 3.6 GiB, 32 sequences).
+        # 4096 tokens per pass: the 4 prompts of a GPU (<= 512 tokens) in one pass.
+        vllm_gpu_memory_utilization=0.2, vllm_max_num_batched_tokens=4096),
+    # The Qwen-baselines study (rqzhangberkeley/efficient-reasoning): GRPO through open-r1's trainer on the
+    # 817 LIMO problems from Qwen2.5-Math-1.5B, on 7 GPUs + 1 for vLLM. Its README.md:64 and "Baseline" run
     # grpo_limo.sh:85 (lr wd G seed per-GPU accum. beta clip samples epochs), else its
     # recipes/Qwen2.5-Math-1.5B/grpo/config_simple_rl.yaml ("yaml:N"). OURS marks our own choices.
-    "limo": dict(model="Qwen/Qwen2.5-Math-1.5B", data="limo",  # grpo_limo.sh:54-55
-                 template="question",  # user turn "Question: {problem}" only (RL/grpo.py:262-266); Qwen2.5-Math's
-                                       # chat template adds its default system prompt
-                 prompts_per_step=64, num_generations=7,  # README.md:64 (7 GPUs x 8 x 8 accum. / G 7)
-                 max_steps=36, save_steps=12,  # 3 epochs x 12 steps (README.md:64); save each epoch (yaml:59)
-                 micro_batch_size=8, seed=1001,  # grpo_limo.sh:85
-                 lr=5e-6, warmup_ratio=0.1, min_lr_ratio=0.0,  # README.md:64; cosine to 0 (yaml:36), yaml:61
-                 weight_decay=0.1, grad_clip=1.0, beta=0.005,  # README.md:64, grpo_limo.sh:85
-                 adam_beta2=0.999,  # their TRL's TrainingArguments default (the yaml does not set it)
-                 epsilon_low=0.2, epsilon_high=0.2, num_iterations=1,  # their TRL's defaults
-                 temperature=0.6, top_p=1.0,  # yaml:49; RL/grpo_trainer.py:486-490 gives vLLM no top_p
-                 rewards="accuracy:1",  # RL/grpo.py:332-333, yaml:55-58
-                 scale_rewards="group", loss_type="bnpo",  # per-micro-batch token mean, RL/grpo_trainer.py:998
-                 max_prompt_length=1024, max_completion_length=3072,  # OURS: yaml:34, 38 ask 2048 and 32874, but the
-                                                                      # model has 4,096 positions, where vLLM stops
-                 bf16=True, gradient_checkpointing=True,  # yaml:16, 25
-                 # OURS, vLLM colocated on each of 8 GPUs (memplan.py's terms): training keeps 14 B x 1.54B / 8
-                 # = 2.5 GiB (fp32 weights + Adam, bf16 reference); vLLM's 0.2 of 80 GiB = 16 GiB holds bf16
-                 # weights 2.9 GiB, ~2 GiB activations and 11.1 GiB of KV cache = 101 sequences of 4096 tokens
-                 # at 28 KiB each, for the 8 x 7 = 56 per GPU. 8192 tokens per pass: a GPU's 8 prompts
-                 # (<= 1024 tokens) in one pass, activations ~0.4 GiB.
-                 vllm_gpu_memory_utilization=0.2, vllm_max_num_batched_tokens=8192),
+    "limo": dict(
+        model="Qwen/Qwen2.5-Math-1.5B", data="limo",  # grpo_limo.sh:54-55
+        template="question",  # user turn "Question: {problem}" only (RL/grpo.py:262-266); Qwen2.5-Math's
+                              # chat template adds its default system prompt
+        prompts_per_step=64, num_generations=7,  # README.md:64 (7 GPUs x 8 x 8 accum. / G 7)
+        max_steps=36, save_steps=12,  # 3 epochs x 12 steps (README.md:64); save each epoch (yaml:59)
+        micro_batch_size=8, seed=1001,  # grpo_limo.sh:85
+        lr=5e-6, warmup_ratio=0.1, min_lr_ratio=0.0,  # README.md:64; cosine to 0 (yaml:36), yaml:61
+        weight_decay=0.1, grad_clip=1.0, beta=0.005,  # README.md:64, grpo_limo.sh:85
+        adam_beta2=0.999,  # their TRL's TrainingArguments default (the yaml does not set it)
+        epsilon_low=0.2, epsilon_high=0.2, num_iterations=1,  # their TRL's defaults
+        temperature=0.6, top_p=1.0,  # yaml:49; RL/grpo_trainer.py:486-490 gives vLLM no top_p
+        rewards="accuracy:1",  # RL/grpo.py:332-333, yaml:55-58
+        scale_rewards="group", loss_type="dapo",  # per-micro-batch token mean, RL/grpo_trainer.py:998
+        max_prompt_length=1024, max_completion_length=3072,  # OURS: yaml:34, 38 ask 2048 and 32874, but the
+                                                             # model has 4,096 positions, where vLLM stops
+        bf16=True, gradient_checkpointing=True,  # yaml:16, 25
+        # OURS, vLLM colocated on each of 8 GPUs (memplan.py's terms): training keeps 14 B x 1.54B / 8
+        # = 2.5 GiB (fp32 weights + Adam, bf16 reference); vLLM's 0.2 of 80 GiB = 16 GiB holds bf16
+        # weights 2.9 GiB, ~2 GiB activations and 11.1 GiB of KV cache = 101 sequences of 4096 tokens
+        # at 28 KiB each, for the 8 x 7 = 56 per GPU. 8192 tokens per pass: a GPU's 8 prompts
+        # (<= 1024 tokens) in one pass, activations ~0.4 GiB.
+        vllm_gpu_memory_utilization=0.2, vllm_max_num_batched_tokens=8192),
 }
 
 
 # ---- the GRPO equations, each a function so the tests can check it against hand computations
 
 
-def group_advantages(rewards_, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+def token_logprobs(model, input_ids, completion_mask, temperature: float, chunk_size: int,
+                   with_entropy=False):
+    """log pi(o_t | q, o_<t) of every completion token at the sampling temperature and, with_entropy,
+    the entropy of pi(. | q, o_<t) at each position: [B, T - 1] each, both with gradient; logp is zero
+    outside the completion, the entropy is not masked.
+
+    Rows are prompt + completion, right-padded (training.pack). No attention mask is needed: causal
+    attention never lets a real token see the pads after it, and completion_mask drops the pads."""
+    def head(logits, next_tokens):                 # [n, V] fp32 logits at n positions, [n] the tokens after
+        logits = logits / temperature              # the engine sampled from softmax(z / T): score that
+        log_normaliser = logits.logsumexp(-1)                                               # [n]
+        logp = logits.gather(-1, next_tokens[:, None]).squeeze(-1) - log_normaliser        # [n]
+        if not with_entropy:
+            return logp, None
+        return logp, log_normaliser - (logits.softmax(-1) * logits).sum(-1)   # H = -sum_v p_v log p_v
+
+    # The model's output at position t is pi(. | tokens 0..t), the distribution of token t + 1: column t
+    # of the result scores token t + 1, so it is one column narrower than the rows, and completion_mask
+    # shifted by one, [:, 1:], marks the completion's tokens in it. (lm_head runs chunk_size positions at
+    # a time: a micro-batch's full-vocabulary logits would be gigabytes.)
+    logp, entropy = training.next_token_scores(model, input_ids, head, chunk_size)         # [B, T - 1]
+    return logp * completion_mask[:, 1:], entropy
+
+
+def group_advantages(group_rewards, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
     """A_i = (r_i - mean of its group) / (std + eps); `none` leaves it unscaled (Dr. GRPO).
 
     A group whose rewards are all equal carries no signal: its advantages are exactly 0, never NaN.
+    A different baseline (RLOO's leave-one-out mean) belongs here: docs/ablations/01-rloo.patch.
     """
-    r = torch.as_tensor(rewards_, dtype=torch.float32).view(-1, group_size)
+    r = torch.as_tensor(group_rewards, dtype=torch.float32).view(-1, group_size)   # [groups, G]
     centered = r - r.mean(dim=1, keepdim=True)
     if scale == "group":
-        centered = centered / (r.std(dim=1, keepdim=True) + eps)
+        centered = centered / (r.std(dim=1, keepdim=True) + eps)   # std with n - 1, as TRL
     elif scale == "batch":
         centered = centered / (r.std() + eps)
     elif scale != "none":
@@ -184,7 +217,11 @@ def clipped_objective(logp, old_logp, advantages, eps_low: float, eps_high: floa
 
 
 def k3_kl(logp, ref_logp):
-    """exp(ref - logp) - (ref - logp) - 1: Schulman's k3 estimator of KL(pi || pi_ref), >= 0."""
+    """exp(ref - logp) - (ref - logp) - 1: Schulman's k3, an unbiased (on tokens sampled from pi), never
+    negative estimate of KL(pi || pi_ref). Its gradient is not KL(pi || pi_ref)'s: as a loss term on
+    tokens sampled from pi, the expected gradient of k3 is that of KL(pi_ref || pi), the reverse
+    direction (k1 = logp - ref would be unbiased in value and have zero expected gradient;
+    docs/ablations/03-kl-estimator.patch compares them)."""
     delta = ref_logp - logp
     return torch.exp(delta) - delta - 1
 
@@ -193,78 +230,180 @@ def aggregate_loss(per_token, mask, loss_type: str, num_sequences: int, num_toke
     """Sum this micro-batch's share of the global loss (normalisers are global counts)."""
     if loss_type == "grpo":     # mean over each sequence's tokens, then mean over sequences
         return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / num_sequences
-    if loss_type == "bnpo":     # mean over all tokens of the batch: long answers weigh more
+    if loss_type == "dapo":     # mean over all tokens of the batch: long answers weigh more
         return (per_token * mask).sum() / num_tokens
     if loss_type == "dr_grpo":  # a constant normaliser: no length bias
         return (per_token * mask).sum() / (num_sequences * max_len)
-    raise ValueError(f"loss_type must be grpo, bnpo or dr_grpo, not {loss_type!r}")
+    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, not {loss_type!r}")
 
 
-def policy_update(policy, reference, optimizer, scheduler, rows, cfg: Config, d, pad_id: int) -> dict:
-    """Step 4: mu optimizer steps on this rank's rollouts `rows` = (prompt ids, completion ids,
-    engine log-probs, advantage). Losses are normalised by counts over all ranks, so any number of
-    ranks takes the same step as one process. Returns statistics averaged over the global batch."""
+# ---- steps 1-3: sample, score, advantages
+
+
+@dataclass
+class Rollout:
+    """One completion, as the update needs it."""
+    prompt_ids: list[int]
+    completion_ids: list[int]      # ends with the EOS token when the completion stopped: it is trained too
+    engine_logprobs: list[float]   # log-prob of each completion token under the engine that sampled it
+    advantage: float               # A_i, the same for every token of the completion
+
+
+def rollout(step: int, engine, problems, prompts, prompt_ids, reward_weights, grader, cosine, cfg: Config,
+            dist):
+    """Steps 1-3. Returns this rank's Rollouts, the groups of the step's batch (every rank's, for the
+    metrics and LIM's trajectories) and the sampling counts.
+
+    Invariants a change here must keep (the update, resuming and lim.py rely on them):
+    - the prompts are a pure function of the step (training.batch_indices; extra rounds of dynamic
+      sampling draw from their own seeded stream): a resumed run, or one on any number of ranks, draws
+      the same prompts;
+    - every rank returns prompts_per_step / world_size whole groups, the same number of rollouts: the
+      update runs as many micro-batches on every rank, so FSDP's collectives inside them pair up;
+    - advantages are computed over the global batch (every rank sees every group's rewards), so `batch`
+      scaling and the groups a rank trains on do not depend on the number of ranks;
+    - the returned batch is exactly the step's prompts_per_step prompts at positions step * P + j of the
+      stream of epochs (round 0, whatever dynamic sampling drops): trajectories.jsonl holds each prompt
+      once per epoch, and the logged reward and accuracy are those of that fresh draw;
+    - the engine samples with the policy's current weights (step 5 pushes them): with mu = 1 the update
+      takes pi_old to be the trainer's policy itself, so a fork that samples asynchronously or reuses old
+      batches must pass the sampling policy's log-probs as pi_old, or its ratio stays exactly 1.
+    """
+    P, G, W = cfg.prompts_per_step, cfg.num_generations, dist.world_size
+    with_signal, without_signal, generated, seconds = [], [], 0, {"generation": 0.0, "reward": 0.0}
+    for round_ in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
+        # 1. P prompts (the same on any number of ranks); rank r samples prompts r, r + W, r + 2W, ...
+        drawn = training.batch_indices(step, P, len(problems), cfg.seed + round_ * 1_000_003)
+        mine = drawn[dist.rank::W]
+        started = time.time()
+        engine.wake_up()
+        outputs = engine.generate([prompts[i] for i in mine], Sampling(
+            n=G, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_completion_length))
+        engine.sleep()
+        completions = [c for group in outputs for c in group]              # G consecutive per prompt
+        owners = [i for i in mine for _ in range(G)]
+        generated_at = time.time()
+        # 2. rewards r_i = sum_f w_f r_f(o_i), graded in worker processes under a time limit: one column
+        #    per reward function, plus "correct" (0/1) and "total" (r_i)
+        scores = rewards.compute_rewards(
+            [c.text for c in completions], [problems[i]["answer"] for i in owners],
+            [len(c.token_ids) for c in completions], [c.finish_reason == "length" for c in completions],
+            reward_weights, grader, [prompts[i] for i in owners], cosine)  # prompts pick the format rule
+        seconds["generation"] += generated_at - started
+        seconds["reward"] += time.time() - generated_at
+        groups = [training.Group(i, step * P + dist.rank + j * W, outputs[j],
+                                 {name: column[j * G:(j + 1) * G] for name, column in scores.items()})
+                  for j, i in enumerate(mine)]
+        # every rank gets every group of the round, in batch order
+        groups = sorted((g for part in training.all_gather_objects(groups, dist) for g in part),
+                        key=lambda g: g.position)
+        if round_ == 0:
+            batch = groups
+        generated += sum(len(c.token_ids) for g in groups for c in g.completions)
+        if not cfg.dynamic_sampling:
+            break
+        # DAPO keeps groups with 0 < correct < G; here, groups whose rewards differ, i.e. whose advantages
+        # are not all zero (the same test under the accuracy reward; under cosine, lengths differ too)
+        for g in groups:
+            (with_signal if len(set(g.rewards["total"])) > 1 else without_signal).append(g)
+        if len(with_signal) >= P:
+            break
+    # the P groups trained on: the batch, or with dynamic sampling the first P with signal, filled up
+    # with groups without signal (zero advantage) when the rounds ran out
+    trained = (with_signal + without_signal)[:P] if cfg.dynamic_sampling else batch
+
+    # 3. advantages within each group, over the global batch; rank r trains on groups r, r + W, ...
+    advantages = group_advantages([r for g in trained for r in g.rewards["total"]], G, cfg.scale_rewards)
+    advantages = advantages.view(P, G).tolist()
+    rollouts = [Rollout(prompt_ids[trained[k].problem], c.token_ids, c.logprobs, a)
+                for k in range(dist.rank, P, W) for c, a in zip(trained[k].completions, advantages[k])]
+    counts = {"sampling_rounds": round_ + 1, "generated_tokens": generated,
+              "groups_with_signal": sum(len(set(g.rewards["total"])) > 1 for g in trained),
+              "time/generation": seconds["generation"], "time/reward": seconds["reward"]}
+    return rollouts, batch, counts
+
+
+# ---- step 4: the clipped policy-gradient update
+
+
+def pack_micro_batch(rollouts: list[Rollout], pad_id: int, device) -> dict:
+    """One micro-batch as tensors: rows [B, T]; per completion token (mask, engine log-probs) in
+    token_logprobs' layout, [B, T - 1]; one advantage per row, [B, 1]."""
+    input_ids, completion_mask = training.pack([r.prompt_ids for r in rollouts],
+                                               [r.completion_ids for r in rollouts], pad_id, device)  # [B, T]
+    engine_logp = training.pack_logprobs([r.engine_logprobs for r in rollouts],
+                                         [len(r.prompt_ids) for r in rollouts], input_ids.shape[1], device)
+    return {"input_ids": input_ids, "completion_mask": completion_mask, "mask": completion_mask[:, 1:],
+            "engine_logp": engine_logp,
+            "advantages": torch.tensor([[r.advantage] for r in rollouts], device=device)}             # [B, 1]
+
+
+def policy_update(policy, reference, optimizer, scheduler, rollouts: list[Rollout], cfg: Config, dist,
+                  pad_id: int) -> dict:
+    """Step 4: mu optimizer steps on this rank's rollouts. Losses are normalised by counts over all
+    ranks, so any number of ranks takes the same step as one process. Returns statistics averaged
+    over the global batch."""
     # rows of similar length share a micro-batch: less padding to compute (measured: -30% update time).
     # Every normaliser is a global count, so how rows are grouped into micro-batches changes nothing else.
-    rows = sorted(rows, key=lambda r: len(r[0]) + len(r[1]))
-    micro_batches = [rows[k:k + cfg.micro_batch_size] for k in range(0, len(rows), cfg.micro_batch_size)]
-    num_sequences = training.all_reduce_sum(len(rows), d).item()
-    num_tokens = training.all_reduce_sum(sum(len(r[1]) for r in rows), d).item()
-    packed = [training.pack([r[0] for r in mb], [r[1] for r in mb], pad_id, d.device) for mb in micro_batches]
-    engine_logp = [training.pack_logprobs([r[2] for r in mb], [len(r[0]) for r in mb], ids.shape[1], d.device)
-                   for mb, (ids, _) in zip(micro_batches, packed)]
-    advantages = [torch.tensor([r[3] for r in mb], device=d.device).unsqueeze(1) for mb in micro_batches]
-
-    logprobs = lambda model, batch, **kw: training.token_logprobs(model, *batch, cfg.temperature,
-                                                                  chunk_size=cfg.logprob_chunk_size, **kw)
+    rollouts = sorted(rollouts, key=lambda r: len(r.prompt_ids) + len(r.completion_ids))
+    micro_batches = [pack_micro_batch(rollouts[k:k + cfg.micro_batch_size], pad_id, dist.device)
+                     for k in range(0, len(rollouts), cfg.micro_batch_size)]
+    num_sequences = training.all_reduce_sum(len(rollouts), dist).item()
+    num_tokens = training.all_reduce_sum(sum(len(r.completion_ids) for r in rollouts), dist).item()
+    logprobs = lambda model, mb, **kw: token_logprobs(model, mb["input_ids"], mb["completion_mask"],
+                                                      cfg.temperature, cfg.logprob_chunk_size, **kw)
     # pi_old (needed only when mu > 1) and pi_ref, before any update, under the autocast pi runs under:
     # at the first pass pi = pi_old exactly, so the ratio must come out exactly 1
-    with torch.no_grad(), training.autocast(d, cfg.bf16):
-        old_logp = [logprobs(policy, batch)[0] if cfg.num_iterations > 1 else None for batch in packed]
-        ref_logp = [logprobs(reference, batch)[0] if reference is not None else None for batch in packed]
+    with torch.no_grad(), training.autocast(dist, cfg.bf16):
+        for mb in micro_batches:
+            mb["old_logp"] = logprobs(policy, mb)[0] if cfg.num_iterations > 1 else None
+            mb["ref_logp"] = logprobs(reference, mb)[0] if reference is not None else None
     policy.train()
     sums = dict.fromkeys(("loss", "clip", "kl", "entropy", "gap"), 0.0)
-    gap_max = torch.zeros((), device=d.device)
+    gap_max = torch.zeros((), device=dist.device)
     for iteration in range(cfg.num_iterations):
-        for k, batch in enumerate(packed):
-            mask = batch[1][:, 1:]
-            with training.autocast(d, cfg.bf16):
-                logp, entropy = logprobs(policy, batch, with_entropy=iteration == 0)
+        for mb in micro_batches:
+            with training.autocast(dist, cfg.bf16):
+                logp, entropy = logprobs(policy, mb, with_entropy=iteration == 0)          # [B, T - 1]
             # pi_old: with mu = 1 the sampling policy is the current one, so rho = exp(logp - logp.detach())
             # is exactly 1 and the gradient is the plain policy gradient: no extra forward pass needed.
-            old = old_logp[k] if old_logp[k] is not None else logp.detach()
-            objective, clipped = clipped_objective(logp, old, advantages[k], cfg.epsilon_low, cfg.epsilon_high)
+            old_logp = mb["old_logp"] if mb["old_logp"] is not None else logp.detach()
+            objective, clipped = clipped_objective(logp, old_logp, mb["advantages"], cfg.epsilon_low,
+                                                   cfg.epsilon_high)
             if cfg.tis_cap > 0:  # engine/trainer mismatch: weight each token by min(pi_old / pi_engine, C)
-                objective = objective * torch.exp(old - engine_logp[k]).clamp(max=cfg.tis_cap)
-            per_token = -objective
-            if reference is not None:
-                kl = k3_kl(logp, ref_logp[k])
-                per_token = per_token + cfg.beta * kl
-                sums["kl"] += (kl.detach() * mask).sum().item() / num_tokens / cfg.num_iterations
-            loss = aggregate_loss(per_token, mask, cfg.loss_type, num_sequences, num_tokens, cfg.max_completion_length)
-            (loss * d.world_size).backward()  # FSDP averages gradients over ranks; undo that: loss is a global mean
+                objective = objective * torch.exp(old_logp - mb["engine_logp"]).clamp(max=cfg.tis_cap)
+            kl = k3_kl(logp, mb["ref_logp"]) if reference is not None else torch.zeros_like(logp)
+            per_token = -objective + cfg.beta * kl                                         # L_t
+            loss = aggregate_loss(per_token, mb["mask"], cfg.loss_type, num_sequences, num_tokens,
+                                  cfg.max_completion_length)
+            (loss * dist.world_size).backward()  # FSDP averages gradients over ranks; the loss is global
+
+            # ---- bookkeeping: this micro-batch's share of the step's averages over the global batch
+            token_mean = lambda x: (x.detach() * mb["mask"]).sum().item() / num_tokens
             sums["loss"] += loss.item() / cfg.num_iterations
-            sums["clip"] += (clipped * mask).sum().item() / num_tokens / cfg.num_iterations
+            sums["clip"] += token_mean(clipped) / cfg.num_iterations
+            sums["kl"] += token_mean(kl) / cfg.num_iterations
             if iteration == 0:
-                sums["entropy"] += (entropy * mask).sum().item() / num_tokens
-                gap = (logp.detach() - engine_logp[k]).abs() * mask  # stale-weight guard: engine vs trainer
-                sums["gap"] += gap.sum().item() / num_tokens
+                gap = (logp.detach() - mb["engine_logp"]).abs() * mb["mask"]  # engine vs trainer (stale?)
+                sums["entropy"] += token_mean(entropy)
+                sums["gap"] += token_mean(gap)
                 gap_max = torch.maximum(gap_max, gap.max())
         grad_norm = training.clip_grad_norm(policy, cfg.grad_clip)
-        training.stop_if_not_finite({"gradient norm": grad_norm}, scheduler.last_epoch + 1, d)  # NaN guard
+        training.stop_if_not_finite({"gradient norm": grad_norm}, scheduler.last_epoch + 1, dist)  # NaN guard
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    stats = {name: training.all_reduce_sum(value, d).item() for name, value in sums.items()}
-    training.stop_if_not_finite({"loss": stats["loss"]}, scheduler.last_epoch, d)
+    stats = {name: training.all_reduce_sum(value, dist).item() for name, value in sums.items()}
+    training.stop_if_not_finite({"loss": stats["loss"]}, scheduler.last_epoch, dist)
     return {"loss": stats["loss"], "clip_frac": stats["clip"], "kl": stats["kl"], "entropy": stats["entropy"],
-            "grad_norm": grad_norm, "logprob_gap_mean": stats["gap"],
-            "logprob_gap_max": training.all_reduce_max(gap_max, d).item()}
+            "grad_norm": grad_norm,  # of the last of the mu optimizer steps
+            "logprob_gap_mean": stats["gap"],
+            "logprob_gap_max": training.all_reduce_max(gap_max, dist).item()}
 
 
 def main(argv=None):
     cfg = training.parse_args(Config, PRESETS, argv, description=__doc__.split("\n\n")[0])
-    d = training.init_distributed(cfg.dist_timeout_minutes)
+    dist = training.init_distributed(cfg.dist_timeout_minutes)
     training.seed_everything(cfg.seed)
     try:
         reward_weights = rewards.parse_weights(cfg.rewards)
@@ -273,9 +412,13 @@ def main(argv=None):
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     G = cfg.num_generations
-    if G < 2 or cfg.prompts_per_step % d.world_size:
-        raise SystemExit(f"error: need --num-generations >= 2 and --prompts-per-step divisible by {d.world_size} ranks")
-    memplan.report("grpo", cfg, d)  # every flag is checked: the budget, before anything loads
+    if G < 2 or cfg.prompts_per_step % dist.world_size:
+        raise SystemExit(f"error: need --num-generations >= 2 and --prompts-per-step divisible by "
+                         f"{dist.world_size} ranks")
+    if cfg.tis_cap > 0 and cfg.top_p < 1:  # the engine's log-probs are then of the nucleus, not of pi
+        raise SystemExit("error: --tis-cap needs --top-p 1 (with top-p < 1 the engine's log-probs are "
+                         "renormalised over the nucleus, so pi_old / pi_engine would not measure staleness)")
+    memplan.report("grpo", cfg, dist)  # every flag is checked: the budget, before anything loads
 
     # ---- data first: a bad file fails in seconds, before any model loads
     problems = data.load_problems(cfg.data, split="train", seed=cfg.seed)
@@ -285,90 +428,67 @@ def main(argv=None):
     training.check_model_path(cfg.model)
     tokenizer = training.load_tokenizer(cfg.model)
     problems, prompts, prompt_ids = training.prepare_prompts(problems, tokenizer, cfg.template,
-                                                             cfg.max_prompt_length, d, "grpo")
+                                                             cfg.max_prompt_length, dist, "grpo")
 
     # ---- models: the policy (from the newest checkpoint when resuming), the frozen reference
     policy_path = str(checkpoint) if checkpoint else cfg.model
-    policy = training.shard_model(training.load_model(policy_path), d, cfg.bf16, cfg.gradient_checkpointing)
-    reference = None
-    if cfg.beta > 0:  # frozen: no optimizer needs fp32 master weights (one bf16 process: fp32 under autocast, as pi)
-        reference = training.load_model(cfg.model, dtype=training.frozen_dtype(d, cfg.bf16))
-        reference = training.shard_model(reference, d, cfg.bf16, False).eval()
-        reference.requires_grad_(False)
-    training.seed_per_rank(cfg.seed, d)  # models are built identically on all ranks; sampling differs per rank
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, cfg.adam_beta2))
-    scheduler = training.cosine_schedule(optimizer, cfg.max_steps * cfg.num_iterations, cfg.warmup_ratio, cfg.min_lr_ratio)
+    policy = training.load_model(policy_path)
+    policy = training.shard_model(policy, dist, cfg.bf16, cfg.gradient_checkpointing)
+    reference = training.load_reference(cfg.model, dist, cfg.bf16) if cfg.beta > 0 else None
+    training.seed_per_rank(cfg.seed, dist)  # models are built alike on all ranks; sampling differs per rank
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  betas=(0.9, cfg.adam_beta2))
+    scheduler = training.cosine_schedule(optimizer, cfg.max_steps * cfg.num_iterations, cfg.warmup_ratio,
+                                         cfg.min_lr_ratio)
     start_step = 0
     if checkpoint is not None:
         state = training.load_trainer_state(checkpoint)
-        start_step = training.restore_checkpoint(state, {"policy": (policy, optimizer)}, {"policy": scheduler}, d,
-                                                 seed=cfg.seed)["step"]
-        if d.is_main:
+        start_step = training.restore_checkpoint(state, {"policy": (policy, optimizer)},
+                                                 {"policy": scheduler}, dist, seed=cfg.seed)["step"]
+        if dist.is_main:
             print(f"grpo: resumed from {checkpoint} at step {start_step}")
-    training.truncate_logs(cfg.output_dir, start_step, d)  # lines of steps that will be redone go
-    engine = make_engine(cfg.engine, policy, tokenizer, policy_path, d, batch_size=cfg.micro_batch_size * 4,
-                         gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, dtype="bfloat16" if cfg.bf16 else "float32",
-                         max_model_len=cfg.max_prompt_length + cfg.max_completion_length, enable_sleep_mode=True,
-                         max_num_batched_tokens=cfg.vllm_max_num_batched_tokens,
-                         kv_cache_memory_bytes=int(cfg.vllm_cpu_kv_cache_gb * 2**30))
-    logger = training.MetricsLogger(cfg.output_dir, cfg.report_to, asdict(cfg), d)
+    training.truncate_logs(cfg.output_dir, start_step, dist)  # lines of steps that will be redone go
+    engine = trainer_engine(cfg, policy, tokenizer, policy_path, dist)
+    logger = training.MetricsLogger(cfg.output_dir, cfg.report_to, asdict(cfg), dist)
     grader = Grader(num_workers=cfg.grader_workers)
-    if d.is_main:
+    if dist.is_main:
         print(f"grpo: {len(problems)} prompts, {cfg.prompts_per_step} x {G} completions per step, "
-              f"{d.world_size} rank(s), engine {cfg.engine}, rewards {reward_weights}")
+              f"{dist.world_size} rank(s), engine {cfg.engine}, rewards {reward_weights}")
 
-    progress = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, disable=not d.is_main, desc="grpo")
+    progress = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
+                    disable=not dist.is_main, desc="grpo")
     for step in progress:
-        t0 = time.time()
-        # 1. a batch of prompts (the same on any number of ranks); this rank samples for its share
-        batch = training.batch_indices(step, cfg.prompts_per_step, len(problems), cfg.seed)
-        mine = batch[d.rank::d.world_size]
-        policy.eval()
-        engine.wake_up()
-        outputs = engine.generate([prompts[i] for i in mine], Sampling(
-            n=G, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_completion_length))
-        engine.sleep()
-        completions = [c for group in outputs for c in group]             # G consecutive per prompt
-        owners = [i for i in mine for _ in range(G)]
+        # 1-3. sample, score, group-relative advantages
+        policy.eval()  # dropout off (Qwen2 has none, but a forked model might) for sampling and pi_old/pi_ref
+        rollouts, batch, counts = rollout(step, engine, problems, prompts, prompt_ids, reward_weights, grader,
+                                          cosine, cfg, dist)
         t1 = time.time()
-
-        # 2. rewards r_i = sum_f w_f r_f(o_i), graded in worker processes under a time limit
-        scores = rewards.compute_rewards(
-            [c.text for c in completions], [problems[i]["answer"] for i in owners],
-            [len(c.token_ids) for c in completions], [c.finish_reason == "length" for c in completions],
-            reward_weights, grader, [prompts[i] for i in owners], cosine)  # prompts pick the format rule
-        t2 = time.time()
-
-        # 3. advantages within each group (groups never straddle ranks); `batch` scaling needs the
-        #    std over the global batch, so every rank sees all rewards and keeps its own slice
-        all_rewards = torch.tensor([r for part in training.all_gather_objects(scores["total"], d) for r in part])
-        advantages = group_advantages(all_rewards, G, cfg.scale_rewards).view(d.world_size, -1)[d.rank]
-
         # 4. mu passes of clipped policy-gradient updates over this batch
-        rows = [(prompt_ids[i], c.token_ids, c.logprobs, a) for i, c, a in zip(owners, completions, advantages.tolist())]
-        stats = policy_update(policy, reference, optimizer, scheduler, rows, cfg, d, tokenizer.pad_token_id)
+        stats = policy_update(policy, reference, optimizer, scheduler, rollouts, cfg, dist,
+                              tokenizer.pad_token_id)
         # 5. the engine samples the next batch with these weights
         engine.push_weights(policy)
-        t3 = time.time()
+        t2 = time.time()
 
         # ---- metrics, LIM trajectories, completions, checkpoint
-        metrics = training.log_rollouts(step, completions, owners, scores, problems, prompts, reward_weights, G,
-                                        cfg.prompts_per_step, cfg.output_dir, cfg.log_completions_steps, d)
-        metrics |= {**stats, "lr": scheduler.get_last_lr()[0], "time/generation": t1 - t0, "time/reward": t2 - t1,
-                    "time/update": t3 - t2, "tokens_per_s": metrics["response_length_mean"] * len(batch) * G / (t1 - t0)}
+        metrics = training.log_groups(step, batch, problems, prompts, reward_weights, cfg.prompts_per_step,
+                                      cfg.output_dir, cfg.log_completions_steps, dist)
+        metrics |= {**stats, **counts, "lr": scheduler.get_last_lr()[0], "time/update": t2 - t1,
+                    "tokens_per_s": counts["generated_tokens"] / counts["time/generation"]}
         logger.log(step + 1, metrics)
         progress.set_postfix(reward=f"{metrics['reward/total']:.3f}", acc=f"{metrics['accuracy']:.3f}")
         if (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
-            training.save_checkpoint(cfg.output_dir, step + 1, policy, tokenizer, {"policy": (policy, optimizer)},
-                                     {"policy": scheduler}, {"step": step + 1}, d,
+            models = {"policy": (policy, optimizer)}
+            training.save_checkpoint(cfg.output_dir, step + 1, policy, tokenizer, models,
+                                     {"policy": scheduler}, {"step": step + 1}, dist,
                                      save_total_limit=cfg.save_total_limit)
 
     grader.close()
-    training.finish(cfg.output_dir, policy, tokenizer, d)
-    if d.is_main:
+    training.finish(cfg.output_dir, policy, tokenizer, dist)
+    if dist.is_main:
         print(f"grpo: final model in {cfg.output_dir}")
     engine.close()  # vLLM's teardown needs the process group that training.shutdown destroys
-    training.shutdown(d)
+    training.shutdown(dist)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ import numpy as np
 import data
 
 METHODS = ("lim", "linear", "rand")
-PAPER_THRESHOLDS = {"lim": 0.6, "rand": 0.6, "linear": 0.7}  # LIMR lim/lim.sh:8; linear: the LIMR paper's text
+PAPER_THRESHOLDS = {"lim": 0.6, "rand": 0.6, "linear": 0.7}  # LIMR lim/lim.sh:8; linear: the LIMR paper
 GAP_RULES = ("limr", "seen")
 LIMR_STEPS_PER_EPOCH = 8  # LIMR lim/lim.sh:5 (8 x 1,024 prompts, scripts/train_math.8k.sh:50, drop_last)
 LIMR_CORRECT_REWARD = 1   # LIMR lim/lim_selection.py:29: a completion counts as correct iff reward == 1
@@ -85,25 +85,17 @@ def read_trajectories(path, epochs: int | None = None) -> tuple[list[str], np.nd
     if not path.is_file():
         raise data.DataError(f"{path} does not exist")
     totals = {}  # (id, epoch) -> [correct, n]
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise data.DataError(f"{where}: malformed JSON ({error.msg} at column {error.colno})") from None
-            if not isinstance(row, dict) or any(key not in row for key in ("id", "epoch", "correct", "n")):
-                raise data.DataError(f"{where}: expected an object with id, epoch, correct, n")
-            epoch, correct, n = row["epoch"], row["correct"], row["n"]
-            if not (isinstance(epoch, int) and epoch >= 0 and isinstance(n, int) and n > 0
-                    and isinstance(correct, (int, float)) and 0 <= correct <= n):
-                raise data.DataError(f"{where}: need an integer epoch >= 0, an integer n > 0 and "
-                                     f"0 <= correct <= n (got epoch={epoch!r}, correct={correct!r}, n={n!r})")
-            if epochs is None or epoch < epochs:
-                total = totals.setdefault((str(row["id"]), epoch), [0, 0])
-                total[0], total[1] = total[0] + correct, total[1] + n
+    for where, row in data.jsonl_rows(path):
+        if not isinstance(row, dict) or any(key not in row for key in ("id", "epoch", "correct", "n")):
+            raise data.DataError(f"{where}: expected an object with id, epoch, correct, n")
+        epoch, correct, n = row["epoch"], row["correct"], row["n"]
+        if not (isinstance(epoch, int) and epoch >= 0 and isinstance(n, int) and n > 0
+                and isinstance(correct, (int, float)) and 0 <= correct <= n):
+            raise data.DataError(f"{where}: need an integer epoch >= 0, an integer n > 0 and "
+                                 f"0 <= correct <= n (got epoch={epoch!r}, correct={correct!r}, n={n!r})")
+        if epochs is None or epoch < epochs:
+            total = totals.setdefault((str(row["id"]), epoch), [0, 0])
+            total[0], total[1] = total[0] + correct, total[1] + n
     if not totals:
         raise data.DataError(f"{path}: no trajectories" + (f" in epochs 0-{epochs - 1}" if epochs else ""))
     ids = list(dict.fromkeys(i for i, _ in totals))
@@ -163,10 +155,12 @@ def _check(trajectories) -> np.ndarray:
     if r.ndim != 2 or r.size == 0:
         raise ValueError(f"need a (samples, epochs) array with at least one of each, got shape {r.shape}")
     if ((r < 0) | (r > 1) | np.isinf(r)).any():
-        raise ValueError("trajectories are fractions of samples judged correct: values in [0, 1], NaN if unseen")
+        raise ValueError("trajectories are fractions of samples judged correct: values in [0, 1], "
+                         "NaN if unseen")
     unseen = np.flatnonzero(np.isnan(r).all(axis=1))
     if len(unseen):
-        raise ValueError(f"{len(unseen)} samples have no observed epoch (first: row {unseen[0]}); leave them out")
+        raise ValueError(f"{len(unseen)} samples have no observed epoch (first: row {unseen[0]}); "
+                         f"leave them out")
     return r
 
 
@@ -230,7 +224,8 @@ def histogram(scores, bins: int = 10, width: int = 40) -> str:
     """A text histogram of the scores, one line per bin."""
     scores = np.asarray(scores, dtype=float)
     low, high = float(scores.min()), float(scores.max())
-    counts, edges = np.histogram(scores, bins=bins, range=(low, high) if high > low else (low - 0.5, high + 0.5))
+    span = (low, high) if high > low else (low - 0.5, high + 0.5)
+    counts, edges = np.histogram(scores, bins=bins, range=span)
     return "\n".join(f"  [{edges[b]:7.2f}, {edges[b + 1]:7.2f}{']' if b == bins - 1 else ')'} {count:7d}  "
                      + "#" * round(width * count / counts.max()) for b, count in enumerate(counts))
 
@@ -244,43 +239,29 @@ def read_scores_file(path, problems: list[dict]) -> dict[str, float]:
     path = Path(path)
     if not path.is_file():
         raise data.DataError(f"{path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as error:
-            raise data.DataError(f"{path}: neither a JSON list nor JSON lines ({error.msg})") from None
-    if not isinstance(rows, list):
-        raise data.DataError(f"{path}: expected a list of {{prompt or id, score}} objects")
-    by_key = {"id": {}, "prompt": {}}
+    rows = data.jsonl_rows(path) if path.suffix == ".jsonl" else data.json_rows(path)  # a list, or JSON lines
+    by_key = {"id": {}, "prompt": {}}  # -> the ids of the problems: a prompt may repeat in the data
     for p in problems:
         by_key["id"][p["id"]] = [p["id"]]
-        by_key["prompt"].setdefault(p["prompt"].strip(), []).append(p["id"])  # a prompt may repeat in the data
+        by_key["prompt"].setdefault(p["prompt"].strip(), []).append(p["id"])
     scores, missing = {}, []
-    for number, row in enumerate(rows):
+    for where, row in rows:
         key = "id" if isinstance(row, dict) and "id" in row else "prompt"
         if not isinstance(row, dict) or not isinstance(row.get(key), str) \
                 or not isinstance(row.get("score"), (int, float)) or not np.isfinite(row["score"]):
-            raise data.DataError(f"{path} row {number}: expected an object with a prompt (or id) and a finite score")
+            raise data.DataError(f"{where}: expected an object with a prompt (or id) and a finite score")
         matches = by_key[key].get(row[key].strip() if key == "prompt" else row[key])
         if matches is None:
             missing.append(row[key])
         for i in matches or []:
             if scores.setdefault(i, float(row["score"])) != row["score"]:
-                raise data.DataError(f"{path} row {number}: a second, different score for {i}")
+                raise data.DataError(f"{where}: a second, different score for {i}")
     if missing:
         raise data.DataError(f"{len(missing)} of {len(rows)} entries of {path} are not in --data "
                              f"(first: {missing[0][:80]!r}); pass the data the scores were computed on")
     if not scores:
         raise data.DataError(f"{path}: no scores")
     return scores
-
-
-# ----------------------------------------------------------------------------------------------
-# An experiment in miniature (GRPO on the `linear` pool, score it, retrain on the LIM, LINEAR and
-# RAND subsets and on everything, compare) will go here.
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,24 +272,27 @@ def write_rows(path, rows: list[dict]):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps(row, ensure_ascii=False) for row in rows]
-    text = "[\n" + ",\n".join(lines) + "\n]\n" if path.suffix == ".json" else "".join(line + "\n" for line in lines)
+    text = "[\n" + ",\n".join(lines) + "\n]\n" if path.suffix == ".json" else \
+        "".join(line + "\n" for line in lines)
     path.write_text(text, encoding="utf-8")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--trajectories", help="trajectories.jsonl written by grpo.py (or ppo.py)")
-    source.add_argument("--limr-steps", help="LIMR's per-step sample files instead: the directory of step_N.json "
-                        "(their SAMPLES_SAVE_PATH/train); a completion is correct iff its reward == 1")
-    source.add_argument("--scores-file", help="precomputed scores instead: a JSON/JSONL list of {prompt or id, score}")
+    source.add_argument("--limr-steps", help="LIMR's per-step sample files instead: their directory of "
+                        "step_N.json (SAMPLES_SAVE_PATH/train); a completion is correct iff its reward == 1")
+    source.add_argument("--scores-file",
+                        help="precomputed scores instead: a JSON/JSONL list of {prompt or id, score}")
     p.add_argument("--data", required=True, help="the training data the run used (a data.load_problems spec)")
     p.add_argument("--data-seed", type=int, default=0, help="the run's --seed, for a mixture's sampling")
-    p.add_argument("--method", choices=METHODS, default="lim", help="lim, linear (baseline) or rand (baseline)")
-    p.add_argument("--gaps", choices=GAP_RULES, default="limr", help="epochs a prompt sat out (with --trajectories "
-                   "or --limr-steps). limr (the default, as LIM is LIMR's method: what their lim/lim_selection.py "
-                   "does): fill a gap once from the next epoch, drop prompts with a gap left, average rbar over the "
-                   "rest. seen (ours, opt-in): keep every prompt, score it over the epochs it was seen in")
+    p.add_argument("--method", choices=METHODS, default="lim", help="lim, or a baseline: linear or rand")
+    p.add_argument("--gaps", choices=GAP_RULES, default="limr", help="epochs a prompt sat out (with "
+                   "--trajectories or --limr-steps). limr (LIMR's lim/lim_selection.py): fill a gap once "
+                   "from the next epoch, drop prompts with a gap left, average rbar over the rest. seen "
+                   "(ours, opt-in): keep every prompt, score it over the epochs it was seen in")
     p.add_argument("--threshold", type=float, default=None, help="keep scores >= this (default: the paper's, "
                    "0.6 for lim; rand keeps as many as lim does at it; 0.7 for linear)")
     p.add_argument("--epochs", type=int, default=None, help="score epochs 0..N-1 only (default: all; under "
@@ -316,12 +300,13 @@ def parse_args(argv=None):
     p.add_argument("--steps-per-epoch", type=int, default=None,
                    help=f"with --limr-steps: steps per epoch (default {LIMR_STEPS_PER_EPOCH}, LIMR's lim.sh)")
     p.add_argument("--out", required=True, help="the kept problems (.jsonl, or .json for a JSON list)")
-    p.add_argument("--scores", default=None, help="every scored sample: id, score, trajectory as scored, kept "
-                   "(.json or .jsonl)")
+    p.add_argument("--scores", default=None,
+                   help="every scored sample: id, score, trajectory as scored, kept (.json or .jsonl)")
     p.add_argument("--seed", type=int, default=0, help="rand's draw")
     args = p.parse_args(argv)
     if args.scores_file and args.method == "linear":
-        p.error("--method linear needs --trajectories or --limr-steps (a published score is not a trajectory)")
+        p.error("--method linear needs --trajectories or --limr-steps "
+                "(a published score is not a trajectory)")
     if args.epochs is not None and (args.epochs < 1 or args.scores_file):
         p.error("--epochs takes a number >= 1, and only with --trajectories or --limr-steps")
     if args.steps_per_epoch is not None and (args.steps_per_epoch < 1 or not args.limr_steps):
@@ -374,19 +359,20 @@ def main(argv=None):
             last = r.shape[1] - 1
             print(f"lim: note: epoch {last} saw only {seen[-1]} of the {seen.max()} samples other epochs saw "
                   f"(a run stopped inside it?)", end="; ")
-            if args.gaps == "limr" and args.epochs is None:  # LIMR reads whole epochs only (lim_selection.py:11-19)
+            if args.gaps == "limr" and args.epochs is None:  # LIMR: whole epochs only, lim_selection.py:11-19
                 print(f"left out, as LIMR's reader does (--epochs {last + 1} keeps it)")
                 r = r[:, :-1]
             else:
-                print("the samples it missed are " + ("dropped (--gaps limr)" if args.gaps == "limr"
-                                                       else "scored without it") + f"; --epochs {last} leaves it out")
+                missed = "dropped (--gaps limr)" if args.gaps == "limr" else "scored without it"
+                print(f"the samples it missed are {missed}; --epochs {last} leaves it out")
         if args.gaps == "limr":
             r, keep = fill_gaps_like_limr(r)
             if not keep.all():
                 print(f"lim: dropped {int((~keep).sum())} of {len(scored)} problems with a gap LIMR's rule "
                       f"cannot fill (two epochs running, or the last)")
             if not keep.any():
-                raise data.DataError(f"{origin}: every problem has a gap LIMR's rule cannot fill; try --gaps seen")
+                raise data.DataError(f"{origin}: every problem has a gap LIMR's rule cannot fill; "
+                                     f"try --gaps seen")
             scored, r = [p for p, k in zip(scored, keep) if k], r[keep]
         scores = linear_scores(r) if args.method == "linear" else lim_scores(r)
         print("lim: average curve rbar^k: " + " ".join(f"{x:.2f}" for x in average_curve(r)))
@@ -405,17 +391,19 @@ def main(argv=None):
     kept = [p for p, k in zip(scored, keep) if k]
     write_rows(args.out, kept)
     if args.scores:
-        curves = [None] * len(scored) if r is None else [[None if np.isnan(x) else float(x) for x in row] for row in r]
+        curves = [None] * len(scored) if r is None else \
+            [[None if np.isnan(x) else float(x) for x in row] for row in r]
         write_rows(args.scores, [{"id": p["id"], "score": float(s), "kept": bool(k), "trajectory": curve}
                                  for p, s, k, curve in zip(scored, scores, keep, curves)])
     rule = f"with {name} score >= {threshold}"
     if args.method == "rand":
         rule = f"at random (seed {args.seed}), as many as lim >= {threshold} keeps"
-    print(f"lim: kept {len(kept)} of {len(scored)} ({100 * len(kept) / len(scored):.1f}%) {rule} -> {args.out}")
+    print(f"lim: kept {len(kept)} of {len(scored)} ({100 * len(kept) / len(scored):.1f}%) {rule} "
+          f"-> {args.out}")
     empty = sum(not p["answer"] for p in kept)
     if empty:
-        print(f"lim: note: {empty} kept problems have an empty answer; a plain file rejects them, so load it as a "
-              f"source that accepts them (e.g. math-8k={args.out})")
+        print(f"lim: note: {empty} kept problems have an empty answer; a plain file rejects them, so load "
+              f"it as a source that accepts them (e.g. math-8k={args.out})")
     return kept
 
 

@@ -91,8 +91,9 @@ def shape_from_config(config: dict) -> Shape:
     config = config.get("text_config", config)
     heads = config["num_attention_heads"]
     return Shape(hidden=config["hidden_size"], layers=config["num_hidden_layers"], heads=heads,
-                 kv_heads=config.get("num_key_value_heads") or heads, intermediate=config["intermediate_size"],
-                 vocab=config["vocab_size"], tied=bool(config.get("tie_word_embeddings", False)),
+                 kv_heads=config.get("num_key_value_heads") or heads,
+                 intermediate=config["intermediate_size"], vocab=config["vocab_size"],
+                 tied=bool(config.get("tie_word_embeddings", False)),
                  qkv_bias=config.get("model_type") == "qwen2" or bool(config.get("attention_bias", False)))
 
 
@@ -157,15 +158,11 @@ def count(parameters: int) -> str:
     return f"{parameters / 1e9:.2f}B" if parameters >= 1e8 else f"{parameters / 1e6:.2f}M"
 
 
-def layer_activation_elements(shape: Shape) -> int:
+def activation_bytes(shape: Shape, tokens: int, compute_bytes: int, checkpointing: bool) -> float:
     """Per token, what one decoder layer saves for backward (estimate): the norms' inputs and
     outputs, q, k, v and rotated q, k, the attention output and o_proj's, the residual, gate, up,
     silu(gate) and their product, down's output: ~10 h + 3 kv + 4 intermediate values."""
-    return 10 * shape.hidden + 3 * shape.kv_dim + 4 * shape.intermediate
-
-
-def activation_bytes(shape: Shape, tokens: int, compute_bytes: int, checkpointing: bool) -> float:
-    one_layer = tokens * layer_activation_elements(shape) * compute_bytes
+    one_layer = tokens * (10 * shape.hidden + 3 * shape.kv_dim + 4 * shape.intermediate) * compute_bytes
     if checkpointing:  # each layer's input is kept; one layer at a time is recomputed in backward
         return shape.layers * tokens * shape.hidden * compute_bytes + one_layer
     return shape.layers * one_layer
@@ -173,7 +170,7 @@ def activation_bytes(shape: Shape, tokens: int, compute_bytes: int, checkpointin
 
 def logprob_bytes(shape: Shape, tokens: int, chunk: int | None, compute_bytes: int) -> float:
     """One chunk's logits: compute dtype, the fp32 copy over the temperature, the logsumexp/softmax
-    temporary, and in backward the fp32 gradient of the logits (see training.token_logprobs).
+    temporary, and in backward the fp32 gradient of the logits (see training.next_token_scores).
     Without chunking (chunk None) the whole micro-batch is one chunk."""
     chunk = tokens if not chunk else min(chunk, tokens)
     return chunk * shape.vocab * (compute_bytes + 4 + 4 + 4)
@@ -201,17 +198,15 @@ def make_plan(trainer: str, cfg, world_size: int, gpu_memory_gb: float) -> Plan 
     W, gpu = world_size, gpu_memory_gb * GiB
     cb = 2 if cfg.bf16 else 4
     policy = shape.parameters()
+    critic_shape, critic, with_reference = None, 0, False
+    seq = cfg.max_length if trainer == "sft" else cfg.max_prompt_length + cfg.max_completion_length
     if trainer == "ppo":
         critic_shape = model_shape(cfg.critic) if cfg.critic else shape
         if critic_shape is None:
             return None
-        critic = critic_shape.critic_parameters()
-        with_reference, seq = cfg.kl_coef > 0, cfg.max_prompt_length + cfg.max_completion_length
+        critic, with_reference = critic_shape.critic_parameters(), cfg.kl_coef > 0
     elif trainer == "grpo":
-        critic_shape, critic = None, 0
-        with_reference, seq = cfg.beta > 0, cfg.max_prompt_length + cfg.max_completion_length
-    else:
-        critic_shape, critic, with_reference, seq = None, 0, False, cfg.max_length
+        with_reference = cfg.beta > 0
     trained = policy + critic
     tokens = cfg.micro_batch_size * seq
     chunk = getattr(cfg, "logprob_chunk_size", None)
@@ -219,7 +214,8 @@ def make_plan(trainer: str, cfg, world_size: int, gpu_memory_gb: float) -> Plan 
     rows = [("resident", f"weights, fp32, 1/{W} of {count(trained)} parameters", 4 * trained / W),
             ("resident", "Adam moments, fp32, sharded", 8 * trained / W)]
     if with_reference:
-        rows.append(("resident", f"reference model, {'bf16' if cfg.bf16 else 'fp32'}, sharded", cb * policy / W))
+        precision = "bf16" if cfg.bf16 else "fp32"
+        rows.append(("resident", f"reference model, {precision}, sharded", cb * policy / W))
     resident = sum(size for _, _, size in rows)
 
     # during an update: the gradients, then what one micro-batch of the policy (or critic) needs
@@ -231,8 +227,8 @@ def make_plan(trainer: str, cfg, world_size: int, gpu_memory_gb: float) -> Plan 
     rows.append(("update", "gradients, fp32, sharded", grads))
     rows.append(("update", "gathered by FSDP: root + 2 layers, unsharded gradients" if W > 1 else
                  "bf16 copies of the weights cached by autocast", gathered_bytes(shape, W, cb)))
-    rows.append(("update", f"activations of {cfg.micro_batch_size} x {seq} tokens"
-                           f"{', checkpointed' if checkpointing else ', NOT checkpointed'}", policy_activations))
+    rows.append(("update", f"activations of {cfg.micro_batch_size} x {seq} tokens, "
+                           f"{'checkpointed' if checkpointing else 'NOT checkpointed'}", policy_activations))
     rows.append(("update", f"log-probs: {min(chunk or tokens, tokens)} tokens x {shape.vocab} vocabulary "
                            f"at once{'' if chunk else ' (unchunked)'}", logprobs))
     step = policy_step

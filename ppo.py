@@ -19,15 +19,37 @@ from the critic's estimate of the value of each state s_t = (q, o_<t). Per step:
      then A is whitened: mean 0, std 1 over every response token of the global batch.
   4. split the rollout into mini-batches of --train-batch-size completions; on each, one
      critic step and one actor step (the first --critic-warmup-steps steps move the critic only):
-       L_actor  = -min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t),  rho_t = pi(o_t | s_t) / pi_old(o_t | s_t)
-       L_critic = 0.5 * max((V_t - R_t)^2, (Vclip_t - R_t)^2),       Vclip_t = V_old + clip(V_t - V_old, -eps_v, eps_v)
+       rho_t    = pi(o_t | s_t) / pi_old(o_t | s_t)
+       L_actor  = -min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t)
+       Vclip_t  = V_old + clip(V_t - V_old, -eps_v, eps_v)
+       L_critic = 0.5 * max((V_t - R_t)^2, (Vclip_t - R_t)^2)
   5. push the new weights into the generation engine (vLLM), so step 1 never samples stale weights.
 
-Data, rewards, engine, sharding, checkpoints and the trajectories lim.py reads are grpo.py's;
-only steps 3 and 4 differ.
+Which equation each function implements:
+  token_logprobs      log pi(o_t | s_t) at the sampling temperature: the terms of rho_t and of r_t's KL
+  critic_values       V(s_t), one scalar per position from the critic's head
+  gae                 A_t and R_t: GAE(gamma, lambda) (Schulman et al., 2016, sec. 3), A_t = sum_l
+                      (gamma lambda)^l delta_t+l, computed backwards as the recursion of step 3
+  whiten              advantage normalisation over the global batch (as OpenRLHF's replay buffer does)
+  clipped_objective   L_actor: PPO's clipped surrogate (Schulman et al., 2017, eq. 7)
+  clipped_value_loss  L_critic: the value clipping of OpenRLHF's ValueLoss (openrlhf/models/loss.py)
+  make_experience     step 3; r_t is the KL-penalised reward of Ouyang et al., 2022 (sec. 3.5, eq. 2),
+                      spread over the tokens as OpenRLHF does (k1 per token, the score on the last)
+  ppo_update          step 4
+
+Left out, and why: no reward model (math answers are checked, grader.py); no value-model class of
+our own (the critic is transformers' token-classification model with one label, which FSDP shards
+and save_pretrained writes like the actor); no PPO-ptx (the pretraining term of Ouyang et al.'s eq. 2:
+there is no pretraining data here); no entropy bonus (entropy is reported, not optimised); a fixed
+kl_coef, no adaptive KL controller (Ziegler et al., 2019): one knob less; no sequence packing across
+rows (right padding, rows sorted by length within a mini-batch, is simpler); one generation engine,
+colocated with training and asleep during updates (OpenRLHF runs vLLM, actor, critic and reference
+as separate Ray actors: more GPUs, more plumbing).
+Data, rewards, engine, sharding, checkpoints and the trajectories lim.py reads are grpo.py's (their
+plumbing lives in training.py and engine.py); only steps 3 and 4 differ.
 """
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -37,65 +59,53 @@ import data
 import memplan
 import rewards
 import training
-from engine import Sampling, make_engine
+from engine import Sampling, trainer_engine
 from grader import Grader
-
+from training import flag
 
 TEMPLATES = data.TEMPLATES  # inside Config, `data` is the --data field
 
 
 @dataclass
-class Config:
-    model: str = field(default="Qwen/Qwen2.5-Math-7B", metadata={"help": "policy to start from: hub id or local folder"})
-    critic: str = field(default="", metadata={"help": "value model to start from: a critic saved by ppo.py (output-dir/critic), or any causal LM, whose LM head is replaced by a fresh scalar head (default: --model)"})
-    data: str = field(default="limr", metadata={"help": "training prompts: a data.load_problems spec (name, file, name=path, mixture a:N,b:M)"})
-    template: str = field(default="auto", metadata={"help": "prompt template (data.format_prompt): " + ", ".join(TEMPLATES), "choices": TEMPLATES})
-    output_dir: str = field(default="runs/ppo", metadata={"help": "checkpoints, metrics.jsonl, trajectories.jsonl, final actor, final critic in critic/"})
-    max_steps: int = field(default=200, metadata={"help": "generation steps (each followed by rollout / train-batch-size x ppo-epochs optimizer steps)"})
-    prompts_per_step: int = field(default=1024, metadata={"help": "rollout batch: prompts per step over all ranks; each gets num-generations completions"})
-    num_generations: int = field(default=8, metadata={"help": "completions per prompt"})
-    train_batch_size: int = field(default=256, metadata={"help": "completions per optimizer step over all ranks; a multiple of num-generations x ranks"})
-    ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout"})
-    micro_batch_size: int = field(default=4, metadata={"help": "completions per forward/backward pass on one rank"})
-    temperature: float = field(default=1.2, metadata={"help": "sampling temperature (log-probs are taken at the same temperature)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
-    max_prompt_length: int = field(default=1024, metadata={"help": "prompts longer than this (tokens) are left out, with a count printed"})
-    max_completion_length: int = field(default=3072, metadata={"help": "max new tokens per completion"})
-    rewards: str = field(default="limr:1", metadata={"help": "weighted reward functions of rewards.py: accuracy, format, cosine, limr"})
-    cosine_max_len: int = field(default=1000, metadata={"help": "cosine reward: the length where it reaches its END values (Open-RS: 1000; their Exp. 3: 3584)"})
-    cosine_unit: str = field(default="chars", metadata={"help": "cosine reward: length in characters of the completion (Open-RS) or in tokens", "choices": ["chars", "tokens"]})
-    cosine_clamp: bool = field(default=False, metadata={"help": "cosine reward: hold lengths past --cosine-max-len at END (Open-RS: no, the cosine turns back up)"})
-    cosine_correct: str = field(default="1.0:0.5", metadata={"help": "cosine reward of a right answer, START:END = at length 0 : at --cosine-max-len (Open-RS: 1.0:0.5)"})
-    cosine_wrong: str = field(default="0.0:-0.5", metadata={"help": "cosine reward of a wrong answer, START:END (Open-RS: 0.0:-0.5; a negative START needs =, as --cosine-wrong=-1:-0.5)"})
-    kl_coef: float = field(default=0.01, metadata={"help": "per-token KL penalty in the reward (0: no reference model is loaded)"})
-    gamma: float = field(default=1.0, metadata={"help": "discount of GAE"})
-    lam: float = field(default=0.95, metadata={"help": "lambda of GAE (1: Monte-Carlo returns, 0: one-step TD)"})
-    clip_eps: float = field(default=0.2, metadata={"help": "clip rho to [1 - clip-eps, 1 + clip-eps]"})
-    value_clip: float = field(default=0.2, metadata={"help": "keep new values within this of the rollout's values in the clipped value loss"})
-    actor_lr: float = field(default=5e-7, metadata={"help": "actor peak learning rate (AdamW)"})
-    critic_lr: float = field(default=9e-6, metadata={"help": "critic peak learning rate (AdamW)"})
-    critic_warmup_steps: int = field(default=0, metadata={"help": "first steps that train the critic only, the actor frozen"})
-    warmup_ratio: float = field(default=0.0016, metadata={"help": "fraction of optimizer steps with linear warm-up"})
-    min_lr_ratio: float = field(default=1.0, metadata={"help": "cosine decays to lr * this"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm of each model (0: no clipping)"})
-    bf16: bool = field(default=True, metadata={"help": "bf16 compute (GPU); master weights stay fp32"})
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward"})
-    logprob_chunk_size: int = field(default=1024, metadata={"help": "tokens whose full-vocabulary logits exist at once in the log-prob pass (memory: chunk x vocab x ~14 bytes)"})
-    engine: str = field(default="vllm", metadata={"help": "generation engine: vllm or hf", "choices": ["vllm", "hf"]})
-    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "GPU only: fraction of each GPU's memory the colocated vLLM engine takes while generating (its bf16 weights, activations, KV cache); it releases all of it during updates. A preset's value comes from the arithmetic beside it; on CPU see --vllm-cpu-kv-cache-gb"})
-    vllm_max_num_batched_tokens: int = field(default=4096, metadata={"help": "GPU only: tokens in one vLLM forward pass (prompt chunks + one per decoding sequence); sets the activation memory vLLM reserves (4096: TRL's colocate value)"})
-    vllm_cpu_kv_cache_gb: float = field(default=0.5, metadata={"help": "CPU only: each rank's vLLM KV cache, GiB (vLLM would otherwise size it from free RAM, every rank alike)"})
-    grader_workers: int = field(default=4, metadata={"help": "processes grading answers, each answer under a time limit"})
-    save_steps: int = field(default=10, metadata={"help": "write output-dir/checkpoint-N every N steps"})
-    save_total_limit: int = field(default=0, metadata={"help": "keep the newest N complete checkpoints, delete older ones (0: keep all)"})
-    dist_timeout_minutes: float = field(default=30.0, metadata={"help": "minutes a rank waits for the others in a collective (a checkpoint being written, a long generation) before the run aborts"})
-    log_completions_steps: int = field(default=10, metadata={"help": "append a sample of completions to completions.jsonl every N steps"})
-    seed: int = field(default=0, metadata={"help": "data order, sampling, value head initialisation"})
-    report_to: str = field(default="none", metadata={"help": "none, wandb or tensorboard", "choices": ["none", "wandb", "tensorboard"]})
-    dry_run: bool = field(default=False, metadata={"help": "print the per-GPU memory plan (memplan.py) and exit: 0 if it fits, 1 if not"})
-    plan_gpus: int = field(default=0, metadata={"help": "GPUs the memory plan is for (0: this launch's ranks)"})
-    gpu_memory_gb: float = field(default=80.0, metadata={"help": "memory of one GPU for the memory plan, GiB"})
+class Config(training.RLFlags):
+    model: str = flag("Qwen/Qwen2.5-Math-7B", "policy to start from: hub id or local folder")
+    critic: str = flag("", "value model to start from: a critic saved by ppo.py (output-dir/critic), or any "
+                           "causal LM, whose LM head is replaced by a fresh scalar head (default: --model)")
+    data: str = flag("limr", "training prompts: a data.load_problems spec (name, file, name=path, "
+                             "mixture a:N,b:M)")
+    template: str = flag("auto", "prompt template (data.format_prompt)", TEMPLATES)
+    output_dir: str = flag("runs/ppo", "checkpoints, metrics.jsonl, trajectories.jsonl, final actor, "
+                                       "final critic in critic/")
+    max_steps: int = flag(200, "generation steps (each followed by rollout / train-batch-size x ppo-epochs "
+                               "optimizer steps)")
+    prompts_per_step: int = flag(1024, "rollout batch: prompts per step over all ranks; each gets "
+                                       "num-generations completions")
+    num_generations: int = flag(8, "completions per prompt")
+    train_batch_size: int = flag(256, "completions per optimizer step over all ranks; a multiple of "
+                                      "num-generations x ranks")
+    ppo_epochs: int = flag(1, "passes over each rollout")
+    micro_batch_size: int = flag(4, "completions per forward/backward pass on one rank")
+    temperature: float = flag(1.2, "sampling temperature (log-probs are taken at the same temperature)")
+    top_p: float = flag(1.0, "nucleus sampling mass")
+    max_prompt_length: int = flag(1024, "prompts longer than this (tokens) are left out, with a count "
+                                        "printed")
+    max_completion_length: int = flag(3072, "max new tokens per completion")
+    rewards: str = flag("limr:1", "weighted reward functions of rewards.py: accuracy, format, cosine, limr")
+    kl_coef: float = flag(0.01, "per-token KL penalty in the reward (0: no reference model is loaded)")
+    gamma: float = flag(1.0, "discount of GAE")
+    lam: float = flag(0.95, "lambda of GAE (1: Monte-Carlo returns, 0: one-step TD)")
+    clip_eps: float = flag(0.2, "clip rho to [1 - clip-eps, 1 + clip-eps]")
+    value_clip: float = flag(0.2, "keep new values within this of the rollout's values in the clipped "
+                                  "value loss")
+    actor_lr: float = flag(5e-7, "actor peak learning rate (AdamW)")
+    critic_lr: float = flag(9e-6, "critic peak learning rate (AdamW)")
+    critic_warmup_steps: int = flag(0, "first steps that train the critic only, the actor frozen")
+    warmup_ratio: float = flag(0.0016, "fraction of optimizer steps with linear warm-up")
+    min_lr_ratio: float = flag(1.0, "cosine decays to lr * this")
+    weight_decay: float = flag(0.0, "AdamW weight decay")
+    grad_clip: float = flag(1.0, "max gradient norm of each model (0: no clipping)")
+    save_steps: int = flag(10, "write output-dir/checkpoint-N every N steps")
+    seed: int = flag(0, "data order, sampling, value head initialisation")
 
 
 PRESETS = {
@@ -105,17 +115,18 @@ PRESETS = {
     "tiny": dict(data="linear", template="plain", max_steps=30, prompts_per_step=16, num_generations=8,
                  train_batch_size=128, micro_batch_size=32, temperature=1.0, max_prompt_length=128,
                  max_completion_length=192, rewards="accuracy:1", kl_coef=0.01, actor_lr=5e-5, critic_lr=1e-3,
-                 critic_warmup_steps=5, warmup_ratio=0.0, min_lr_ratio=1.0, bf16=False, gradient_checkpointing=False,
-                 engine="hf", grader_workers=1, save_steps=10, log_completions_steps=10),
+                 critic_warmup_steps=5, warmup_ratio=0.0, min_lr_ratio=1.0, bf16=False,
+                 gradient_checkpointing=False, engine="hf", grader_workers=1, save_steps=10,
+                 log_completions_steps=10),
     # LIMR (Li et al. 2025): GAIR-NLP/LIMR scripts/train_limr.sh ("sh:N") through their OpenRLHF fork
-    # (defaults in openrlhf/cli/train_ppo_ray.py, "ray:N"): PPO from the base model on the 1,389 LIMR problems.
-    # A rollout of 1024 x 8 is 32 updates of 256. Their scheduler is a cosine to 0.1 x lr over
+    # (defaults in openrlhf/cli/train_ppo_ray.py, "ray:N"): PPO from the base model on the 1,389 LIMR
+    # problems. A rollout of 1024 x 8 is 32 updates of 256. Their scheduler is a cosine to 0.1 x lr over
     # --num_episodes 10000 (sh:53, trainer/ray/ppo_actor.py:250-256), flat over any real run: min_lr_ratio 1.
     # max_steps 200 is OURS (their run has no step limit); warmup_ratio makes their 10 warm-up updates
     # (sh:65) of 200 x 32. Deviation: LIMR's actor takes log-probs at temperature 1 (models/actor.py:216)
     # while sampling at 1.2; ours takes them at 1.2, the distribution that was sampled.
     "limr": dict(model="Qwen/Qwen2.5-Math-7B", data="limr",  # sh:41, sh:66
-                 template="qwen-math",  # the dataset's chat messages through Qwen2.5-Math's template (sh:68-69)
+                 template="qwen-math",  # the dataset's chat messages, Qwen2.5-Math's template (sh:68-69)
                  prompts_per_step=1024, num_generations=8, train_batch_size=256,  # sh:50, 51, 48
                  ppo_epochs=1, micro_batch_size=4,  # sh:52, 46
                  temperature=1.2, top_p=1.0,  # sh:77, ray:282
@@ -128,12 +139,12 @@ PRESETS = {
                  weight_decay=0.0, grad_clip=1.0,  # ray:273, ray:272
                  bf16=True, gradient_checkpointing=True, engine="vllm",  # sh:64, 76, 37
                  save_steps=10,  # OURS: they save every step (sh:40)
-                 # OURS, vLLM colocated on each of 8 GPUs (memplan.py's terms): training keeps 12 B x (7.62B actor
-                 # + 7.07B critic) / 8 of fp32 weights + Adam and 2 B x 7.62B / 8 of bf16 reference = 22.3 GiB,
-                 # plus 4 GiB reserve; vLLM's 0.55 of 80 GiB = 44 GiB (70.3 GiB in all) holds bf16 weights
-                 # 14.2 GiB, ~2 GiB activations and 27.8 GiB of KV cache = 127 sequences of 4096 tokens at 56 KiB
-                 # each; the 1024 per GPU run in waves. 8192 tokens per pass: a GPU's 128 prompts (<= 1024
-                 # tokens) in 16 passes, activations ~0.8 GiB.
+                 # OURS, vLLM colocated on each of 8 GPUs (memplan.py's terms): training keeps 12 B x (7.62B
+                 # actor + 7.07B critic) / 8 of fp32 weights + Adam and 2 B x 7.62B / 8 of bf16 reference
+                 # = 22.3 GiB, plus 4 GiB reserve; vLLM's 0.55 of 80 GiB = 44 GiB (70.3 GiB in all) holds bf16
+                 # weights 14.2 GiB, ~2 GiB activations and 27.8 GiB of KV cache = 127 sequences of 4096
+                 # tokens at 56 KiB each; the 1024 per GPU run in waves. 8192 tokens per pass: a GPU's 128
+                 # prompts (<= 1024 tokens) in 16 passes, activations ~0.8 GiB.
                  vllm_gpu_memory_utilization=0.55, vllm_max_num_batched_tokens=8192),
 }
 
@@ -142,9 +153,9 @@ PRESETS = {
 
 
 def load_critic(name_or_path: str, seed: int = 0):
-    """The base transformer with a linear head giving one number per position (AutoModelForTokenClassification
-    with num_labels=1): a save_pretrained-able model that FSDP shards like the actor. From a causal LM
-    checkpoint the head is new; from a saved critic it is the trained one.
+    """The base transformer with a linear head giving one number per position
+    (AutoModelForTokenClassification with num_labels=1): a save_pretrained-able model that FSDP shards
+    like the actor. From a causal LM checkpoint the head is new; from a saved critic it is the trained one.
 
     A new head is initialised as LIMR's OpenRLHF critic: weights ~ N(0, std 1/(hidden+1)), no bias
     (GAIR-NLP/LIMR openrlhf/models/model.py:241 nn.Linear(hidden, 1, bias=False), :152-154 the std;
@@ -167,8 +178,8 @@ def load_critic(name_or_path: str, seed: int = 0):
 
 
 def critic_values(critic, input_ids) -> torch.Tensor:
-    """V in token_logprobs' layout: values[:, t] is the head's output at position t, the value of the
-    state (tokens 0..t) in which token t+1 is chosen. So a completion token's log-prob and the value
+    """V in token_logprobs' layout, [B, T - 1]: values[:, t] is the head's output at position t, the value
+    of the state (tokens 0..t) in which token t+1 is chosen. So a completion token's log-prob and the value
     V(s_t) of the state it was chosen in share one index, and both are masked by completion_mask[:, 1:]."""
     return critic(input_ids=input_ids).logits[:, :-1, 0].float()  # rows packed by training.pack
 
@@ -176,27 +187,51 @@ def critic_values(critic, input_ids) -> torch.Tensor:
 # ---- the PPO equations, each a function so the tests can check it against hand computations
 
 
-def gae(rewards_, values, mask, gamma: float, lam: float):
-    """Generalised advantage estimation over (batch, tokens) tensors; mask marks each row's response.
+def token_logprobs(model, input_ids, completion_mask, temperature: float, chunk_size: int,
+                   with_entropy=False):
+    """log pi(o_t | q, o_<t) of every completion token at the sampling temperature and, with_entropy,
+    the entropy of pi(. | q, o_<t) at each position: [B, T - 1] each, both with gradient. (grpo.py has
+    the same function: each algorithm file shows its own math.)
+
+    Rows are prompt + completion, right-padded (training.pack). No attention mask is needed: causal
+    attention never lets a real token see the pads after it, and completion_mask drops the pads."""
+    def head(logits, next_tokens):                 # [n, V] fp32 logits at n positions, [n] the tokens after
+        logits = logits / temperature              # the engine sampled from softmax(z / T): score that
+        log_normaliser = logits.logsumexp(-1)                                               # [n]
+        logp = logits.gather(-1, next_tokens[:, None]).squeeze(-1) - log_normaliser        # [n]
+        if not with_entropy:
+            return logp, None
+        return logp, log_normaliser - (logits.softmax(-1) * logits).sum(-1)   # H = -sum_v p_v log p_v
+
+    # The model's output at position t is pi(. | tokens 0..t), the distribution of token t + 1: column t
+    # of the result scores token t + 1, so it is one column narrower than the rows, and completion_mask
+    # shifted by one, [:, 1:], marks the completion's tokens in it. (lm_head runs chunk_size positions at
+    # a time: a micro-batch's full-vocabulary logits would be gigabytes.)
+    logp, entropy = training.next_token_scores(model, input_ids, head, chunk_size)         # [B, T - 1]
+    return logp * completion_mask[:, 1:], entropy
+
+
+def gae(token_rewards, values, mask, gamma: float, lam: float):
+    """Generalised advantage estimation over [B, T - 1] tensors; mask marks each row's response.
 
     delta_t = r_t + gamma * V_t+1 - V_t and A_t = delta_t + gamma * lambda * A_t+1, run backwards from
     the last response token, after which the value (and advantage) is 0: the episode has ended.
     Returns (A, R = A + V), zero outside the mask. With gamma = lambda = 1, R_t = sum_k>=t r_k.
     """
-    advantages = torch.zeros_like(rewards_)
-    next_value = next_advantage = torch.zeros_like(rewards_[:, 0])
-    for t in reversed(range(rewards_.shape[1])):
-        delta = rewards_[:, t] + gamma * next_value - values[:, t]
+    advantages = torch.zeros_like(token_rewards)
+    next_value = next_advantage = torch.zeros_like(token_rewards[:, 0])                        # [B]
+    for t in reversed(range(token_rewards.shape[1])):
+        delta = token_rewards[:, t] + gamma * next_value - values[:, t]
         advantages[:, t] = (delta + gamma * lam * next_advantage) * mask[:, t]
         next_value, next_advantage = values[:, t] * mask[:, t], advantages[:, t]  # 0 past the end
     return advantages, (advantages + values) * mask
 
 
-def whiten(tensors: list, masks: list, d, eps: float = 1e-8) -> list:
+def whiten(tensors: list, masks: list, dist, eps: float = 1e-8) -> list:
     """(x - mean) / std with the mean and std over the masked tokens of the GLOBAL batch (all micro-
     batches of all ranks), so the advantages are the same whatever the number of ranks."""
     def global_sum(xs):
-        return training.all_reduce_sum(sum((x.double() * m).sum() for x, m in zip(xs, masks)), d)
+        return training.all_reduce_sum(sum((x.double() * m).sum() for x, m in zip(xs, masks)), dist)
 
     count = global_sum([torch.ones_like(m) for m in masks])
     mean = global_sum(tensors) / count
@@ -220,74 +255,97 @@ def clipped_value_loss(values, old_values, returns, clip: float):
     return 0.5 * torch.maximum(unclipped_loss, clipped_loss), decided
 
 
-def make_experience(actor, critic, reference, rows, cfg: Config, d, pad_id: int):
-    """Step 3 on this rank's rollouts `rows` = (prompt ids, completion ids, engine log-probs, score),
-    whole groups in prompt order. Returns the experience as mini-batches (train_batch_size / ranks rows)
-    of micro-batches (dicts of tensors), and statistics over the global batch."""
-    per_rank = cfg.train_batch_size // d.world_size
-    by_length = lambda mini: sorted(mini, key=lambda r: len(r[0]) + len(r[1]))  # less padding per micro-batch
-    experience = [[_pack(mini[k:k + cfg.micro_batch_size], pad_id, d.device) for k in range(0, len(mini), cfg.micro_batch_size)]
-                  for mini in (by_length(rows[s:s + per_rank]) for s in range(0, len(rows), per_rank))]
+# ---- step 3: per-token rewards, values and advantages of the rollout
+
+
+@dataclass
+class Rollout:
+    """One completion, as steps 3 and 4 need it."""
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    engine_logprobs: list[float]   # log-prob of each completion token under the engine that sampled it
+    score: float                   # s_i, the task reward, given on the last token
+
+
+def _pack(rollouts: list[Rollout], pad_id: int, device) -> dict:
+    """One micro-batch as tensors; everything per token is in token_logprobs' layout, [B, T - 1]."""
+    input_ids, completion_mask = training.pack([r.prompt_ids for r in rollouts],
+                                               [r.completion_ids for r in rollouts], pad_id, device)  # [B, T]
+    score = torch.zeros(len(rollouts), input_ids.shape[1] - 1, device=device)                   # [B, T - 1]
+    for row, r in enumerate(rollouts):  # column t scores token t + 1: the last token's column is length - 2
+        score[row, len(r.prompt_ids) + len(r.completion_ids) - 2] = r.score
+    engine_logp = training.pack_logprobs([r.engine_logprobs for r in rollouts],
+                                         [len(r.prompt_ids) for r in rollouts], input_ids.shape[1], device)
+    return {"input_ids": input_ids, "completion_mask": completion_mask, "mask": completion_mask[:, 1:],
+            "score": score, "engine_logp": engine_logp}
+
+
+def make_experience(actor, critic, reference, rollouts: list[Rollout], cfg: Config, dist, pad_id: int):
+    """Step 3 on this rank's rollouts, whole groups in prompt order. Returns the experience as
+    mini-batches (train_batch_size / ranks rollouts) of micro-batches (dicts of [B, T - 1] tensors), and
+    statistics over the global batch."""
+    per_rank = cfg.train_batch_size // dist.world_size
+    by_length = lambda mini: sorted(mini, key=lambda r: len(r.prompt_ids) + len(r.completion_ids))
+    minis = [by_length(rollouts[s:s + per_rank]) for s in range(0, len(rollouts), per_rank)]
+    experience = [[_pack(mini[k:k + cfg.micro_batch_size], pad_id, dist.device)  # less padding a micro-batch
+                   for k in range(0, len(mini), cfg.micro_batch_size)] for mini in minis]
     micro_batches = [mb for mini in experience for mb in mini]
+    logprobs = lambda model, mb: token_logprobs(model, mb["input_ids"], mb["completion_mask"],
+                                                cfg.temperature, cfg.logprob_chunk_size)[0]
     with torch.no_grad():
         for mb in micro_batches:
-            batch, mask = (mb["input_ids"], mb["completion_mask"]), mb["mask"]
-            logprobs = lambda model: training.token_logprobs(model, *batch, cfg.temperature,
-                                                             chunk_size=cfg.logprob_chunk_size)[0]
-            with training.autocast(d, cfg.bf16):
-                mb["old_logp"] = logprobs(actor)
-                ref_logp = logprobs(reference) if reference is not None else mb["old_logp"]
-                mb["values"] = critic_values(critic, batch[0]) * mask
+            mask = mb["mask"]
+            with training.autocast(dist, cfg.bf16):
+                mb["old_logp"] = logprobs(actor, mb)
+                ref_logp = logprobs(reference, mb) if reference is not None else mb["old_logp"]
+                mb["values"] = critic_values(critic, mb["input_ids"]) * mask
             mb["kl"] = (mb["old_logp"] - ref_logp) * mask            # log pi_old - log pi_ref, per token
             mb["rewards"] = -cfg.kl_coef * mb["kl"] + mb["score"]    # score: s_i on the last token, else 0
             mb["advantages"], mb["returns"] = gae(mb["rewards"], mb["values"], mask, cfg.gamma, cfg.lam)
     raw_advantages = [mb["advantages"] for mb in micro_batches]
     masks = [mb["mask"] for mb in micro_batches]
-    for mb, whitened in zip(micro_batches, whiten(raw_advantages, masks, d)):
+    for mb, whitened in zip(micro_batches, whiten(raw_advantages, masks, dist)):
         mb["advantages"] = whitened
 
+    # ---- bookkeeping: token means over the global batch
+    column = lambda key: [mb[key] for mb in micro_batches]
     errors = [mb["returns"] - mb["values"] for mb in micro_batches]
-    gaps = [(mb["old_logp"] - mb["engine_logp"]).abs() * mb["mask"] for mb in micro_batches]  # engine vs trainer
-    m = _token_means({"kl": [mb["kl"] for mb in micro_batches], "value": [mb["values"] for mb in micro_batches],
-                      "return": [mb["returns"] for mb in micro_batches], "return^2": [mb["returns"] ** 2 for mb in micro_batches],
-                      "error": errors, "error^2": [e ** 2 for e in errors], "advantage": raw_advantages,
-                      "advantage^2": [a ** 2 for a in raw_advantages], "gap": gaps}, masks, d)
+    gaps = [(mb["old_logp"] - mb["engine_logp"]).abs() * mb["mask"] for mb in micro_batches]  # engine/trainer
+    m = _token_means({"kl": column("kl"), "value": column("values"), "return": column("returns"),
+                      "return^2": [r ** 2 for r in column("returns")], "error": errors,
+                      "error^2": [e ** 2 for e in errors], "advantage": raw_advantages,
+                      "advantage^2": [a ** 2 for a in raw_advantages], "gap": gaps}, masks, dist)
     return_variance, error_variance = m["return^2"] - m["return"] ** 2, m["error^2"] - m["error"] ** 2
-    stats = {"kl": m["kl"], "value_mean": m["value"], "return_mean": m["return"], "advantage_mean": m["advantage"],
+    stats = {"kl": m["kl"], "value_mean": m["value"], "return_mean": m["return"],
+             "advantage_mean": m["advantage"],
              "advantage_std": max(m["advantage^2"] - m["advantage"] ** 2, 0.0) ** 0.5,
-             # 1 - Var(R - V) / Var(R): 1 when the critic predicts the returns, 0 when it knows only their mean
+             # 1 - Var(R - V) / Var(R): 1 when the critic predicts the returns, 0 when it knows only the mean
              "explained_variance": 1 - error_variance / max(return_variance, 1e-12),
-             "logprob_gap_mean": m["gap"], "logprob_gap_max": training.all_reduce_max(torch.stack([g.max() for g in gaps]).max(), d).item()}
+             "logprob_gap_mean": m["gap"],
+             "logprob_gap_max": training.all_reduce_max(torch.stack([g.max() for g in gaps]).max(),
+                                                        dist).item()}
     return experience, stats
 
 
-def _token_means(named: dict, masks: list, d) -> dict:
+def _token_means(named: dict, masks: list, dist) -> dict:
     """Mean of each list of tensors over the masked tokens of every rank (one all-reduce)."""
     sums = torch.stack([sum((x.double() * m).sum() for x, m in zip(xs, masks)) for xs in named.values()]
                        + [sum(m.sum().double() for m in masks)])
-    sums = training.all_reduce_sum(sums, d)
+    sums = training.all_reduce_sum(sums, dist)
     return {name: (sums[k] / sums[-1]).item() for k, name in enumerate(named)}
 
 
-def _pack(rows, pad_id: int, device) -> dict:
-    """One micro-batch: packed sequences, the response mask in token_logprobs' layout, the engine's
-    log-probs, and the task score placed on the last response token (index len(prompt) + len(completion) - 2)."""
-    input_ids, completion_mask = training.pack([r[0] for r in rows], [r[1] for r in rows], pad_id, device)
-    score = torch.zeros(len(rows), input_ids.shape[1] - 1, device=device)
-    for row, (prompt, completion, _, s) in enumerate(rows):
-        score[row, len(prompt) + len(completion) - 2] = s
-    engine_logp = training.pack_logprobs([r[2] for r in rows], [len(r[0]) for r in rows], input_ids.shape[1], device)
-    return {"input_ids": input_ids, "completion_mask": completion_mask,
-            "mask": completion_mask[:, 1:], "score": score, "engine_logp": engine_logp}
+# ---- step 4: mini-batch updates of the critic and the actor
 
 
-def ppo_update(experience, optimizers: dict, schedulers: dict, cfg: Config, d, train_actor: bool = True) -> dict:
+def ppo_update(experience, optimizers: dict, schedulers: dict, cfg: Config, dist, train_actor=True) -> dict:
     """Step 4: for each epoch and mini-batch, one critic step and (unless train_actor is False, the
-    critic's warm-up) one actor step. optimizers = {"actor": (actor, optimizer), "critic": (critic, optimizer)}.
-    Each loss is a token mean over the global mini-batch, so any number of ranks takes the same step as
-    one process. Returns statistics averaged over all optimizer steps and the global batch."""
+    critic's warm-up) one actor step. optimizers = {"actor": (actor, optimizer), "critic": (critic,
+    optimizer)}. Each loss is a token mean over the global mini-batch, so any number of ranks takes the
+    same step as one process. Returns statistics averaged over all optimizer steps and the global batch."""
     actor, critic = optimizers["actor"][0], optimizers["critic"][0]
-    tokens = training.all_reduce_sum(torch.stack([sum(mb["mask"].sum() for mb in mini) for mini in experience]).double(), d)
+    tokens = torch.stack([sum(mb["mask"].sum() for mb in mini) for mini in experience]).double()
+    tokens = training.all_reduce_sum(tokens, dist)  # response tokens of each global mini-batch
     num_updates = len(experience) * cfg.ppo_epochs
     sums = dict.fromkeys(("policy_loss", "value_loss", "clip_frac", "value_clip_frac", "entropy"), 0.0)
     grad_norms = {"actor": 0.0, "critic": 0.0}
@@ -297,45 +355,51 @@ def ppo_update(experience, optimizers: dict, schedulers: dict, cfg: Config, d, t
         for i, mini in enumerate(experience):
             num_tokens = tokens[i].item()
             share = 1 / num_tokens / num_updates  # of the reported averages
-            for k, mb in enumerate(mini):
-                batch, mask = (mb["input_ids"], mb["completion_mask"]), mb["mask"]
+            for mb in mini:
+                mask = mb["mask"]                                                          # [B, T - 1]
                 # the critic regresses V(s_t) on the GAE return R_t
-                with training.autocast(d, cfg.bf16):
-                    values = critic_values(critic, batch[0])
-                value_loss, value_clipped = clipped_value_loss(values, mb["values"], mb["returns"], cfg.value_clip)
+                with training.autocast(dist, cfg.bf16):
+                    values = critic_values(critic, mb["input_ids"])
+                value_loss, value_clipped = clipped_value_loss(values, mb["values"], mb["returns"],
+                                                               cfg.value_clip)
                 value_loss = (value_loss * mask).sum() / num_tokens
-                (value_loss * d.world_size).backward()  # FSDP averages gradients over ranks; the loss is a global mean
+                (value_loss * dist.world_size).backward()  # FSDP averages gradients over ranks; undo
+                if train_actor:  # the actor follows the clipped policy gradient of the whitened advantages
+                    with training.autocast(dist, cfg.bf16):
+                        logp, entropy = token_logprobs(actor, mb["input_ids"], mb["completion_mask"],
+                                                       cfg.temperature, cfg.logprob_chunk_size,
+                                                       with_entropy=True)                  # [B, T - 1]
+                    objective, clipped = clipped_objective(logp, mb["old_logp"], mb["advantages"],
+                                                           cfg.clip_eps)
+                    policy_loss = -(objective * mask).sum() / num_tokens
+                    (policy_loss * dist.world_size).backward()
+
+                # ---- bookkeeping: this micro-batch's share of the averages over all updates and tokens
+                token_mean = lambda x: (x.detach() * mask).sum().item() * share
                 sums["value_loss"] += value_loss.item() / num_updates
-                sums["value_clip_frac"] += (value_clipped * mask).sum().item() * share
-                if not train_actor:
-                    continue
-                # the actor follows the clipped policy gradient of the whitened advantages
-                with training.autocast(d, cfg.bf16):
-                    logp, entropy = training.token_logprobs(actor, *batch, cfg.temperature, with_entropy=True,
-                                                            chunk_size=cfg.logprob_chunk_size)
-                objective, clipped = clipped_objective(logp, mb["old_logp"], mb["advantages"], cfg.clip_eps)
-                policy_loss = -(objective * mask).sum() / num_tokens
-                (policy_loss * d.world_size).backward()
-                sums["policy_loss"] += policy_loss.item() / num_updates
-                sums["clip_frac"] += (clipped * mask).sum().item() * share
-                sums["entropy"] += (entropy * mask).sum().item() * share
+                sums["value_clip_frac"] += token_mean(value_clipped)
+                if train_actor:
+                    sums["policy_loss"] += policy_loss.item() / num_updates
+                    sums["clip_frac"] += token_mean(clipped)
+                    sums["entropy"] += token_mean(entropy)
             for name in ("critic", "actor") if train_actor else ("critic",):
                 model, optimizer = optimizers[name]
                 grad_norm = training.clip_grad_norm(model, cfg.grad_clip)
-                training.stop_if_not_finite({f"{name} gradient norm": grad_norm}, schedulers[name].last_epoch + 1, d)
+                training.stop_if_not_finite({f"{name} gradient norm": grad_norm},
+                                            schedulers[name].last_epoch + 1, dist)
                 grad_norms[name] += grad_norm / num_updates
                 optimizer.step()
                 schedulers[name].step()
                 optimizer.zero_grad(set_to_none=True)
-    stats = {name: training.all_reduce_sum(value, d).item() for name, value in sums.items()}
+    stats = {name: training.all_reduce_sum(value, dist).item() for name, value in sums.items()}
     training.stop_if_not_finite({"policy loss": stats["policy_loss"], "value loss": stats["value_loss"]},
-                                schedulers["critic"].last_epoch, d)
+                                schedulers["critic"].last_epoch, dist)
     return {**stats, "actor_grad_norm": grad_norms["actor"], "critic_grad_norm": grad_norms["critic"]}
 
 
 def main(argv=None):
     cfg = training.parse_args(Config, PRESETS, argv, description=__doc__.split("\n\n")[0])
-    d = training.init_distributed(cfg.dist_timeout_minutes)
+    dist = training.init_distributed(cfg.dist_timeout_minutes)
     training.seed_everything(cfg.seed)
     try:
         reward_weights = rewards.parse_weights(cfg.rewards)
@@ -343,13 +407,14 @@ def main(argv=None):
                                                 cfg.cosine_correct, cfg.cosine_wrong)
     except ValueError as error:
         raise SystemExit(f"error: {error}")
-    G = cfg.num_generations
-    rollout_size = cfg.prompts_per_step * G
-    if cfg.prompts_per_step % d.world_size or cfg.train_batch_size % (G * d.world_size) or rollout_size % cfg.train_batch_size:
-        raise SystemExit(f"error: need --prompts-per-step divisible by {d.world_size} ranks, and --train-batch-size a "
-                         f"multiple of num-generations x ranks ({G * d.world_size}) dividing the rollout ({rollout_size})")
+    P, G, W = cfg.prompts_per_step, cfg.num_generations, dist.world_size
+    rollout_size = P * G
+    if P % W or cfg.train_batch_size % (G * W) or rollout_size % cfg.train_batch_size:
+        raise SystemExit(f"error: need --prompts-per-step divisible by {W} ranks, and --train-batch-size "
+                         f"a multiple of num-generations x ranks ({G * W}) dividing the rollout "
+                         f"({rollout_size})")
     updates_per_step = rollout_size // cfg.train_batch_size * cfg.ppo_epochs
-    memplan.report("ppo", cfg, d)  # every flag is checked: the budget, before anything loads
+    memplan.report("ppo", cfg, dist)  # every flag is checked: the budget, before anything loads
 
     # ---- data first: a bad file fails in seconds, before any model loads
     problems = data.load_problems(cfg.data, split="train", seed=cfg.seed)
@@ -361,48 +426,44 @@ def main(argv=None):
         training.check_model_path(cfg.critic, "--critic")
     tokenizer = training.load_tokenizer(cfg.model)
     problems, prompts, prompt_ids = training.prepare_prompts(problems, tokenizer, cfg.template,
-                                                             cfg.max_prompt_length, d, "ppo")
+                                                             cfg.max_prompt_length, dist, "ppo")
 
     # ---- models: actor and critic (from the newest checkpoint when resuming), the frozen reference
     actor_path = str(checkpoint) if checkpoint else cfg.model
-    actor = training.shard_model(training.load_model(actor_path), d, cfg.bf16, cfg.gradient_checkpointing)
+    actor = training.shard_model(training.load_model(actor_path), dist, cfg.bf16, cfg.gradient_checkpointing)
     critic = load_critic(str(checkpoint / "critic") if checkpoint else cfg.critic or cfg.model, cfg.seed)
-    critic = training.shard_model(critic, d, cfg.bf16, cfg.gradient_checkpointing)
-    reference = None
-    if cfg.kl_coef > 0:  # frozen: no optimizer needs fp32 master weights (one bf16 process: fp32 under autocast, as pi)
-        reference = training.load_model(cfg.model, dtype=training.frozen_dtype(d, cfg.bf16))
-        reference = training.shard_model(reference, d, cfg.bf16, False).eval()
-        reference.requires_grad_(False)
-    training.seed_per_rank(cfg.seed, d)  # models (the critic's new head too) are identical on all ranks first
-    optimizers = {"actor": (actor, torch.optim.AdamW(actor.parameters(), lr=cfg.actor_lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))),
-                  "critic": (critic, torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)))}
-    actor_updates = max(1, cfg.max_steps - cfg.critic_warmup_steps) * updates_per_step  # the actor waits for the critic
-    schedulers = {"actor": training.cosine_schedule(optimizers["actor"][1], actor_updates, cfg.warmup_ratio, cfg.min_lr_ratio),
-                  "critic": training.cosine_schedule(optimizers["critic"][1], cfg.max_steps * updates_per_step, cfg.warmup_ratio, cfg.min_lr_ratio)}
+    critic = training.shard_model(critic, dist, cfg.bf16, cfg.gradient_checkpointing)
+    reference = training.load_reference(cfg.model, dist, cfg.bf16) if cfg.kl_coef > 0 else None
+    training.seed_per_rank(cfg.seed, dist)  # models (the critic's new head too) are alike on all ranks first
+    adamw = lambda model, lr: torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay,
+                                                betas=(0.9, 0.95))
+    optimizers = {"actor": (actor, adamw(actor, cfg.actor_lr)),
+                  "critic": (critic, adamw(critic, cfg.critic_lr))}
+    actor_updates = max(1, cfg.max_steps - cfg.critic_warmup_steps) * updates_per_step  # the actor waits
+    schedule = lambda name, updates: training.cosine_schedule(optimizers[name][1], updates, cfg.warmup_ratio,
+                                                              cfg.min_lr_ratio)
+    schedulers = {"actor": schedule("actor", actor_updates),
+                  "critic": schedule("critic", cfg.max_steps * updates_per_step)}
     start_step = 0
     if checkpoint is not None:
         state = training.load_trainer_state(checkpoint)
-        start_step = training.restore_checkpoint(state, optimizers, schedulers, d, seed=cfg.seed)["step"]
-        if d.is_main:
+        start_step = training.restore_checkpoint(state, optimizers, schedulers, dist, seed=cfg.seed)["step"]
+        if dist.is_main:
             print(f"ppo: resumed from {checkpoint} at step {start_step}")
-    training.truncate_logs(cfg.output_dir, start_step, d)  # lines of steps that will be redone go
-    engine = make_engine(cfg.engine, actor, tokenizer, actor_path, d, batch_size=cfg.micro_batch_size * 4,
-                         gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, dtype="bfloat16" if cfg.bf16 else "float32",
-                         max_model_len=cfg.max_prompt_length + cfg.max_completion_length, enable_sleep_mode=True,
-                         max_num_batched_tokens=cfg.vllm_max_num_batched_tokens,
-                         kv_cache_memory_bytes=int(cfg.vllm_cpu_kv_cache_gb * 2**30))
-    logger = training.MetricsLogger(cfg.output_dir, cfg.report_to, asdict(cfg), d)
+    training.truncate_logs(cfg.output_dir, start_step, dist)  # lines of steps that will be redone go
+    engine = trainer_engine(cfg, actor, tokenizer, actor_path, dist)
+    logger = training.MetricsLogger(cfg.output_dir, cfg.report_to, asdict(cfg), dist)
     grader = Grader(num_workers=cfg.grader_workers)
-    if d.is_main:
-        print(f"ppo: {len(problems)} prompts, {cfg.prompts_per_step} x {G} completions per step, {updates_per_step} "
-              f"updates of {cfg.train_batch_size}, {d.world_size} rank(s), engine {cfg.engine}, rewards {reward_weights}")
+    if dist.is_main:
+        print(f"ppo: {len(problems)} prompts, {P} x {G} completions per step, {updates_per_step} updates of "
+              f"{cfg.train_batch_size}, {W} rank(s), engine {cfg.engine}, rewards {reward_weights}")
 
-    progress = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, disable=not d.is_main, desc="ppo")
+    progress = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
+                    disable=not dist.is_main, desc="ppo")
     for step in progress:
         t0 = time.time()
-        # 1. a batch of prompts (the same on any number of ranks); this rank samples for its share
-        batch = training.batch_indices(step, cfg.prompts_per_step, len(problems), cfg.seed)
-        mine = batch[d.rank::d.world_size]
+        # 1. P prompts (the same on any number of ranks); rank r samples prompts r, r + W, r + 2W, ...
+        mine = training.batch_indices(step, P, len(problems), cfg.seed)[dist.rank::W]
         actor.eval()
         engine.wake_up()
         outputs = engine.generate([prompts[i] for i in mine], Sampling(
@@ -411,20 +472,28 @@ def main(argv=None):
         completions = [c for group in outputs for c in group]             # G consecutive per prompt
         owners = [i for i in mine for _ in range(G)]
         t1 = time.time()
-
         # 2. scores s_i = sum_f w_f r_f(o_i), graded in worker processes under a time limit
         scores = rewards.compute_rewards(
             [c.text for c in completions], [problems[i]["answer"] for i in owners],
             [len(c.token_ids) for c in completions], [c.finish_reason == "length" for c in completions],
             reward_weights, grader, [prompts[i] for i in owners], cosine)  # prompts pick the format rule
         t2 = time.time()
+        groups = [training.Group(i, step * P + dist.rank + j * W, outputs[j],
+                                 {name: column[j * G:(j + 1) * G] for name, column in scores.items()})
+                  for j, i in enumerate(mine)]
+        # every rank gets every group of the step, in batch order (for the metrics and LIM's trajectories)
+        batch = sorted((g for part in training.all_gather_objects(groups, dist) for g in part),
+                       key=lambda g: g.position)
 
-        # 3. per-token rewards (KL penalty + score on the last token), values, GAE, whitened advantages
-        rows = [(prompt_ids[i], c.token_ids, c.logprobs, s) for i, c, s in zip(owners, completions, scores["total"])]
-        experience, rollout_stats = make_experience(actor, critic, reference, rows, cfg, d, tokenizer.pad_token_id)
+        # 3. per-token rewards (KL penalty + score on the last token), values, GAE, whitened advantages,
+        #    on this rank's groups (batch[d.rank::W])
+        rollouts = [Rollout(prompt_ids[g.problem], c.token_ids, c.logprobs, s)
+                    for g in groups for c, s in zip(g.completions, g.rewards["total"])]
+        experience, rollout_stats = make_experience(actor, critic, reference, rollouts, cfg, dist,
+                                                    tokenizer.pad_token_id)
         # 4. mini-batch updates of the critic, and of the actor once the critic's warm-up is over
         train_actor = step >= cfg.critic_warmup_steps
-        stats = ppo_update(experience, optimizers, schedulers, cfg, d, train_actor)
+        stats = ppo_update(experience, optimizers, schedulers, cfg, dist, train_actor)
         del experience
         # 5. the engine samples the next batch with these weights (pushed while the actor is frozen
         #    too: a sleeping vLLM engine released its copy)
@@ -432,10 +501,11 @@ def main(argv=None):
         t3 = time.time()
 
         # ---- metrics, LIM trajectories, completions, checkpoint
-        metrics = training.log_rollouts(step, completions, owners, scores, problems, prompts, reward_weights, G,
-                                        cfg.prompts_per_step, cfg.output_dir, cfg.log_completions_steps, d)
+        metrics = training.log_groups(step, batch, problems, prompts, reward_weights, P, cfg.output_dir,
+                                      cfg.log_completions_steps, dist)
         metrics |= {**rollout_stats, **stats, "actor_frozen": not train_actor,
-                    "lr/actor": schedulers["actor"].get_last_lr()[0], "lr/critic": schedulers["critic"].get_last_lr()[0],
+                    "lr/actor": schedulers["actor"].get_last_lr()[0],
+                    "lr/critic": schedulers["critic"].get_last_lr()[0],
                     "time/generation": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2,
                     "tokens_per_s": metrics["response_length_mean"] * len(batch) * G / (t1 - t0)}
         logger.log(step + 1, metrics)
@@ -443,16 +513,16 @@ def main(argv=None):
                              ev=f"{metrics['explained_variance']:.2f}")
         if (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
             training.save_checkpoint(cfg.output_dir, step + 1, actor, tokenizer, optimizers, schedulers,
-                                     {"step": step + 1}, d, extra_models={"critic": critic},
+                                     {"step": step + 1}, dist, extra_models={"critic": critic},
                                      save_total_limit=cfg.save_total_limit)
 
     grader.close()
-    training.finish(cfg.output_dir, actor, tokenizer, d)
-    training.finish(Path(cfg.output_dir) / "critic", critic, tokenizer, d)  # --critic can start from it
-    if d.is_main:
+    training.finish(cfg.output_dir, actor, tokenizer, dist)
+    training.finish(Path(cfg.output_dir) / "critic", critic, tokenizer, dist)  # --critic can start from it
+    if dist.is_main:
         print(f"ppo: final actor in {cfg.output_dir}, critic in {cfg.output_dir}/critic")
     engine.close()  # vLLM's teardown needs the process group that training.shutdown destroys
-    training.shutdown(d)
+    training.shutdown(dist)
 
 
 if __name__ == "__main__":

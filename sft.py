@@ -8,7 +8,7 @@ target), summed over tokens and divided by the number of response tokens in the 
 batch, so every token weighs the same whatever rank or micro-batch it lands on (LIMO, s1).
 """
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
@@ -16,6 +16,7 @@ from tqdm import tqdm
 import data
 import memplan
 import training
+from training import flag
 
 
 TEMPLATES = data.TEMPLATES  # inside Config, `data` is the --data field
@@ -23,34 +24,38 @@ TEMPLATES = data.TEMPLATES  # inside Config, `data` is the --data field
 
 @dataclass
 class Config:
-    model: str = field(default="tiny", metadata={"help": "hub id, local folder, .gguf file, or `tiny` (a fresh "
-                                                         "~1M-parameter Qwen2 model with a character tokenizer)"})
-    data: str = field(default="linear", metadata={"help": "data spec for data.load_problems: a name (limo, "
-                                                          "linear, ...), a local file, name=path, or a mixture a:N,b"})
-    template: str = field(default="auto", metadata={"help": "prompt template (data.format_prompt): " + ", ".join(TEMPLATES), "choices": TEMPLATES})
-    output_dir: str = field(default="runs/sft", metadata={"help": "checkpoints, metrics.jsonl, final model"})
-    max_steps: int = field(default=600, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=32, metadata={"help": "global batch (examples per optimizer step, all ranks)"})
-    micro_batch_size: int = field(default=32, metadata={"help": "examples per forward pass on one rank"})
-    max_length: int = field(default=1024, metadata={"help": "prompt+response tokens; longer examples are cut"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW)"})
-    warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of steps with linear warm-up"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to lr * this"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (beta1 is 0.9); the transformers Trainer (LLaMA-Factory, LIMO) uses 0.999"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: no clipping)"})
-    bf16: bool = field(default=False, metadata={"help": "bf16 compute (GPU); master weights stay fp32"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
-    logprob_chunk_size: int = field(default=1024, metadata={"help": "tokens whose full-vocabulary logits exist at once in the loss (memory: chunk x vocab x ~14 bytes)"})
-    save_steps: int = field(default=200, metadata={"help": "write output-dir/checkpoint-N every N steps"})
-    save_total_limit: int = field(default=0, metadata={"help": "keep the newest N complete checkpoints, delete older ones (0: keep all)"})
-    dist_timeout_minutes: float = field(default=30.0, metadata={"help": "minutes a rank waits for the others in a collective (a checkpoint being written, a long generation) before the run aborts"})
-    log_steps: int = field(default=10, metadata={"help": "console line every N steps (metrics.jsonl: every step)"})
-    seed: int = field(default=0, metadata={"help": "data order, initialisation"})
-    report_to: str = field(default="none", metadata={"help": "none, wandb or tensorboard", "choices": ["none", "wandb", "tensorboard"]})
-    dry_run: bool = field(default=False, metadata={"help": "print the per-GPU memory plan (memplan.py) and exit: 0 if it fits, 1 if not"})
-    plan_gpus: int = field(default=0, metadata={"help": "GPUs the memory plan is for (0: this launch's ranks)"})
-    gpu_memory_gb: float = field(default=80.0, metadata={"help": "memory of one GPU for the memory plan, GiB"})
+    model: str = flag("tiny", "hub id, local folder, .gguf file, or `tiny` (a fresh ~1M-parameter Qwen2 "
+                              "model with a character tokenizer)")
+    data: str = flag("linear", "data spec for data.load_problems: a name (limo, linear, ...), a local file, "
+                               "name=path, or a mixture a:N,b")
+    template: str = flag("auto", "prompt template (data.format_prompt): " + ", ".join(TEMPLATES), TEMPLATES)
+    output_dir: str = flag("runs/sft", "checkpoints, metrics.jsonl, final model")
+    max_steps: int = flag(600, "optimizer steps")
+    batch_size: int = flag(32, "global batch (examples per optimizer step, all ranks)")
+    micro_batch_size: int = flag(32, "examples per forward pass on one rank")
+    max_length: int = flag(1024, "prompt+response tokens; longer examples are cut")
+    lr: float = flag(1e-3, "peak learning rate (AdamW)")
+    warmup_ratio: float = flag(0.05, "fraction of steps with linear warm-up")
+    min_lr_ratio: float = flag(0.1, "cosine decays to lr * this")
+    weight_decay: float = flag(0.0, "AdamW weight decay")
+    adam_beta2: float = flag(0.95, "AdamW beta2 (beta1 is 0.9); the transformers Trainer (LLaMA-Factory, "
+                                   "LIMO) uses 0.999")
+    grad_clip: float = flag(1.0, "max gradient norm (0: no clipping)")
+    bf16: bool = flag(False, "bf16 compute (GPU); master weights stay fp32")
+    gradient_checkpointing: bool = flag(False, "recompute activations in backward")
+    logprob_chunk_size: int = flag(1024, "tokens whose full-vocabulary logits exist at once in the loss "
+                                         "(memory: chunk x vocab x ~14 bytes)")
+    save_steps: int = flag(200, "write output-dir/checkpoint-N every N steps")
+    save_total_limit: int = flag(0, "keep the newest N complete checkpoints, delete older ones (0: keep all)")
+    dist_timeout_minutes: float = flag(30.0, "minutes a rank waits for the others in a collective (a "
+                                             "checkpoint being written, a long generation) before the run "
+                                             "aborts")
+    log_steps: int = flag(10, "console line every N steps (metrics.jsonl: every step)")
+    seed: int = flag(0, "data order, initialisation")
+    report_to: str = flag("none", "none, wandb or tensorboard", ["none", "wandb", "tensorboard"])
+    dry_run: bool = flag(False, "print the per-GPU memory plan (memplan.py) and exit: 0 if it fits, 1 if not")
+    plan_gpus: int = flag(0, "GPUs the memory plan is for (0: this launch's ranks)")
+    gpu_memory_gb: float = flag(80.0, "memory of one GPU for the memory plan, GiB")
 
 
 PRESETS = {
@@ -70,7 +75,8 @@ PRESETS = {
     "limo": dict(model="Qwen/Qwen2.5-7B-Instruct", data="limo", template="qwen-math", max_steps=192,
                  batch_size=64, micro_batch_size=1, max_length=16384, lr=5e-6, warmup_ratio=0.0,
                  min_lr_ratio=0.0, bf16=True, gradient_checkpointing=True, save_steps=50,
-                 adam_beta2=0.999),  # LLaMA-Factory runs the transformers Trainer: its AdamW default (yaml sets none)
+                 # LLaMA-Factory runs the transformers Trainer: its AdamW default (yaml sets none)
+                 adam_beta2=0.999),
 }
 
 
@@ -80,7 +86,8 @@ def tokenize_examples(problems, tokenizer, template: str, max_length: int):
     for problem in problems:
         prompt = data.format_prompt(problem["prompt"], tokenizer, template)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        response_ids = tokenizer(problem["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        response_ids = (tokenizer(problem["solution"], add_special_tokens=False)["input_ids"]
+                        + [tokenizer.eos_token_id])
         ids = (prompt_ids + response_ids)[:max_length]
         truncated += len(prompt_ids) + len(response_ids) > max_length
         labels = ([-100] * len(prompt_ids) + response_ids)[:max_length]
@@ -92,10 +99,16 @@ def collate(examples, pad_id: int, device):
     width = max(len(ids) for ids, _ in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    for row, (ids, labs) in enumerate(examples):  # right padding: no attention mask needed (see training.pack)
+    # right padding: no attention mask needed (see training.pack)
+    for row, (ids, labs) in enumerate(examples):
         input_ids[row, :len(ids)] = torch.tensor(ids)
         labels[row, :len(labs)] = torch.tensor(labs)
     return input_ids.to(device), labels.to(device)
+
+
+def log_softmax_at(logits, next_tokens):
+    """log p(next token) from [n, V] fp32 logits (training.next_token_scores runs it chunk by chunk)."""
+    return logits.gather(-1, next_tokens[:, None]).squeeze(-1) - logits.logsumexp(-1), None
 
 
 def main(argv=None):
@@ -113,7 +126,8 @@ def main(argv=None):
     if cfg.batch_size % d.world_size:
         raise SystemExit(f"error: --batch-size {cfg.batch_size} must divide evenly over {d.world_size} ranks")
 
-    # ---- the tokenizer and the examples, then the model: the newest complete checkpoint, else the starting model
+    # ---- the tokenizer and the examples, then the model:
+    # the newest complete checkpoint, else the starting model
     checkpoint = training.latest_checkpoint(cfg.output_dir)
     start = str(checkpoint) if checkpoint is not None else cfg.model
     if start != "tiny":
@@ -127,17 +141,19 @@ def main(argv=None):
         raise SystemExit(f"error: --max-length {cfg.max_length} cuts off every response: nothing to learn")
     model = training.build_tiny_model(seed=cfg.seed)[0] if start == "tiny" else training.load_model(start)
     if d.is_main:
-        print(f"sft: {len(examples)} examples from {cfg.data!r} ({num_truncated} cut at {cfg.max_length} tokens), "
+        print(f"sft: {len(examples)} examples from {cfg.data!r} "
+              f"({num_truncated} cut at {cfg.max_length} tokens), "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {d.world_size} rank(s)")
 
     model = training.shard_model(model, d, cfg.bf16, cfg.gradient_checkpointing)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, cfg.adam_beta2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  betas=(0.9, cfg.adam_beta2))
     scheduler = training.cosine_schedule(optimizer, cfg.max_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
     start_step = 0
     if checkpoint is not None:
         state = training.load_trainer_state(checkpoint)
-        start_step = training.restore_checkpoint(state, {"model": (model, optimizer)}, {"model": scheduler}, d,
-                                                 seed=cfg.seed)["step"]
+        start_step = training.restore_checkpoint(state, {"model": (model, optimizer)}, {"model": scheduler},
+                                                 d, seed=cfg.seed)["step"]
         if d.is_main:
             print(f"sft: resumed from {checkpoint} at step {start_step}")
     training.truncate_logs(cfg.output_dir, start_step, d)  # lines of steps that will be redone go
@@ -160,10 +176,9 @@ def main(argv=None):
         loss_sum = torch.zeros((), device=d.device)
         for index, micro in enumerate(micro_batches):
             input_ids, labels = collate([examples[i] for i in micro], tokenizer.pad_token_id, d.device)
-            with training.autocast(d, cfg.bf16):  # -log p(x_t+1 | x_<=t) on response tokens, chunk by chunk
-                logp = training.token_logprobs(model, input_ids, (labels != -100).float(), temperature=1.0,
-                                               chunk_size=cfg.logprob_chunk_size)[0]
-            token_nll = -logp.sum()
+            with training.autocast(d, cfg.bf16):  # log p(x_t+1 | x_<=t): position t scores token t + 1
+                logp, _ = training.next_token_scores(model, input_ids, log_softmax_at, cfg.logprob_chunk_size)
+            token_nll = -(logp * (labels[:, 1:] != -100)).sum()     # the response tokens' NLL
             (token_nll / global_tokens * d.world_size).backward()
             loss_sum += token_nll.detach()
         grad_norm = training.clip_grad_norm(model, cfg.grad_clip)
@@ -176,14 +191,15 @@ def main(argv=None):
         training.stop_if_not_finite({"loss": loss}, step + 1, d)
         seconds = time.time() - started
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
-                   "tokens_per_s": global_tokens / seconds, "step_s": seconds, "epoch": (step + 1) * cfg.batch_size / len(examples)}
+                   "tokens_per_s": global_tokens / seconds, "step_s": seconds,
+                   "epoch": (step + 1) * cfg.batch_size / len(examples)}
         logger.log(step + 1, metrics)
         if d.is_main and ((step + 1) % cfg.log_steps == 0 or step == start_step):
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.2e}")
         if (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
-            training.save_checkpoint(cfg.output_dir, step + 1, model, tokenizer, {"model": (model, optimizer)},
-                                     {"model": scheduler}, {"step": step + 1}, d,
-                                     save_total_limit=cfg.save_total_limit)
+            training.save_checkpoint(cfg.output_dir, step + 1, model, tokenizer,
+                                     {"model": (model, optimizer)}, {"model": scheduler}, {"step": step + 1},
+                                     d, save_total_limit=cfg.save_total_limit)
 
     training.finish(cfg.output_dir, model, tokenizer, d)
     if d.is_main:

@@ -30,6 +30,52 @@ import torch.utils.checkpoint
 # Flags: a dataclass of defaults, named presets on top, explicit flags on top of those.
 
 
+def flag(default, help: str, choices=None):
+    """A Config field that is a command-line flag: its default, its --help text, its allowed values."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclasses.dataclass
+class RLFlags:
+    """The flags grpo.py and ppo.py share that are not their algorithm: the cosine reward's shape,
+    precision and memory, the engine, the grader, checkpoints, logging, the memory plan. A trainer's
+    Config inherits them; its own fields come first in --help."""
+    cosine_max_len: int = flag(1000, "cosine reward: the length where it reaches its END values "
+                                     "(Open-RS: 1000; their Exp. 3: 3584)")
+    cosine_unit: str = flag("chars", "cosine reward: length in characters of the completion (Open-RS) "
+                                     "or in tokens", ["chars", "tokens"])
+    cosine_clamp: bool = flag(False, "cosine reward: hold lengths past --cosine-max-len at END "
+                                     "(Open-RS: no, the cosine turns back up)")
+    cosine_correct: str = flag("1.0:0.5", "cosine reward of a right answer, START:END = at length 0 : "
+                                          "at --cosine-max-len (Open-RS: 1.0:0.5)")
+    cosine_wrong: str = flag("0.0:-0.5", "cosine reward of a wrong answer, START:END (Open-RS: 0.0:-0.5; "
+                                         "a negative START needs =, as --cosine-wrong=-1:-0.5)")
+    bf16: bool = flag(True, "bf16 compute (GPU); master weights stay fp32")
+    gradient_checkpointing: bool = flag(True, "recompute activations in backward")
+    logprob_chunk_size: int = flag(1024, "tokens whose full-vocabulary logits exist at once in the log-prob "
+                                         "pass (memory: chunk x vocab x ~14 bytes)")
+    engine: str = flag("vllm", "generation engine: vllm or hf", ["vllm", "hf"])
+    vllm_gpu_memory_utilization: float = flag(
+        0.3, "GPU only: fraction of each GPU's memory the colocated vLLM engine takes while generating (its "
+             "bf16 weights, activations, KV cache); it releases all of it during updates. A preset's value "
+             "comes from the arithmetic beside it; on CPU see --vllm-cpu-kv-cache-gb")
+    vllm_max_num_batched_tokens: int = flag(
+        4096, "GPU only: tokens in one vLLM forward pass (prompt chunks + one per decoding sequence); sets "
+              "the activation memory vLLM reserves (4096: TRL's colocate value)")
+    vllm_cpu_kv_cache_gb: float = flag(0.5, "CPU only: each rank's vLLM KV cache, GiB (vLLM would otherwise "
+                                            "size it from free RAM, every rank alike)")
+    grader_workers: int = flag(4, "processes grading answers, each answer under a time limit")
+    save_total_limit: int = flag(0, "keep the newest N complete checkpoints, delete older ones (0: keep all)")
+    dist_timeout_minutes: float = flag(30.0, "minutes a rank waits for the others in a collective (a "
+                                             "checkpoint being written, a long generation) before the run "
+                                             "aborts")
+    log_completions_steps: int = flag(10, "append a sample of completions to completions.jsonl every N steps")
+    report_to: str = flag("none", "none, wandb or tensorboard", ["none", "wandb", "tensorboard"])
+    dry_run: bool = flag(False, "print the per-GPU memory plan (memplan.py) and exit: 0 if it fits, 1 if not")
+    plan_gpus: int = flag(0, "GPUs the memory plan is for (0: this launch's ranks)")
+    gpu_memory_gb: float = flag(80.0, "memory of one GPU for the memory plan, GiB")
+
+
 def parse_args(config_class, presets: dict, argv=None, description: str = ""):
     """Build argparse from a dataclass whose fields carry `metadata={"help": ...}`; check the values.
 
@@ -45,7 +91,8 @@ def parse_args(config_class, presets: dict, argv=None, description: str = ""):
     parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n")
     parser.add_argument("--preset", choices=sorted(presets), default=None,
                         help=f"a named bundle of flag values (flags given explicitly win). {preset_help}")
-    for field in dataclasses.fields(config_class):
+    own = config_class.__dict__.get("__annotations__", {})  # the trainer's own flags first, then shared ones
+    for field in sorted(dataclasses.fields(config_class), key=lambda f: f.name not in own):
         flag = "--" + field.name.replace("_", "-")
         help_text = field.metadata.get("help", "")
         if field.type in (bool, "bool"):
@@ -72,9 +119,10 @@ def parse_args(config_class, presets: dict, argv=None, description: str = ""):
 
 # Bounds of the trainers' flags, by field name (a trainer checks the ones it has):
 # (lowest, highest, whether the lowest value itself is allowed).
-_COUNTS = ("max_steps", "prompts_per_step", "num_generations", "micro_batch_size", "batch_size", "train_batch_size",
-           "ppo_epochs", "num_iterations", "max_prompt_length", "max_completion_length", "max_length",
-           "save_steps", "log_steps", "grader_workers", "logprob_chunk_size", "cosine_max_len")
+_COUNTS = ("max_steps", "prompts_per_step", "num_generations", "micro_batch_size", "batch_size",
+           "train_batch_size", "ppo_epochs", "num_iterations", "max_prompt_length", "max_completion_length",
+           "max_length", "save_steps", "log_steps", "grader_workers", "logprob_chunk_size", "cosine_max_len",
+           "max_sampling_rounds")
 FLAG_BOUNDS = {
     **{name: (1, math.inf, True) for name in _COUNTS},
     "temperature": (0, math.inf, False),  # the log-probs divide the logits by it: 0 would train on NaN
@@ -83,11 +131,12 @@ FLAG_BOUNDS = {
     **{name: (0, math.inf, False) for name in ("dist_timeout_minutes", "gpu_memory_gb")},
     "vllm_max_num_batched_tokens": (1, math.inf, True),
     "vllm_cpu_kv_cache_gb": (0, math.inf, False),
-    **{name: (0, 1, True) for name in ("warmup_ratio", "min_lr_ratio", "adam_beta2", "gamma", "lam", "epsilon_low", "clip_eps")},
-    **{name: (0, math.inf, True) for name in ("lr", "actor_lr", "critic_lr", "weight_decay", "grad_clip", "beta",
-                                               "kl_coef", "tis_cap", "epsilon_high", "value_clip",
-                                               "critic_warmup_steps", "log_completions_steps", "save_total_limit",
-                                               "plan_gpus")},
+    **{name: (0, 1, True) for name in ("warmup_ratio", "min_lr_ratio", "adam_beta2", "gamma", "lam",
+                                       "epsilon_low", "clip_eps")},
+    **{name: (0, math.inf, True) for name in ("lr", "actor_lr", "critic_lr", "weight_decay", "grad_clip",
+                                              "beta", "kl_coef", "tis_cap", "epsilon_high", "value_clip",
+                                              "critic_warmup_steps", "log_completions_steps",
+                                              "save_total_limit", "plan_gpus")},
     "seed": (0, 2 ** 32 - 1, True),  # numpy's seed range
 }
 
@@ -115,8 +164,8 @@ def check_flags(config):
         if not os.access(existing, os.W_OK):
             raise SystemExit(f"error: --output-dir {output_dir!r}: {existing} is not writable")
     if getattr(config, "engine", None) == "vllm" and str(getattr(config, "model", "")).endswith(".gguf"):
-        raise SystemExit(f"error: --model {config.model!r} is a GGUF file; --engine vllm loads a save_pretrained "
-                         f"folder or hub id, so use --engine hf")
+        raise SystemExit(f"error: --model {config.model!r} is a GGUF file; --engine vllm loads a "
+                         f"save_pretrained folder or hub id, so use --engine hf")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,8 +193,6 @@ def init_distributed(timeout_minutes: float = 30.0) -> Dist:
     (NCCL's default is 10: too short for a rank still writing a large checkpoint or generating)."""
     from datetime import timedelta
 
-    if not timeout_minutes > 0:
-        raise SystemExit(f"error: --dist-timeout-minutes must be > 0, not {timeout_minutes}")
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)
@@ -232,16 +279,14 @@ def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> l
     for position in range(step * batch_size, (step + 1) * batch_size):
         epoch, offset = divmod(position, num_examples)
         if epoch not in orders:
-            orders[epoch] = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+            generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            orders[epoch] = torch.randperm(num_examples, generator=generator)
         indices.append(int(orders[epoch][offset]))
     return indices
 
 
 # ----------------------------------------------------------------------------------------------
 # Models and tokenizers. A hub id, a local save_pretrained folder, a GGUF file, or `tiny`.
-
-TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
 
 def build_tiny_tokenizer():
     """A character-level tokenizer for the synthetic tasks: one token per printable ASCII char.
@@ -259,7 +304,7 @@ def build_tiny_tokenizer():
     backend = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(symbols)}, merges=[]))
     backend.pre_tokenizer = byte_level
     backend.decoder = decoders.ByteLevel()
-    eos, *extra = TINY_SPECIAL_TOKENS
+    eos, *extra = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, pad_token=eos,
                                    additional_special_tokens=extra)
 
@@ -284,8 +329,7 @@ def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
     path, gguf_file = _split_gguf(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file) if gguf_file else \
-        AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
     if tokenizer.pad_token is None:  # batching needs a pad token; it is always masked out
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -316,9 +360,11 @@ def check_model_path(name_or_path: str, flag: str = "--model"):
         if path.endswith(".gguf") and not os.path.isfile(path):
             raise SystemExit(f"error: {flag} {name_or_path!r}: no such GGUF file")
         if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-            raise SystemExit(f"error: {flag} {name_or_path!r} is a folder without config.json, not a saved model")
+            raise SystemExit(f"error: {flag} {name_or_path!r} is a folder without config.json, "
+                             f"not a saved model")
         if os.path.isfile(path) and not path.endswith(".gguf"):
-            raise SystemExit(f"error: {flag} {name_or_path!r} is a file; expected a model folder, .gguf file or hub id")
+            raise SystemExit(f"error: {flag} {name_or_path!r} is a file; expected a model folder, "
+                             f".gguf file or hub id")
         return
     if len(path.split("/")) != 2 or path.startswith((".", "/")):
         raise SystemExit(f"error: {flag} {name_or_path!r} is neither a local path nor a hub id (org/name)")
@@ -329,7 +375,8 @@ def check_model_path(name_or_path: str, flag: str = "--model"):
         return
     missing = f"error: {flag} {name_or_path!r}: no such local folder, and not in the Hugging Face cache"
     if constants.HF_HUB_OFFLINE:
-        raise SystemExit(f"{missing} (HF_HUB_OFFLINE is set: nothing is downloaded); pass a local model folder")
+        raise SystemExit(f"{missing} (HF_HUB_OFFLINE is set: nothing is downloaded); "
+                         f"pass a local model folder")
     try:
         HfApi().model_info(path, timeout=10)
     except GatedRepoError:
@@ -353,7 +400,7 @@ def shard_model(model, d: Dist, bf16: bool, gradient_checkpointing: bool):
     model.to(d.device)
     if not d.enabled:
         return model
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
@@ -365,13 +412,18 @@ def shard_model(model, d: Dist, bf16: bool, gradient_checkpointing: bool):
     # Skipping the sync until the last micro-batch (set_requires_gradient_sync(False)) would hold every
     # gradient unsharded in fp32 meanwhile: 28 GiB per rank for a 7B model.
     #
-    # token_logprobs runs the decoder and lm_head itself rather than model.forward; registering it
+    # next_token_scores runs the decoder and lm_head itself rather than model.forward; registering it
     # makes FSDP gather the root's parameters (embeddings, final norm, lm_head) around it as around forward.
-    from torch.distributed.fsdp import register_fsdp_forward_method
-
-    model.logprobs_forward = types.MethodType(_logprobs_forward, model)
-    register_fsdp_forward_method(model, "logprobs_forward")
+    model.next_token_scores = types.MethodType(_next_token_scores, model)
+    register_fsdp_forward_method(model, "next_token_scores")
     return model
+
+
+def load_reference(name_or_path: str, d: Dist, bf16: bool):
+    """The frozen reference policy pi_ref, sharded like the policy. No optimizer needs fp32 master weights,
+    so it is bf16 under FSDP with bf16 (see frozen_dtype)."""
+    reference = shard_model(load_model(name_or_path, dtype=frozen_dtype(d, bf16)), d, bf16, False).eval()
+    return reference.requires_grad_(False)
 
 
 def frozen_dtype(d: Dist, bf16: bool) -> torch.dtype:
@@ -436,7 +488,7 @@ def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: i
 
 
 def pack_logprobs(logprobs: list[list[float]], prompt_lengths: list[int], width: int, device):
-    """The engine's log-probs laid out like token_logprobs' output (position t predicts token t+1)."""
+    """The engine's log-probs laid out like next_token_scores' output (position t predicts token t+1)."""
     out = torch.zeros((len(logprobs), width - 1), device=device)
     for row, (lp, start) in enumerate(zip(logprobs, prompt_lengths)):
         out[row, start - 1:start - 1 + len(lp)] = torch.tensor(lp)
@@ -446,62 +498,42 @@ def pack_logprobs(logprobs: list[list[float]], prompt_lengths: list[int], width:
 LOGPROB_CHUNK_SIZE = 1024  # the default of every trainer's --logprob-chunk-size
 
 
-def token_logprobs(model, input_ids, completion_mask, temperature: float, with_entropy=False,
-                   chunk_size: int = LOGPROB_CHUNK_SIZE, entropy_grad=False):
-    """log pi(o_t | q, o_<t) of each completion token at the sampling temperature, on rows packed by
-    pack(): logp[:, t] is the log-prob of token t + 1 given tokens 0..t, zero outside completion_mask.
+def next_token_scores(model, input_ids, head, chunk_size: int = LOGPROB_CHUNK_SIZE):
+    """head(logits, next_tokens) at every position t < T - 1 of the [B, T] rows: logits [n, V] (fp32) is
+    the model's output at n positions, next_tokens [n] the tokens t + 1 those positions predict. head
+    returns a pair of [n] tensors (or None for the second); they come back as [B, T - 1] each.
 
-    The full-vocabulary logits of a whole micro-batch are never built: 4 x 3584 positions x 152k
-    vocabulary is 8 GiB in fp32, and logsumexp, softmax and backward multiply that. The model runs to
-    its last hidden states, then lm_head and the log-softmax run on `chunk_size` tokens at a time;
-    in backward each chunk's logits are recomputed (torch.utils.checkpoint), so one chunk's logits
-    exist at a time, forward or backward. The result equals the unchunked computation. (It takes the
-    logits to be lm_head(last hidden state), as Qwen2 and Llama compute them; a model that scales or
-    caps its logits, like Gemma 2, would need that step here too.)
-
-    with_entropy also returns each position's entropy of pi(. | q, o_<t), a no-grad diagnostic unless
-    entropy_grad (an entropy bonus needs its gradient)."""
-    forward = getattr(model, "logprobs_forward", None) or types.MethodType(_logprobs_forward, model)
-    logp, entropy = forward(input_ids, temperature, chunk_size, with_entropy, entropy_grad)
+    This is plumbing for the memory bound; the algorithm files write the head (the log-softmax at the
+    sampling temperature). The full-vocabulary logits of a micro-batch are never built: 4 x 3584
+    positions x 152k vocabulary is 8 GiB in fp32, and logsumexp, softmax and backward multiply that.
+    The model runs to its last hidden states, then lm_head and head run on `chunk_size` positions at a
+    time under torch.utils.checkpoint: in backward each chunk's logits are recomputed, so one chunk's
+    logits exist at a time, forward or backward, and the result equals the unchunked computation. (It
+    takes the logits to be lm_head(last hidden state), as Qwen2 and Llama compute them; a model that
+    scales or caps its logits, like Gemma 2, would need that step here too.)"""
+    forward = getattr(model, "next_token_scores", None) or types.MethodType(_next_token_scores, model)
+    first, second = forward(input_ids, head, chunk_size)
     shape = (input_ids.shape[0], input_ids.shape[1] - 1)
-    return logp.view(shape) * completion_mask[:, 1:], entropy.view(shape) if with_entropy else None
+    return first.view(shape), None if second is None else second.view(shape)
 
 
-def _logprobs_forward(model, input_ids, temperature: float, chunk_size: int, with_entropy: bool,
-                      entropy_grad: bool):
-    """token_logprobs' model pass, flat over rows x positions; shard_model registers it with FSDP as a
+def _next_token_scores(model, input_ids, head, chunk_size: int):
+    """next_token_scores' model pass, flat over rows x positions; shard_model registers it with FSDP as a
     forward method. (It returns whole tensors, not views: FSDP's backward hooks on a view can be lost.)"""
     hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
     # Position t predicts token t + 1: the last position predicts nothing, the first token is not predicted.
     rows, width = input_ids.shape[0], input_ids.shape[1] - 1
     hidden, targets = hidden[:, :-1].reshape(rows * width, -1), input_ids[:, 1:].reshape(-1)
     lm_head = model.get_output_embeddings()
-    # A lone chunk is kept for backward like any last layer's output: one chunk, within the bound already.
-    recompute = torch.is_grad_enabled() and len(targets) > chunk_size
-    logps, entropies = [], []
+    chunk_head = lambda h, y: head(lm_head(h).float(), y)  # fp32: bf16 would round pi / pi_old by ~1%
+    firsts, seconds = [], []
     for start in range(0, len(targets), chunk_size):
-        args = (lm_head, hidden[start:start + chunk_size], targets[start:start + chunk_size], temperature,
-                with_entropy, entropy_grad)
-        logp, entropy = (torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False)
-                         if recompute else _chunk_logprobs(*args))
-        logps.append(logp)
-        entropies.append(entropy)
-    return torch.cat(logps), torch.cat(entropies) if with_entropy else None
-
-
-def _chunk_logprobs(lm_head, hidden, targets, temperature: float, with_entropy: bool, entropy_grad: bool):
-    """log-softmax of one chunk's logits at the target tokens, in fp32 (bf16 log-probs would round
-    the ratio pi / pi_old by ~1%). Dividing by the temperature gives the distribution the engine sampled."""
-    logits = lm_head(hidden).float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    logsumexp = torch.logsumexp(logits, dim=-1)
-    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - logsumexp
-    entropy = None
-    if with_entropy:
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            entropy = logsumexp - (torch.softmax(logits, -1) * logits).sum(-1)
-    return logp, entropy
+        args = (hidden[start:start + chunk_size], targets[start:start + chunk_size])
+        first, second = (torch.utils.checkpoint.checkpoint(chunk_head, *args, use_reentrant=False)
+                         if torch.is_grad_enabled() else chunk_head(*args))
+        firsts.append(first)
+        seconds.append(second)
+    return torch.cat(firsts), None if seconds[0] is None else torch.cat(seconds)
 
 
 def prepare_prompts(problems, tokenizer, template: str, max_prompt_length: int, d: Dist, who: str):
@@ -516,48 +548,53 @@ def prepare_prompts(problems, tokenizer, template: str, max_prompt_length: int, 
     keep = [i for i, ids in enumerate(prompt_ids) if len(ids) <= max_prompt_length]
     if not keep:
         raise SystemExit(f"error: all {len(problems)} prompts are longer than --max-prompt-length "
-                         f"{max_prompt_length} tokens (the shortest has {min(map(len, prompt_ids), default=0)})")
+                         f"{max_prompt_length} tokens (the shortest has "
+                         f"{min(map(len, prompt_ids), default=0)})")
     if d.is_main and len(keep) < len(problems):
         print(f"{who}: left out {len(problems) - len(keep)} of {len(problems)} prompts longer than "
               f"{max_prompt_length} tokens")
     return [problems[i] for i in keep], [prompts[i] for i in keep], [prompt_ids[i] for i in keep]
 
 
-def log_rollouts(step: int, completions, owners, scores: dict, problems, prompts, reward_names, group_size: int,
-                 prompts_per_step: int, output_dir, log_completions_steps: int, d: Dist) -> dict:
-    """The rollout half of an RL step's metrics (rewards, accuracy, lengths) over all ranks, plus
-    two files on rank 0: trajectories.jsonl (for lim.py: per prompt and epoch, how many of its
-    group were right) and, every log_completions_steps, a sample of completions.jsonl.
+@dataclasses.dataclass
+class Group:
+    """One prompt's completions and their rewards: what an RL trainer's rollout step hands on."""
+    problem: int        # index of the prompt in the trainer's problem list
+    position: int       # place in the stream of batches, step * prompts_per_step + j: epoch = position // N
+    completions: list   # engine.Completion each: token_ids, text, logprobs, finish_reason
+    rewards: dict       # reward name (and "correct", "total") -> one value per completion
 
-    Rank r sampled batch[r::world_size], so its j-th group sits at position r + j * world_size of the
-    step's batch; the epoch of a prompt is that of its position in the stream of batches."""
-    positions = [d.rank + j * d.world_size for j in range(len(owners) // group_size)]
-    gathered = all_gather_objects({"scores": scores, "owners": owners, "lengths": [len(c.token_ids) for c in completions],
-                                   "truncated": [c.finish_reason == "length" for c in completions],
-                                   "positions": positions}, d)
-    every = lambda key: [x for part in gathered for x in part[key]]
-    column = lambda name: [x for part in gathered for x in part["scores"][name]]
-    lengths = every("lengths")
+
+def log_groups(step: int, groups: list[Group], problems, prompts, reward_names, prompts_per_step: int,
+               output_dir, log_completions_steps: int, d: Dist) -> dict:
+    """The rollout half of an RL step's metrics (rewards, accuracy, lengths) from the step's batch, the
+    same list of groups on every rank, plus two files on rank 0: trajectories.jsonl (lim.py's input: per
+    prompt and epoch, how many of its group were right) and, every log_completions_steps, a sample of
+    completions.jsonl."""
+    completions = [c for g in groups for c in g.completions]
+    column = lambda name: [x for g in groups for x in g.rewards[name]]
+    lengths = [len(c.token_ids) for c in completions]
     metrics = {}
     for name in list(reward_names) + ["total"]:
         metrics[f"reward/{name}"] = float(np.mean(column(name)))
         metrics[f"reward/{name}_std"] = float(np.std(column(name), ddof=1)) if len(lengths) > 1 else 0.0
-    metrics |= {"accuracy": float(np.mean(column("correct"))), "response_length_mean": float(np.mean(lengths)),
-                "response_length_max": max(lengths), "truncated_frac": float(np.mean(every("truncated"))),
+    metrics |= {"accuracy": float(np.mean(column("correct"))),
+                "response_length_mean": float(np.mean(lengths)),
+                "response_length_max": max(lengths),
+                "truncated_frac": float(np.mean([c.finish_reason == "length" for c in completions])),
                 "epoch": (step + 1) * prompts_per_step / len(problems)}
     if d.is_main:
-        all_owners, correct, all_positions = every("owners"), column("correct"), every("positions")
         with open(Path(output_dir) / "trajectories.jsonl", "a") as f:
-            for g in range(0, len(all_owners), group_size):
-                position = step * prompts_per_step + all_positions[g // group_size]
-                f.write(json.dumps({"step": step + 1, "id": problems[all_owners[g]]["id"],
-                                    "epoch": position // len(problems),
-                                    "correct": sum(correct[g:g + group_size]), "n": group_size}) + "\n")
+            for g in groups:
+                f.write(json.dumps({"step": step + 1, "id": problems[g.problem]["id"],
+                                    "epoch": g.position // len(problems),
+                                    "correct": sum(g.rewards["correct"]), "n": len(g.completions)}) + "\n")
         if log_completions_steps and (step + 1) % log_completions_steps == 0:
             with open(Path(output_dir) / "completions.jsonl", "a") as f:
-                for c, i, r in list(zip(completions, owners, scores["total"]))[:group_size]:
-                    f.write(json.dumps({"step": step + 1, "prompt": prompts[i], "completion": c.text,
-                                        "answer": problems[i]["answer"], "reward": r}) + "\n")
+                g = groups[0]
+                for c, r in zip(g.completions, g.rewards["total"]):
+                    f.write(json.dumps({"step": step + 1, "prompt": prompts[g.problem], "completion": c.text,
+                                        "answer": problems[g.problem]["answer"], "reward": r}) + "\n")
     return metrics
 
 
@@ -601,8 +638,7 @@ def _write_errors() -> tuple:
 def _agree_all_wrote(error, d: Dist, what):
     """Every rank learns whether any rank failed to write (rank 0 writes alone; the others must not
     carry on into the next collective as if it had worked, nor wait for it until the timeout)."""
-    failed = all_reduce_sum(float(error is not None), d).item() > 0
-    if failed:
+    if all_reduce_sum(float(error is not None), d).item() > 0:
         raise CheckpointWriteError(f"could not write {what}: {_why(error, what)}")
 
 
@@ -629,11 +665,6 @@ def _saved_tensor_names(model, state: dict) -> list[str]:
     return [name for name in state if name not in repeats]
 
 
-def _unwrapped_class_name(model) -> str:
-    """Qwen2ForCausalLM, not FSDP2's dynamic subclass FSDPQwen2ForCausalLM (config.architectures)."""
-    return next(c for c in type(model).__mro__ if not c.__name__.startswith("FSDP")).__name__
-
-
 def save_pretrained(model, tokenizer, path, d: Dist, max_shard_bytes: int = MAX_SHARD_BYTES):
     """model.save_pretrained's folder, written one tensor at a time.
 
@@ -657,11 +688,6 @@ def save_pretrained(model, tokenizer, path, d: Dist, max_shard_bytes: int = MAX_
     file_names = ["model.safetensors"] if len(files) == 1 else \
         [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
     error = None
-    if d.is_main:
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except _write_errors() as e:
-            error = e
     for file_name, file_tensors in zip(file_names, files):
         tensors = {}
         for name in file_tensors:
@@ -671,6 +697,7 @@ def save_pretrained(model, tokenizer, path, d: Dist, max_shard_bytes: int = MAX_
                 tensors[name] = tensor.to("cpu").contiguous()
         if d.is_main and error is None:
             try:
+                path.mkdir(parents=True, exist_ok=True)
                 save_file(tensors, path / file_name, metadata={"format": "pt"})
             except _write_errors() as e:
                 error = e
@@ -682,7 +709,9 @@ def save_pretrained(model, tokenizer, path, d: Dist, max_shard_bytes: int = MAX_
                 index = {"metadata": {"total_size": total},
                          "weight_map": {n: f for f, ns in zip(file_names, files) for n in ns}}
                 (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-            model.config.architectures = [_unwrapped_class_name(model)]
+            # Qwen2ForCausalLM, not FSDP2's dynamic subclass FSDPQwen2ForCausalLM
+            unwrapped = next(c for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))
+            model.config.architectures = [unwrapped.__name__]
             model.config.save_pretrained(path)
             if model.can_generate():
                 model.generation_config.save_pretrained(path)
@@ -708,7 +737,8 @@ def set_rng_state(state: dict):
 
 
 def save_checkpoint(output_dir, step: int, model, tokenizer, optimizers: dict, schedulers: dict,
-                    trainer_state: dict, d: Dist, extra_models: dict | None = None, save_total_limit: int = 0):
+                    trainer_state: dict, d: Dist, extra_models: dict | None = None,
+                    save_total_limit: int = 0):
     """Everything needed to continue as if never stopped. `optimizers` = {name: (model, optimizer)},
     `schedulers` = {name: scheduler}, `extra_models` = {folder name: model} (PPO's critic).
     Keeps the newest `save_total_limit` complete checkpoints (0: all). A failed write (a full disk)
@@ -733,7 +763,8 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, optimizers: dict, s
             save_pretrained(extra, tokenizer, partial / name, d)
         # An optimizer that has not stepped yet (PPO's actor during the critic's warm-up) has no state,
         # and DCP would create one by stepping it with zero gradients: it is left out, and stays fresh.
-        stepped = {name: get_optimizer_state_dict(m, opt) for name, (m, opt) in optimizers.items() if opt.state}
+        stepped = {name: get_optimizer_state_dict(m, opt) for name, (m, opt) in optimizers.items()
+                   if opt.state}
         try:
             with _quiet_without_process_group():
                 dcp.save(stepped, checkpoint_id=partial / "optimizer")  # each rank writes its own shard
@@ -768,7 +799,8 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, optimizers: dict, s
         # older complete ones, and damaged or unfinished ones older than those kept (never resumable)
         for old in [p for p in _checkpoint_folders(output_dir) if int(p.name.split("-", 1)[1]) < oldest_kept]:
             try:
-                (old / COMPLETE_MARKER).unlink(missing_ok=True)  # first: a cut-short deletion never looks complete
+                # the marker first: a deletion cut short never looks complete
+                (old / COMPLETE_MARKER).unlink(missing_ok=True)
                 shutil.rmtree(old)
             except OSError as error:  # the run goes on; a folder left behind costs disk, not correctness
                 warnings.warn(f"--save-total-limit: could not delete {old}: {error}")
@@ -821,7 +853,8 @@ def checkpoint_problem(folder) -> str | None:
     if any(name.startswith("optimizer/") for name in files):
         needed.append("optimizer/.metadata")
     for prefix in model_folders:
-        weights = "model.safetensors" if f"{prefix}model.safetensors" in files else "model.safetensors.index.json"
+        index = "model.safetensors.index.json"  # a model saved in several files
+        weights = "model.safetensors" if f"{prefix}model.safetensors" in files else index
         needed += [f"{prefix}config.json", prefix + weights]
     for name in needed:
         if name not in files:
@@ -880,13 +913,13 @@ def restore_checkpoint(state: dict, optimizers: dict, schedulers: dict, d: Dist,
                          f"this run has {sorted(optimizers)}")
     # The optimizers are fresh: get_optimizer_state_dict sizes their states (a step at lr 0, which
     # leaves the weights as they are) for DCP to read the saved values into.
-    loaded = {name: get_optimizer_state_dict(m, opt) for name, (m, opt) in optimizers.items() if name in saved}
+    loaded = {name: get_optimizer_state_dict(m, opt) for name, (m, opt) in optimizers.items()
+              if name in saved}
     if loaded:
         with _quiet_without_process_group():
             dcp.load(loaded, checkpoint_id=state["checkpoint"] / "optimizer")  # this rank's shard only
-    for name, (m, opt) in optimizers.items():
-        if name in loaded:
-            set_optimizer_state_dict(m, opt, loaded[name])
+    for name, optimizer_state in loaded.items():
+        set_optimizer_state_dict(*optimizers[name], optimizer_state)
     for name, scheduler in schedulers.items():
         scheduler.load_state_dict(state["schedulers"][name])
     if state["world_size"] == d.world_size:
@@ -930,8 +963,6 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.backend = SummaryWriter(str(Path(output_dir) / "tensorboard"))
-        elif report_to not in ("", "none"):
-            raise SystemExit(f"error: --report-to must be none, wandb or tensorboard, not {report_to!r}")
 
     def log(self, step: int, metrics: dict):
         if not self.active:
@@ -948,42 +979,33 @@ class MetricsLogger:
 
 
 def _plain(value):
-    if torch.is_tensor(value):
-        return value.item()
-    if isinstance(value, (np.floating, np.integer)):
+    if torch.is_tensor(value) or isinstance(value, (np.floating, np.integer)):
         return value.item()
     return value
-
-
-RUN_LOGS = ("metrics.jsonl", "trajectories.jsonl", "completions.jsonl")
 
 
 def truncate_logs(output_dir, step: int, d: Dist):
     """Logs hold each step once. At the start of every run, resumed (step = the checkpoint's) or fresh
     (step = 0), lines of later steps come from an attempt that died before its next checkpoint: the
-    steps are redone, so those lines go."""
-    for name in RUN_LOGS:
-        truncate_jsonl_after(Path(output_dir) / name, step, d)
-
-
-def truncate_jsonl_after(path, step: int, d: Dist):
-    """Keep the lines of steps <= step. A line that does not parse (the last one, cut short by a kill
-    or a full disk) is dropped with a warning. The file is replaced atomically: a kill during this
+    steps are redone, so those lines go. A line that does not parse (the last one, cut short by a kill
+    or a full disk) is dropped with a warning. Each file is replaced atomically: a kill during this
     leaves the old file or the new one, never half of one."""
-    path = Path(path)
-    if not d.is_main or not path.exists():
-        return
-    kept, unreadable = [], 0
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record_step = json.loads(line)["step"]
-        except (ValueError, KeyError, TypeError):
-            unreadable += line.strip() != ""
+    for name in ("metrics.jsonl", "trajectories.jsonl", "completions.jsonl"):
+        path = Path(output_dir) / name
+        if not d.is_main or not path.exists():
             continue
-        if record_step <= step:
-            kept.append(line + "\n")
-    if unreadable:
-        print(f"warning: {path}: dropped {unreadable} unreadable line(s) (a write cut short)", file=sys.stderr)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text("".join(kept))
-    os.replace(temporary, path)
+        kept, unreadable = [], 0
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record_step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                unreadable += line.strip() != ""
+                continue
+            if record_step <= step:
+                kept.append(line + "\n")
+        if unreadable:
+            print(f"warning: {path}: dropped {unreadable} unreadable line(s) (a write cut short)",
+                  file=sys.stderr)
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text("".join(kept))
+        os.replace(temporary, path)

@@ -96,9 +96,9 @@ def worker(args):
     optimizer.register_step_pre_hook(lambda *_: gradient_bytes.append(
         sum(local_bytes(p.grad) for p in model.parameters() if p.grad is not None)))
     generator = torch.Generator().manual_seed(1 + d.rank)
-    rows = [(torch.randint(0, args.vocab, (16,), generator=generator).tolist(),
-             torch.randint(0, args.vocab, (args.seq - 16,), generator=generator).tolist(),
-             [-1.0] * (args.seq - 16), 1.0 if k % 2 else -1.0) for k in range(args.micro_batches)]
+    rows = [grpo.Rollout(torch.randint(0, args.vocab, (16,), generator=generator).tolist(),
+                         torch.randint(0, args.vocab, (args.seq - 16,), generator=generator).tolist(),
+                         [-1.0] * (args.seq - 16), 1.0 if k % 2 else -1.0) for k in range(args.micro_batches)]
     gc.collect()
     reset_peak_rss()
     before = rss()

@@ -25,7 +25,7 @@ def fixed_rollouts():
         prompt = torch.randint(3, 90, (3 + i // G,), generator=generator).tolist()
         completion = torch.randint(3, 90, (2 + (5 * i) % 7,), generator=generator).tolist()
         engine_logprobs = (-torch.rand(len(completion), generator=generator) * 3).tolist()
-        rows.append((prompt, completion, engine_logprobs, advantages[i]))
+        rows.append(grpo.Rollout(prompt, completion, engine_logprobs, advantages[i]))
     return rows
 
 

@@ -50,12 +50,12 @@ def main(out: str, model_dir: str):
     policy = training.shard_model(policy, d, bf16=False, gradient_checkpointing=False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
     scheduler = training.cosine_schedule(optimizer, 1, 0.0, 1.0)
-    states, forward = [], policy.logprobs_forward   # look before FSDP gathers any parameter for the pass
+    states, forward = [], policy.next_token_scores   # look before FSDP gathers any parameter for the pass
 
     def recording_forward(*args):
         states.append(fsdp_gradient_state(policy))
         return forward(*args)
-    policy.logprobs_forward = recording_forward
+    policy.next_token_scores = recording_forward
     rows = fixed_rollouts()
     mine = [row for p in range(d.rank, PROMPTS, d.world_size) for row in rows[p * G:(p + 1) * G]]
     grpo.policy_update(policy, None, optimizer, scheduler, mine, cfg, d, tokenizer.pad_token_id)

@@ -28,7 +28,7 @@ def fixed_rollouts():
         prompt = torch.randint(3, 90, (3 + i // G,), generator=generator).tolist()
         completion = torch.randint(3, 90, (2 + (5 * i) % 7,), generator=generator).tolist()
         engine_logprobs = (-torch.rand(len(completion), generator=generator) * 3).tolist()
-        rows.append((prompt, completion, engine_logprobs, scores[i]))
+        rows.append(ppo.Rollout(prompt, completion, engine_logprobs, scores[i]))
     return rows
 
 

@@ -26,6 +26,9 @@ GRPO_FLAGS = {"--data": "linear", "--template": "plain", "--engine": "hf", "--re
               "--max-completion-length": "16", "--lr": "3e-3", "--beta": "0.04", "--grader-workers": "1"}
 
 
+START_SIZES = dict(hidden_size=32, num_layers=1, num_heads=2, seed=1)
+
+
 def run_grpo(tree, start, output_dir, **flags):
     args = [sys.executable, "grpo.py", "--model", str(start), "--output-dir", str(output_dir),
             "--no-bf16", "--no-gradient-checkpointing"]
@@ -62,7 +65,7 @@ def changed_lines(patch_text: str) -> tuple[int, int]:
 def start(tmp_path_factory):
     from conftest import save_tiny_model
 
-    return save_tiny_model(tmp_path_factory.mktemp("start"), hidden_size=32, num_layers=1, num_heads=2, seed=1)
+    return save_tiny_model(tmp_path_factory.mktemp("start"), **START_SIZES)
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +113,27 @@ def check_rloo(tree, metrics, weights, baseline):
     assert max_weight_change(weights, baseline[1]) > 1e-4                 # other advantages, other update
 
 
+def mean_entropy(weights) -> float:
+    """The mean next-token entropy, at temperature 1, of the start model's architecture holding these
+    weights, over fixed random token sequences."""
+    import grpo
+    import training
+
+    model, tokenizer = training.build_tiny_model(**START_SIZES)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected  # lm_head is tied to the embeddings
+    tokens = torch.randint(len(tokenizer), (8, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        entropy = grpo.token_logprobs(model, tokens, torch.ones_like(tokens), 1.0, 1024, with_entropy=True)[1]
+    return entropy.mean().item()
+
+
 def check_entropy_bonus(tree, metrics, weights, baseline):
     assert metrics[0]["entropy"] == pytest.approx(baseline[0][0]["entropy"], abs=1e-6)  # same first policy
-    # a bonus on the detached diagnostic entropy would leave the weights exactly as coef 0 leaves them
+    # the bonus changes the update (one left out of the loss, or detached, would leave the weights as C = 0 does)
     assert max_weight_change(weights, baseline[1]) > 1e-4
+    # in the direction the sign says (loss -= C x H): on the same text, the patched policy's entropy is higher
+    assert mean_entropy(weights) > mean_entropy(baseline[1])
 
 
 def check_kl_estimator(tree, metrics, weights, baseline):

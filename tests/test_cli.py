@@ -33,6 +33,8 @@ BAD_INPUTS = [
     ("sft.py", ["--batch-size", "0"], "--batch-size"),
     ("sft.py", ["--micro-batch-size", "0"], "--micro-batch-size"),
     ("grpo.py", [*TINY, "--prompts-per-step", "0"], "--prompts-per-step"),
+    ("grpo.py", [*TINY, "--tis-cap", "2", "--top-p", "0.9"], "--tis-cap"),   # nucleus log-probs: no staleness
+    ("grpo.py", [*TINY, "--dynamic-sampling", "--max-sampling-rounds", "0"], "--max-sampling-rounds"),
     ("ppo.py", [*TINY, "--train-batch-size", "0"], "--train-batch-size"),
     ("sft.py", ["--output-dir", "{dir}/a-file"], "--output-dir"),
     ("sft.py", ["--output-dir", "{dir}/a-file/run"], "--output-dir"),
@@ -139,11 +141,11 @@ def test_a_data_file_whose_name_holds_a_comma_is_a_file_not_a_mixture(tmp_path):
 # forward pass (an untrained model's rewards are all equal, so its advantages, and its gradients, are 0).
 NAN_IN_UPDATE = """
 import runpy, sys, torch, training
-real = training.token_logprobs
+real = training.next_token_scores
 def nan_when_training(*args, **kwargs):
     logp, entropy = real(*args, **kwargs)
     return (logp * float("nan") if torch.is_grad_enabled() else logp), entropy
-training.token_logprobs = nan_when_training
+training.next_token_scores = nan_when_training
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

@@ -223,7 +223,7 @@ OPEN_RS = {  # knoveleng/open-rs recipes/grpo.yaml ("yaml:N"), README.md:82-88 (
     "cosine_correct": "1.0:0.5", "cosine_wrong": "0.0:-0.5",  # src/open_r1/grpo.py:76-91
     "lr": 1e-6, "warmup_ratio": 0.1, "min_lr_ratio": 0.1,  # yaml:25, 56, 31-33
     "beta": 0.04, "epsilon_low": 0.2, "epsilon_high": 0.2, "num_iterations": 1,  # trl@69ad852 grpo_config.py:234-246
-    "scale_rewards": "group", "loss_type": "bnpo",  # trl@69ad852 grpo_trainer.py: group std; token mean
+    "scale_rewards": "group", "loss_type": "dapo",  # trl@69ad852 grpo_trainer.py: group std; token mean
     "weight_decay": 0.0, "grad_clip": 1.0, "adam_beta2": 0.999,  # transformers TrainingArguments defaults
     "bf16": True, "gradient_checkpointing": True,  # yaml:12, 20
 }
@@ -239,7 +239,7 @@ QWEN_BASELINES_LIMO = {  # rqzhangberkeley/efficient-reasoning README.md:64, grp
     "epsilon_low": 0.2, "epsilon_high": 0.2, "num_iterations": 1,  # their TRL's defaults
     "temperature": 0.6, "top_p": 1.0,  # yaml:49; RL/grpo_trainer.py SamplingParams has no top_p
     "rewards": "accuracy:1",  # RL/grpo.py:332-333
-    "scale_rewards": "group", "loss_type": "bnpo",  # RL/grpo_trainer.py:998 token mean
+    "scale_rewards": "group", "loss_type": "dapo",  # RL/grpo_trainer.py:998 token mean
     "max_prompt_length": 1024, "max_completion_length": 3072,  # OURS (yaml:34, 38 exceed the 4,096 positions)
     "bf16": True, "gradient_checkpointing": True,  # yaml:16, 25
 }

@@ -48,7 +48,7 @@ def random_qwen2(vocab=32_000, hidden=256, layers=4, seed=0):
 def rollouts(num_rows, prompt_len=64, completion_len=192, vocab=32_000, seed=0):
     """Equal-length rows (so micro-batches are alike), random tokens, engine log-probs and advantages."""
     generator = torch.Generator().manual_seed(seed)
-    return [(torch.randint(10, vocab, (prompt_len,), generator=generator).tolist(),
+    return [grpo.Rollout(torch.randint(10, vocab, (prompt_len,), generator=generator).tolist(),
              torch.randint(10, vocab, (completion_len,), generator=generator).tolist(),
              (-torch.rand(completion_len, generator=generator) * 5).tolist(), float(i % 3 - 1))
             for i in range(num_rows)]
@@ -83,7 +83,7 @@ def test_fsdp2_bf16_update_at_world_size_one(nccl):
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
     moved = max((policy.state_dict()[k].full_tensor() - v).abs().max().item() for k, v in start.items())
     assert moved > 1e-6
-    logp = training.token_logprobs(policy, *training.pack([[5, 6]], [[7, 8, 9]], 0, DEVICE), 1.0)[0]
+    logp = grpo.token_logprobs(policy, *training.pack([[5, 6]], [[7, 8, 9]], 0, DEVICE), 1.0, 1024)[0]
     logp.sum().backward()
     grads = [p.grad for p in policy.parameters()]
     assert all(isinstance(g, DTensor) and g.dtype == torch.float32 for g in grads)
@@ -119,7 +119,7 @@ def logprob_pass_peak(model, length: int, chunk_size: int, chunked=True, body_on
         if body_only:
             logp = model.model(input_ids=ids).last_hidden_state.float()
         elif chunked:
-            logp = training.token_logprobs(model, ids, mask, 0.7, with_entropy=True, chunk_size=chunk_size)[0]
+            logp = grpo.token_logprobs(model, ids, mask, 0.7, chunk_size, with_entropy=True)[0]
         else:
             logits = model(input_ids=ids).logits[:, :-1].float() / 0.7
             logp = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])

@@ -82,7 +82,7 @@ def test_loss_aggregations_by_hand():
     per_token = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
     assert grpo.aggregate_loss(per_token, mask, "grpo", 2, 4, 10).item() == pytest.approx((2.0 + 4.0) / 2)
-    assert grpo.aggregate_loss(per_token, mask, "bnpo", 2, 4, 10).item() == pytest.approx(10.0 / 4)
+    assert grpo.aggregate_loss(per_token, mask, "dapo", 2, 4, 10).item() == pytest.approx(10.0 / 4)
     assert grpo.aggregate_loss(per_token, mask, "dr_grpo", 2, 4, 10).item() == pytest.approx(10.0 / 20)
 
 
@@ -91,7 +91,7 @@ def test_token_logprobs_match_log_softmax_at_temperature():
 
     model, _ = training.build_tiny_model(hidden_size=32, num_layers=1, num_heads=2)
     ids, cm = training.pack([[5, 6, 7]], [[8, 9]], 0, "cpu")
-    logp, entropy = training.token_logprobs(model, ids, cm, temperature=0.7, with_entropy=True)
+    logp, entropy = grpo.token_logprobs(model, ids, cm, 0.7, 1024, with_entropy=True)
     logits = model(ids).logits[0] / 0.7
     expected = torch.log_softmax(logits, -1)
     assert logp[0, 2].item() == pytest.approx(expected[2, 8].item(), abs=1e-5)
@@ -108,10 +108,10 @@ def test_token_logprobs_of_a_row_do_not_depend_on_the_padding_beside_it():
     model, _ = training.build_tiny_model(hidden_size=32, num_layers=2, num_heads=2)
     rows = [([5, 6, 7], [8, 9]), ([11, 12], [13, 14, 15, 16, 17, 18, 19, 20])]
     ids, cm = training.pack([p for p, _ in rows], [c for _, c in rows], 0, "cpu")
-    batched = training.token_logprobs(model, ids, cm, 1.0)[0]
+    batched = grpo.token_logprobs(model, ids, cm, 1.0, 1024)[0]
     for row, (prompt, completion) in enumerate(rows):
         alone_ids, alone_cm = training.pack([prompt], [completion], 0, "cpu")
-        alone = training.token_logprobs(model, alone_ids, alone_cm, 1.0)[0][0]
+        alone = grpo.token_logprobs(model, alone_ids, alone_cm, 1.0, 1024)[0][0]
         width = len(alone)
         torch.testing.assert_close(batched[row, :width], alone, atol=1e-6, rtol=0)
         assert batched[row, width:].abs().sum().item() == 0.0

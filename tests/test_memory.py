@@ -37,8 +37,7 @@ def test_chunked_logprobs_entropy_and_their_gradients_equal_the_unchunked_ones(c
     expected, expected_entropy = unchunked_logprobs(model, ids, cm, 0.7)
     expected_grads = torch.autograd.grad((expected * weights).sum() + expected_entropy.sum(),
                                          list(model.parameters()))
-    logp, entropy = training.token_logprobs(model, ids, cm, 0.7, with_entropy=True, chunk_size=chunk_size,
-                                           entropy_grad=True)
+    logp, entropy = grpo.token_logprobs(model, ids, cm, 0.7, chunk_size, with_entropy=True)
     grads = torch.autograd.grad((logp * weights).sum() + entropy.sum(), list(model.parameters()))
     torch.testing.assert_close(logp, expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(entropy, expected_entropy, atol=1e-6, rtol=0)
@@ -46,14 +45,14 @@ def test_chunked_logprobs_entropy_and_their_gradients_equal_the_unchunked_ones(c
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
-def test_entropy_is_a_no_grad_diagnostic_unless_its_gradient_is_asked_for():
+def test_entropy_carries_gradient_so_an_entropy_bonus_can_train_on_it():
     model, _ = training.build_tiny_model(hidden_size=32, num_layers=1, num_heads=2)
     ids, cm = two_rows()
-    logp, entropy = training.token_logprobs(model, ids, cm, 1.0, with_entropy=True, chunk_size=4)
-    assert logp.requires_grad and not entropy.requires_grad
-    _, entropy = training.token_logprobs(model, ids, cm, 1.0, with_entropy=True, chunk_size=4, entropy_grad=True)
-    assert entropy.requires_grad
-    assert training.token_logprobs(model, ids, cm, 1.0)[1] is None
+    logp, entropy = grpo.token_logprobs(model, ids, cm, 1.0, 4, with_entropy=True)
+    assert logp.requires_grad and entropy.requires_grad
+    (entropy * cm[:, 1:]).sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert grpo.token_logprobs(model, ids, cm, 1.0, 4)[1] is None
 
 
 class WidestLogits(TorchDispatchMode):
@@ -82,7 +81,7 @@ def test_logits_exist_one_chunk_at_a_time_forward_and_backward_and_nothing_vocab
         widest = WidestLogits(vocab, hidden)
         saved = []
         with widest, torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
-            logp, _ = training.token_logprobs(model, ids, cm, 0.9, with_entropy=True, chunk_size=chunk_size)
+            logp, _ = grpo.token_logprobs(model, ids, cm, 0.9, chunk_size, with_entropy=True)
         with widest:
             logp.sum().backward()
         assert widest.positions == chunk_size
@@ -100,7 +99,7 @@ def test_sft_loss_equals_cross_entropy_over_response_tokens():
     model, tokenizer = training.build_tiny_model(hidden_size=32, num_layers=1, num_heads=2)
     examples = [([5, 6, 7, 8, 9], [-100, -100, 7, 8, 9]), ([3, 4, 5], [-100, 4, 5])]
     input_ids, labels = sft.collate(examples, 0, "cpu")
-    logp = training.token_logprobs(model, input_ids, (labels != -100).float(), 1.0, chunk_size=3)[0]
+    logp = training.next_token_scores(model, input_ids, sft.log_softmax_at, 3)[0] * (labels[:, 1:] != -100)
     expected = torch.nn.functional.cross_entropy(model(input_ids).logits[:, :-1].flatten(0, 1),
                                                  labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
     assert (-logp.sum()).item() == pytest.approx(expected.item(), rel=1e-6)

@@ -104,6 +104,11 @@ def fake_run(tmp_path, commands, accuracy):
     def run(command):
         script, argv = command[1], command[2:]
         commands.append((script, argv))
+        if script == "plot.py":  # the figure: checked by plot.py's own parser, drawn by tests/test_plot.py
+            import plot
+
+            plot.parse_args(argv)
+            return
         if script == "evaluate.py":
             args = evaluate.parse_args(argv)
             n = args.n or 1
@@ -134,7 +139,8 @@ def test_demo_ood_pipeline_commands_table_and_resume(tmp_path, monkeypatch, caps
     commands = []
     monkeypatch.setattr(demo_ood, "run", fake_run(tmp_path, commands, accuracy))
     out = tmp_path / "ood"
-    results = demo_ood.main(["--seeds", "0,1", "--out-dir", str(out), "--threads", "1"])
+    results = demo_ood.main(["--seeds", "0,1", "--out-dir", str(out), "--threads", "1", "--figure",
+                             str(tmp_path / "ood.png")])
 
     scripts = [script for script, _ in commands]
     assert scripts.count("sft.py") == 3 and scripts.count("grpo.py") == 2 and scripts.count("evaluate.py") == 10
@@ -167,8 +173,9 @@ def test_demo_ood_pipeline_commands_table_and_resume(tmp_path, monkeypatch, caps
     assert "| start (SFT on linear + arith) | - | 10.0 | 10.0 | 40.0 | 40.0 | - | - |" in table
 
     commands.clear()  # a second call finds everything done and runs nothing
-    again = demo_ood.main(["--seeds", "0,1", "--out-dir", str(out), "--threads", "1"])
-    assert commands == [] and again["seeds"] == results["seeds"]
+    again = demo_ood.main(["--seeds", "0,1", "--out-dir", str(out), "--threads", "1", "--figure",
+                           str(tmp_path / "ood.png")])
+    assert [script for script, _ in commands] == ["plot.py"] and again["seeds"] == results["seeds"]
 
 
 def test_demo_ood_rejects_bad_flags_in_one_line(tmp_path, capsys):

@@ -125,19 +125,20 @@ def test_experience_puts_the_score_on_the_last_token_and_the_kl_penalty_on_every
     actor, critic = training.load_model(str(tiny_model_dir)), ppo.load_critic(str(tiny_model_dir))
     reference, _ = training.build_tiny_model(hidden_size=64, num_layers=2, num_heads=2, seed=1)
     # shortest first: make_experience orders a mini-batch's rows by length (less padding per micro-batch)
-    rows = [([5, 6], [12], [-1.0], -0.5), ([5, 6, 7], [8, 9, 10, 11], [-1.0] * 4, 1.0), ([7] * 5, [8, 9], [-1.0] * 2, 0.0)]
+    rows = [ppo.Rollout([5, 6], [12], [-1.0], -0.5), ppo.Rollout([5, 6, 7], [8, 9, 10, 11], [-1.0] * 4, 1.0),
+            ppo.Rollout([7] * 5, [8, 9], [-1.0] * 2, 0.0)]
     cfg = ppo.Config(train_batch_size=3, micro_batch_size=3, kl_coef=0.1, gamma=1.0, lam=1.0, temperature=1.0, bf16=False)
     experience, stats = ppo.make_experience(actor, critic, reference, rows, cfg, d, pad_id=0)
     (mb,), = experience
-    ids, completion = training.pack([r[0] for r in rows], [r[1] for r in rows], 0, "cpu")
-    old = training.token_logprobs(actor, ids, completion, 1.0)[0]
-    ref = training.token_logprobs(reference, ids, completion, 1.0)[0]
+    ids, completion = training.pack([r.prompt_ids for r in rows], [r.completion_ids for r in rows], 0, "cpu")
+    old = ppo.token_logprobs(actor, ids, completion, 1.0, cfg.logprob_chunk_size)[0]
+    ref = ppo.token_logprobs(reference, ids, completion, 1.0, cfg.logprob_chunk_size)[0]
     kl_penalty = -0.1 * (old - ref) * completion[:, 1:]
     score = torch.zeros_like(kl_penalty)
-    for row, (prompt, response, _, s) in enumerate(rows):
-        last = len(prompt) + len(response) - 2   # log-prob index t is token t + 1's
+    for row, r in enumerate(rows):
+        last = len(r.prompt_ids) + len(r.completion_ids) - 2   # log-prob index t is token t + 1's
         assert completion[row, last + 1] == 1 and (last + 2 >= completion.shape[1] or completion[row, last + 2] == 0)
-        score[row, last] = s
+        score[row, last] = r.score
     torch.testing.assert_close(mb["rewards"], kl_penalty + score, atol=1e-6, rtol=1e-5)
     values = ppo.critic_values(critic, ids) * completion[:, 1:]
     torch.testing.assert_close(mb["values"], values, atol=1e-6, rtol=1e-5)
@@ -153,7 +154,7 @@ def test_experience_puts_the_score_on_the_last_token_and_the_kl_penalty_on_every
 def test_critic_warm_up_moves_the_critic_only(tiny_model_dir):
     d = training.Dist(0, 1, 0, torch.device("cpu"))
     actor, critic = training.load_model(str(tiny_model_dir)), ppo.load_critic(str(tiny_model_dir))
-    rows = [([5, 6, 7], [8, 9, 10], [-1.0] * 3, 1.0), ([5, 6], [12, 13], [-1.0] * 2, 0.0)]
+    rows = [ppo.Rollout([5, 6, 7], [8, 9, 10], [-1.0] * 3, 1.0), ppo.Rollout([5, 6], [12, 13], [-1.0] * 2, 0.0)]
     cfg = ppo.Config(train_batch_size=2, micro_batch_size=1, kl_coef=0.0, bf16=False, gradient_checkpointing=False)
     optimizers = {"actor": (actor, torch.optim.AdamW(actor.parameters(), lr=1e-3)),
                   "critic": (critic, torch.optim.AdamW(critic.parameters(), lr=1e-3))}

@@ -114,10 +114,11 @@ def test_checkpoint_round_trip_and_partial_checkpoints_are_ignored(tmp_path):
 
 
 
-def test_trajectories_record_each_prompt_in_the_epoch_it_was_drawn_in_whatever_the_ranks(tmp_path, monkeypatch):
+def test_trajectories_record_each_prompt_in_the_epoch_it_was_drawn_in_whatever_the_ranks(tmp_path):
     """lim.py reads per-epoch accuracy: a prompt logged under the wrong epoch has one epoch twice and
-    one missing. Two ranks sample batch[0::2] and batch[1::2]; a step whose batch crosses an epoch
-    boundary must log every prompt in the epoch batch_indices drew it in, as one process does."""
+    one missing. grpo.rollout gives rank r's j-th group the position step * P + r + j * W; a step whose
+    batch crosses an epoch boundary must log every prompt in the epoch batch_indices drew it in,
+    whatever the number of ranks."""
     import json
 
     from engine import Completion
@@ -126,20 +127,15 @@ def test_trajectories_record_each_prompt_in_the_epoch_it_was_drawn_in_whatever_t
     prompts_per_step, group_size, step = 4, 2, 2   # batch positions 8-11: epoch 0 ends at position 10
     batch = training.batch_indices(step, prompts_per_step, len(problems), seed=0)
 
-    def log(rank, world_size, gather, out):
-        owners = [i for i in batch[rank::world_size] for _ in range(group_size)]
-        completions = [Completion([1, 2], "x", [0.0, 0.0], "stop") for _ in owners]
-        scores = {name: [1.0] * len(owners) for name in ("correct", "total", "accuracy")}
-        monkeypatch.setattr(training, "all_gather_objects", gather)
-        training.log_rollouts(step, completions, owners, scores, problems, ["q"] * 10, ["accuracy"], group_size,
-                              prompts_per_step, out, 0, training.Dist(rank, world_size, 0, torch.device("cpu")))
-
     def logged_epochs(world_size, out):
         out.mkdir()
-        parts = []
-        for rank in range(1, world_size):   # what the other ranks hand to the all-gather
-            log(rank, world_size, lambda obj, d: parts.append(obj) or [obj], out)
-        log(0, world_size, lambda obj, d: [obj, *parts], out)   # rank 0 gathers its own part first
+        groups = [training.Group(i, step * prompts_per_step + rank + j * world_size,
+                                 [Completion([1, 2], "x", [0.0, 0.0], "stop")] * group_size,
+                                 {name: [1.0] * group_size for name in ("correct", "total", "accuracy")})
+                  for rank in range(world_size) for j, i in enumerate(batch[rank::world_size])]
+        groups.sort(key=lambda g: g.position)
+        training.log_groups(step, groups, problems, ["q"] * 10, ["accuracy"], prompts_per_step, out, 0,
+                            training.Dist(0, world_size, 0, torch.device("cpu")))
         lines = [json.loads(line) for line in (out / "trajectories.jsonl").read_text().splitlines()]
         assert len(lines) == prompts_per_step
         return {line["id"]: line["epoch"] for line in lines}

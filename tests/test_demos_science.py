@@ -1,0 +1,103 @@
+"""demo_dynamic.py (DAPO's dynamic sampling) and demo_length.py (Open-RS's cosine reward), end to end.
+
+Each smoke test runs the real pipeline with --smoke (a few steps of 2 prompts x 2 completions, 4 test
+problems) from a random tiny model (conftest.save_tiny_model, not a trained SFT model), so its numbers
+mean nothing: it checks that every command runs, that results.json has every figure the table needs,
+and that the figure is written.
+"""
+import json
+import math
+
+import pytest
+
+from conftest import ROOT, save_tiny_model
+
+EVAL_KEYS = {"greedy", "sampled", "greedy_length", "greedy_truncated"}
+
+
+def smoke(module, tmp_path, monkeypatch, *extra):
+    monkeypatch.chdir(ROOT)  # the scripts run `python grpo.py ...` from the project folder
+    sft = save_tiny_model(tmp_path / "sft")
+    out, figure = tmp_path / "out", tmp_path / "figure.png"
+    module.main(["--smoke", "--seeds", "0", "--threads", "1", "--sft", str(sft), "--out-dir", str(out),
+                 "--figure", str(figure), *extra])
+    assert figure.stat().st_size > 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["smoke"] is True and results["wall_s_all_steps"] > 0 and results["peak_rss_gb"] > 0
+    assert EVAL_KEYS <= set(results["sft"])
+    return results, out
+
+
+def is_fraction(x):
+    return isinstance(x, float) and 0.0 <= x <= 1.0
+
+
+def test_demo_dynamic_smoke(tmp_path, monkeypatch):
+    import demo_dynamic
+    import grpo
+
+    if "dynamic_sampling" not in grpo.Config.__dataclass_fields__:
+        pytest.skip("grpo.py has no --dynamic-sampling yet")
+    results, out = smoke(demo_dynamic, tmp_path, monkeypatch)
+    seed = results["seeds"]["0"]
+    assert set(seed) == {"pool", "all", "dynamic", "matched"}
+    for arm, figures in seed.items():
+        assert EVAL_KEYS | {"steps", "generated_tokens", "tokens_per_step", "groups_with_signal",
+                            "sampling_rounds", "train_accuracy_last10"} <= set(figures), arm
+        assert is_fraction(figures["greedy"]) and is_fraction(figures["sampled"])
+        assert len(figures["tokens_per_step"]) == figures["steps"] and figures["generated_tokens"] > 0
+        assert 0 <= figures["groups_with_signal"] <= 2  # 2 prompts a step in the smoke run
+    assert seed["pool"]["steps"] == seed["all"]["steps"] == seed["dynamic"]["steps"] == results["steps"] == 4
+    assert seed["matched"]["steps"] in (2, 4)  # a checkpoint every 2 steps, or the final model
+    assert (out / "seed0" / "dynamic" / "checkpoint-2").is_dir()
+    assert seed["dynamic"]["sampling_rounds"] >= 1
+
+
+def test_demo_length_smoke(tmp_path, monkeypatch):
+    import demo_length
+
+    results, out = smoke(demo_length, tmp_path, monkeypatch)
+    assert set(results["sft_lengths"]) == {"one-unknown", "two-unknown"}
+    for kind in results["sft_lengths"].values():
+        assert kind["mean_length"] > 0
+        assert is_fraction(kind["longer_than_limit"]) and is_fraction(kind["pass@1"])
+    seed = results["seeds"]["0"]
+    assert set(seed) == {"accuracy", "cosine"}
+    for arm, figures in seed.items():
+        assert figures["steps"] == results["steps"] == 3, arm
+        for key in ("truncated_first", "truncated_last", "accuracy_first", "accuracy_last",
+                    "greedy", "sampled"):
+            assert is_fraction(figures[key]), (arm, key)
+        assert 0 <= figures["groups_with_signal"] <= 2  # 2 prompts a step in the smoke run
+        assert 0 < figures["length_first"] <= results["max_len"]
+        assert 0 < figures["length_last"] <= results["max_len"]
+    first_step = json.loads((out / "seed0" / "cosine" / "metrics.jsonl").open().readline())
+    assert "reward/cosine" in first_step  # the cosine arm was trained on the cosine reward
+
+
+def test_demo_dynamic_matched_step_stays_within_the_budget(tmp_path):
+    import demo_dynamic
+
+    rows = [{"step": k, "generated_tokens": 100 * k, "accuracy": 0.5, "response_length_mean": 1.0,
+             "groups_with_signal": 3} for k in range(1, 9)]  # cumulative: 100, 300, 600, 1000, 1500, ...
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert demo_dynamic.matched_step(tmp_path, 1499, 8, 2, 4) == 4  # 1000 <= 1499 < 2100 (step 6)
+    assert demo_dynamic.matched_step(tmp_path, 3600, 8, 2, 4) == 8  # the final model, not a checkpoint
+    assert demo_dynamic.matched_step(tmp_path, 100, 8, 2, 4) == 2  # every one above: the closest
+    summary = demo_dynamic.summary(tmp_path, 4, 4)
+    assert summary["generated_tokens"] == 1000 and summary["groups_with_signal"] == 3
+    assert summary["steps"] == 4 and math.isclose(summary["train_accuracy_last10"], 0.5)
+
+
+@pytest.mark.parametrize("script, argv, flag", [
+    ("demo_dynamic", ["--seeds", "0,x"], "--seeds"), ("demo_dynamic", ["--arms", "pool,bogus"], "--arms"),
+    ("demo_dynamic", ["--save-every", "0"], "--save-every"),
+    ("demo_length", ["--max-len", "4"], "--max-len"),
+    ("demo_length", ["--cosine-wrong", "a:b"], "--cosine-wrong"),
+    ("demo_length", ["--threads", "0"], "--threads")])
+def test_demos_reject_bad_flags_in_one_line(tmp_path, script, argv, flag):
+    module = __import__(script)
+    with pytest.raises(SystemExit) as error:
+        module.main([*argv, "--out-dir", str(tmp_path / "never")])
+    assert flag in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "never").exists()  # checked before anything is written
