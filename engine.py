@@ -60,6 +60,10 @@ class Completion:
     logprobs: list[float]  # per generated token, log-prob under the sampling distribution
     finish_reason: str     # "stop" (hit EOS) or "length" (hit max_new_tokens, or vLLM's max_model_len)
 
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
 
 def stop_token_ids(tokenizer, generation_config) -> list[int]:
     """The tokenizer's EOS plus the model's: chat models often end turns with a different token

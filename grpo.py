@@ -294,7 +294,8 @@ def rollout(step: int, engine, problems, prompts, prompt_ids, reward_weights, gr
         groups = [training.Group(i, step * P + dist.rank + j * W, outputs[j],
                                  {name: column[j * G:(j + 1) * G] for name, column in scores.items()})
                   for j, i in enumerate(mine)]
-        # every rank gets every group of the round, in batch order
+        # every rank gets every group of the round, in batch order (token ids and log-probs too: dynamic
+        # sampling may train a group on another rank; limo preset: 64 x 7 x <= 3,072 tokens, ~100 MB)
         groups = sorted((g for part in training.all_gather_objects(groups, dist) for g in part),
                         key=lambda g: g.position)
         if round_ == 0:

@@ -32,7 +32,8 @@ Which equation each function implements:
                       (gamma lambda)^l delta_t+l, computed backwards as the recursion of step 3
   whiten              advantage normalisation over the global batch (as OpenRLHF's replay buffer does)
   clipped_objective   L_actor: PPO's clipped surrogate (Schulman et al., 2017, eq. 7)
-  clipped_value_loss  L_critic: the value clipping of OpenRLHF's ValueLoss (openrlhf/models/loss.py)
+  clipped_value_loss  L_critic: the value clipping of OpenRLHF's ValueLoss (openrlhf/models/loss.py; its
+                      per-sequence mean is not ours: README, "Deviations")
   make_experience     step 3; r_t is the KL-penalised reward of Ouyang et al., 2022 (sec. 3.5, eq. 2),
                       spread over the tokens as OpenRLHF does (k1 per token, the score on the last)
   ppo_update          step 4
@@ -481,12 +482,14 @@ def main(argv=None):
         groups = [training.Group(i, step * P + dist.rank + j * W, outputs[j],
                                  {name: column[j * G:(j + 1) * G] for name, column in scores.items()})
                   for j, i in enumerate(mine)]
-        # every rank gets every group of the step, in batch order (for the metrics and LIM's trajectories)
-        batch = sorted((g for part in training.all_gather_objects(groups, dist) for g in part),
+        # every rank gets a summary of every group of the step, in batch order (for the metrics and LIM's
+        # trajectories; only the first group's texts, for completions.jsonl)
+        summaries = [g.summary(keep_text=g.position == step * P) for g in groups]
+        batch = sorted((g for part in training.all_gather_objects(summaries, dist) for g in part),
                        key=lambda g: g.position)
 
         # 3. per-token rewards (KL penalty + score on the last token), values, GAE, whitened advantages,
-        #    on this rank's groups (batch[d.rank::W])
+        #    on this rank's groups (batch[dist.rank::W])
         rollouts = [Rollout(prompt_ids[g.problem], c.token_ids, c.logprobs, s)
                     for g in groups for c, s in zip(g.completions, g.rewards["total"])]
         experience, rollout_stats = make_experience(actor, critic, reference, rollouts, cfg, dist,

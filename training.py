@@ -6,6 +6,7 @@ sharding, a loss normalised over the global token count, a learning-rate schedul
 checkpoints that are written atomically and resume exactly.
 """
 import argparse
+import collections
 import contextlib
 import dataclasses
 import glob
@@ -508,7 +509,8 @@ def next_token_scores(model, input_ids, head, chunk_size: int = LOGPROB_CHUNK_SI
     positions x 152k vocabulary is 8 GiB in fp32, and logsumexp, softmax and backward multiply that.
     The model runs to its last hidden states, then lm_head and head run on `chunk_size` positions at a
     time under torch.utils.checkpoint: in backward each chunk's logits are recomputed, so one chunk's
-    logits exist at a time, forward or backward, and the result equals the unchunked computation. (It
+    logits exist at a time, forward or backward, and the result equals the unchunked computation. (A lone
+    chunk is checkpointed too: nothing vocabulary-wide outlives the forward, whatever head returns.) (It
     takes the logits to be lm_head(last hidden state), as Qwen2 and Llama compute them; a model that
     scales or caps its logits, like Gemma 2, would need that step here too.)"""
     forward = getattr(model, "next_token_scores", None) or types.MethodType(_next_token_scores, model)
@@ -564,16 +566,27 @@ class Group:
     completions: list   # engine.Completion each: token_ids, text, logprobs, finish_reason
     rewards: dict       # reward name (and "correct", "total") -> one value per completion
 
+    def summary(self, keep_text: bool) -> "Group":
+        """This group as logging needs it, cheap to gather from every rank: each completion's text (only
+        if keep_text), length and finish reason, without its token ids and log-probs (PPO at LIMR's
+        scale samples 8,192 completions of up to 3,072 tokens a step: gigabytes as Python lists)."""
+        return Group(self.problem, self.position, [Sampled(c.text if keep_text else "", c.num_tokens,
+                                                           c.finish_reason) for c in self.completions],
+                     self.rewards)
+
+
+Sampled = collections.namedtuple("Sampled", "text num_tokens finish_reason")  # Group.summary's completions
+
 
 def log_groups(step: int, groups: list[Group], problems, prompts, reward_names, prompts_per_step: int,
                output_dir, log_completions_steps: int, d: Dist) -> dict:
     """The rollout half of an RL step's metrics (rewards, accuracy, lengths) from the step's batch, the
     same list of groups on every rank, plus two files on rank 0: trajectories.jsonl (lim.py's input: per
     prompt and epoch, how many of its group were right) and, every log_completions_steps, a sample of
-    completions.jsonl."""
+    completions.jsonl. A group's completions may be engine.Completion or Group.summary's Sampled."""
     completions = [c for g in groups for c in g.completions]
     column = lambda name: [x for g in groups for x in g.rewards[name]]
-    lengths = [len(c.token_ids) for c in completions]
+    lengths = [c.num_tokens for c in completions]
     metrics = {}
     for name in list(reward_names) + ["total"]:
         metrics[f"reward/{name}"] = float(np.mean(column(name)))
