@@ -44,15 +44,15 @@ def run_grpo_in_process(argv, monkeypatch, skip_sync=False):
     engines = []
 
     def capture(*args, **kwargs):
-        engine = make_engine(*args, **kwargs)
+        engine = trainer_engine(*args, **kwargs)
         if skip_sync:
             monkeypatch.setattr(engine, "push_weights", lambda model: None)
         monkeypatch.setattr(engine, "close", lambda: None)  # the test samples from it after the run
         engines.append(engine)
         return engine
 
-    from engine import make_engine
-    monkeypatch.setattr(grpo, "make_engine", capture)
+    from engine import trainer_engine
+    monkeypatch.setattr(grpo, "trainer_engine", capture)
     grpo.main(argv)
     return engines[0]
 
