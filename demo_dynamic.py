@@ -44,32 +44,23 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
 
 
-def groups_with_signal(run_dir: Path, row: dict) -> float:
-    """groups_with_signal of the step, or (runs before grpo.py logged it) from trajectories.jsonl:
-    groups neither all right nor all wrong, which under the accuracy reward are those with signal."""
-    if "groups_with_signal" in row:
-        return row["groups_with_signal"]
-    groups = [json.loads(line) for line in open(run_dir / "trajectories.jsonl")]
-    return sum(0 < g["correct"] < g["n"] for g in groups if g["step"] == row["step"])
-
-
-def summary(run_dir: Path, steps: int, sequences_per_step: int) -> dict:
+def summary(run_dir: Path, steps: int) -> dict:
     """Training figures of a run's first `steps` steps: generated tokens (per step and in all),
     mean groups with signal and sampling rounds per step, training accuracy of the last 10 steps."""
     rows = [r for r in metrics(run_dir) if r["step"] <= steps]
-    tokens = [r.get("generated_tokens", r["response_length_mean"] * sequences_per_step) for r in rows]
-    signal = [groups_with_signal(run_dir, r) for r in rows]
+    tokens = [r["generated_tokens"] for r in rows]
+    signal = [r["groups_with_signal"] for r in rows]
     return {"steps": len(rows), "generated_tokens": sum(tokens), "tokens_per_step": tokens,
             "groups_with_signal": sum(signal) / len(rows),
             "sampling_rounds": sum(r.get("sampling_rounds", 1) for r in rows) / len(rows),
             "train_accuracy_last10": sum(r["accuracy"] for r in rows[-10:]) / len(rows[-10:])}
 
 
-def matched_step(dynamic_dir: Path, budget: float, steps: int, save_every: int, per_step: int) -> int:
+def matched_step(dynamic_dir: Path, budget: float, steps: int, save_every: int) -> int:
     """The saved step (a checkpoint or the final one) whose cumulative generated tokens are closest
     to `budget` without exceeding it, or the closest above when every one exceeds it."""
     saved = [k for k in range(save_every, steps, save_every)] + [steps]
-    cumulative = {k: summary(dynamic_dir, k, per_step)["generated_tokens"] for k in saved}
+    cumulative = {k: summary(dynamic_dir, k)["generated_tokens"] for k in saved}
     below = [k for k in saved if cumulative[k] <= budget]
     return max(below) if below else min(saved, key=lambda k: cumulative[k] - budget)
 
@@ -122,8 +113,6 @@ def main(argv=None):
         raise SystemExit("error: need --threads >= 1, --steps >= 1, 1 <= --save-every <= --steps and "
                          "--max-rounds >= 1")
     import grpo  # after the flags: it imports torch
-    if "dynamic" in arms and "dynamic_sampling" not in grpo.Config.__dataclass_fields__:
-        raise SystemExit("error: this grpo.py has no --dynamic-sampling; leave it out with --arms pool,all")
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     out, sft = Path(args.out_dir), Path(args.sft)
     out.mkdir(parents=True, exist_ok=True)
@@ -157,13 +146,13 @@ def main(argv=None):
                 timed(f"seed{seed}/{arm} grpo", out,
                       [sys.executable, "grpo.py", "--preset", "tiny", "--model", str(sft),
                        "--seed", str(seed), *common, *flags[arm], "--output-dir", str(run_dir)])
-            figures[arm] = {**summary(run_dir, steps, per_step), **evaluate(run_dir, run_dir)}
+            figures[arm] = {**summary(run_dir, steps), **evaluate(run_dir, run_dir)}
         if {"all", "dynamic"} <= set(arms):
             budget = figures["all"]["generated_tokens"]
-            k = matched_step(seed_dir / "dynamic", budget, steps, save_every, per_step)
+            k = matched_step(seed_dir / "dynamic", budget, steps, save_every)
             model = seed_dir / "dynamic" / f"checkpoint-{k}" if k < steps else seed_dir / "dynamic"
             where = seed_dir / f"dynamic-matched-{k}" if k < steps else model  # the final model: done
-            figures["matched"] = {**summary(seed_dir / "dynamic", k, per_step), **evaluate(model, where)}
+            figures["matched"] = {**summary(seed_dir / "dynamic", k), **evaluate(model, where)}
         results["seeds"][seed] = figures
     run([sys.executable, "plot.py", "curves", *(str(out / f"seed{seeds[0]}" / arm) for arm in arms),
          "--labels", *(ARMS[arm] for arm in arms), "--panels", "accuracy", "length", "reward", "truncation",

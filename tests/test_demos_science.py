@@ -34,10 +34,7 @@ def is_fraction(x):
 
 def test_demo_dynamic_smoke(tmp_path, monkeypatch):
     import demo_dynamic
-    import grpo
 
-    if "dynamic_sampling" not in grpo.Config.__dataclass_fields__:
-        pytest.skip("grpo.py has no --dynamic-sampling yet")
     results, out = smoke(demo_dynamic, tmp_path, monkeypatch)
     seed = results["seeds"]["0"]
     assert set(seed) == {"pool", "all", "dynamic", "matched"}
@@ -81,10 +78,10 @@ def test_demo_dynamic_matched_step_stays_within_the_budget(tmp_path):
     rows = [{"step": k, "generated_tokens": 100 * k, "accuracy": 0.5, "response_length_mean": 1.0,
              "groups_with_signal": 3} for k in range(1, 9)]  # cumulative: 100, 300, 600, 1000, 1500, ...
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert demo_dynamic.matched_step(tmp_path, 1499, 8, 2, 4) == 4  # 1000 <= 1499 < 2100 (step 6)
-    assert demo_dynamic.matched_step(tmp_path, 3600, 8, 2, 4) == 8  # the final model, not a checkpoint
-    assert demo_dynamic.matched_step(tmp_path, 100, 8, 2, 4) == 2  # every one above: the closest
-    summary = demo_dynamic.summary(tmp_path, 4, 4)
+    assert demo_dynamic.matched_step(tmp_path, 1499, 8, 2) == 4  # 1000 <= 1499 < 2100 (step 6)
+    assert demo_dynamic.matched_step(tmp_path, 3600, 8, 2) == 8  # the final model, not a checkpoint
+    assert demo_dynamic.matched_step(tmp_path, 100, 8, 2) == 2  # every one above: the closest
+    summary = demo_dynamic.summary(tmp_path, 4)
     assert summary["generated_tokens"] == 1000 and summary["groups_with_signal"] == 3
     assert summary["steps"] == 4 and math.isclose(summary["train_accuracy_last10"], 0.5)
 
