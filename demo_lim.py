@@ -33,6 +33,7 @@ from pathlib import Path
 
 import lim
 from demo import run, write_rl_pool
+from demo_dynamic import pass_at_1
 from demo_ood import cell, peak_rss_gb, timed
 from grpo import PRESETS
 
@@ -57,17 +58,10 @@ def select(seed_dir: Path, pool: Path, name: str, method: str, threshold: float,
     return subset
 
 
-def pass_at_1(model: Path, results: Path, out: Path) -> tuple[float, float]:
-    figures = []
-    results.mkdir(parents=True, exist_ok=True)
-    for name, extra in (("greedy", []), ("sampled", ["--n", "4", "--temperature", "1.0"])):
-        result = results / f"eval-{name}.json"
-        if not result.exists():
-            timed(f"{results.relative_to(out)} eval {name}", out,
-                  [sys.executable, "evaluate.py", "--model", str(model), "--bench", "linear", "--template", "plain",
-                   "--max-tokens", "192", "--out", str(result), *extra])
-        figures.append(json.loads(result.read_text())[0]["pass@1"])
-    return figures[0], figures[1]
+def linear_pass_at_1(model: Path, results: Path, out: Path) -> tuple[float, float]:
+    """Greedy and sampled (4 at T=1) pass@1 on the 200 held-out `linear` problems, at 192 tokens."""
+    figures = pass_at_1(model, results, out, max_tokens=192, limit=None, samples=4)
+    return figures["greedy"], figures["sampled"]
 
 
 def one_seed(out: Path, sft: Path, pool: Path, steps: int, threshold: float, seed: int, wanted) -> dict:
@@ -85,7 +79,7 @@ def one_seed(out: Path, sft: Path, pool: Path, steps: int, threshold: float, see
     for name, subset in [("full pool", pool), *((n, s) for n, s in subsets.items() if s.stem in wanted)]:
         run_dir = seed_dir / ("full" if subset == pool else subset.stem)
         grpo_arm(sft, subset, run_dir, steps, seed, out)
-        greedy, sampled = pass_at_1(run_dir, run_dir, out)
+        greedy, sampled = linear_pass_at_1(run_dir, run_dir, out)
         arms[name] = {"problems": sum(1 for _ in open(subset)), "greedy": greedy, "sampled": sampled,
                       "top_sixth_threshold": top_sixth}
     return arms
@@ -99,7 +93,8 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=4, help="epochs of the full-pool run (which records trajectories)")
     parser.add_argument("--threshold", type=float, default=0.6, help="LIM score threshold")
     parser.add_argument("--seeds", default="0,1,2,3,4",
-                        help="comma-separated seeds; each sets every GRPO run's data order and sampling, and RAND's draw")
+                        help="comma-separated seeds; each sets every GRPO run's data order and sampling, "
+                             "and RAND's draw")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (OMP_NUM_THREADS)")
     parser.add_argument("--arms", default=",".join(ARMS),
                         help=f"comma-separated selections trained beside the full pool, of {', '.join(ARMS)}")
@@ -124,7 +119,7 @@ def main(argv=None):
         timed("sft", out, [sys.executable, "sft.py", "--preset", "tiny", "--output-dir", str(sft)])
     pool = write_rl_pool(out / "pool.jsonl", args.pool)
     steps = math.ceil(args.epochs * args.pool / PRESETS["tiny"]["prompts_per_step"])
-    start = pass_at_1(sft, out / "sft", out)  # its figures under the same evaluation, kept beside the others
+    start = linear_pass_at_1(sft, out / "sft", out)  # the SFT model under the same evaluation
     results = {"seeds": {seed: one_seed(out, sft, pool, steps, args.threshold, seed, wanted)
                          for seed in seeds}}
     run([sys.executable, "plot.py", "lim", "--scores", str(out / f"seed{seeds[0]}" / "lim-scores.jsonl"),
