@@ -19,6 +19,7 @@ the trainers resume from their last checkpoint if a step was interrupted.
 """
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -49,11 +50,42 @@ def evaluate(model_dir: Path, out: Path, sampled: bool):
          "--max-tokens", "192", *flags, "--out", str(out)])
 
 
+def greedy_verdicts(model_dir: Path) -> dict:
+    """{problem id: (answer, right or wrong)} from the greedy evaluation's samples file."""
+    rows = [json.loads(line) for line in open(model_dir / "eval-greedy.samples.jsonl")]
+    return {row["id"]: (row["answer"], row["correct"][0]) for row in rows}
+
+
+def sign_test(up: int, down: int) -> float:
+    """Two-sided exact sign test of `up` against `down` changed problems (ties dropped): the chance,
+    were a change equally likely either way, of a split at least this lopsided."""
+    n, k = up + down, min(up, down)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+
+
+def paired_lines(sft: Path, rl_models: list[tuple[str, Path]]) -> list[str]:
+    """Per RL model, against SFT on the same greedy test problems: how many changed each way, the sign
+    test, and pass@1 on one-unknown systems (answers without parentheses) before and after."""
+    before = greedy_verdicts(sft)
+    one = [i for i, (answer, _) in before.items() if "(" not in answer]
+    share = lambda verdicts: 100 * sum(verdicts[i][1] for i in one) / len(one)
+    lines = []
+    for name, model_dir in rl_models:
+        after = greedy_verdicts(model_dir)
+        up = sum(after[i][1] and not right for i, (_, right) in before.items())
+        down = sum(right and not after[i][1] for i, (_, right) in before.items())
+        lines.append(f"{name} vs SFT, greedy: {up} test problems wrong -> right, {down} right -> wrong "
+                     f"(sign test p = {sign_test(up, down):.3f}); one-unknown systems ({len(one)}): "
+                     f"{share(before):.1f}% -> {share(after):.1f}%")
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", default="runs/demo", help="where models, metrics and results go")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (OMP_NUM_THREADS)")
-    parser.add_argument("--with-ppo", action="store_true", help="also run PPO with a critic from the same SFT model")
+    parser.add_argument("--with-ppo", action="store_true",
+                        help="also run PPO with a critic from the same SFT model")
     parser.add_argument("--figure", default="docs/figures/demo.png",
                         help="training curves of the RL runs (plot.py curves), as a PNG")
     args = parser.parse_args()
@@ -68,11 +100,13 @@ def main():
         run([sys.executable, "sft.py", "--preset", "tiny", "--output-dir", str(sft)])
     pool = write_rl_pool(out / "rl-pool.jsonl")
     if not (grpo / "model.safetensors").exists():
-        run([sys.executable, "grpo.py", "--preset", "tiny", "--model", str(sft), "--data", str(pool), "--output-dir", str(grpo)])
+        run([sys.executable, "grpo.py", "--preset", "tiny", "--model", str(sft), "--data", str(pool),
+             "--output-dir", str(grpo)])
     models = [("baseline (untrained)", base), ("SFT", sft), ("SFT + GRPO", grpo)]
     if args.with_ppo:
         if not (ppo / "model.safetensors").exists():
-            run([sys.executable, "ppo.py", "--preset", "tiny", "--model", str(sft), "--data", str(pool), "--output-dir", str(ppo)])
+            run([sys.executable, "ppo.py", "--preset", "tiny", "--model", str(sft), "--data", str(pool),
+                 "--output-dir", str(ppo)])
         models.append(("SFT + PPO", ppo))
 
     rl_runs = [(name, model_dir) for name, model_dir in models if "+" in name]
@@ -91,6 +125,7 @@ def main():
     print("| model | greedy pass@1 (%) | sampled pass@1 (%) | pass@8 (%) | mean response tokens |")
     print("|---|---|---|---|---|")
     print("\n".join(rows))
+    print("\n" + "\n".join(paired_lines(sft, rl_runs)))
 
 
 if __name__ == "__main__":

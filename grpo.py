@@ -25,7 +25,8 @@ Which equation each function implements:
   k3_kl               DeepSeekMath eq. 4 (Schulman's k3 estimator)
   aggregate_loss      grpo: DeepSeekMath eq. 3's 1/G sum_i 1/|o_i| sum_t; dapo: DAPO sec. 3.3's token
                       mean over the batch; dr_grpo: Dr. GRPO's constant normaliser
-  rollout             steps 1-3; --dynamic-sampling is DAPO sec. 3.2 (keep groups with 0 < correct < G)
+  has_signal          DAPO sec. 3.2's filter (keep groups with 0 < correct < G), for --dynamic-sampling
+  rollout             steps 1-3
   policy_update       step 4; --tis-cap is truncated importance sampling (Yao et al., 2025)
 
 Left out, and why: no value model (that is the point of GRPO; ppo.py has one); no reward model (math
@@ -249,6 +250,12 @@ class Rollout:
     advantage: float               # A_i, the same for every token of the completion
 
 
+def has_signal(group: training.Group) -> bool:
+    """DAPO keeps groups with 0 < correct < G; here, groups whose rewards differ, i.e. whose advantages
+    are not all zero (the same test under the accuracy reward; under cosine, lengths differ too)."""
+    return len(set(group.rewards["total"])) > 1
+
+
 def rollout(step: int, engine, problems, prompts, prompt_ids, reward_weights, grader, cosine, cfg: Config,
             dist):
     """Steps 1-3. Returns this rank's Rollouts, the groups of the step's batch (every rank's, for the
@@ -303,10 +310,8 @@ def rollout(step: int, engine, problems, prompts, prompt_ids, reward_weights, gr
         generated += sum(len(c.token_ids) for g in groups for c in g.completions)
         if not cfg.dynamic_sampling:
             break
-        # DAPO keeps groups with 0 < correct < G; here, groups whose rewards differ, i.e. whose advantages
-        # are not all zero (the same test under the accuracy reward; under cosine, lengths differ too)
         for g in groups:
-            (with_signal if len(set(g.rewards["total"])) > 1 else without_signal).append(g)
+            (with_signal if has_signal(g) else without_signal).append(g)
         if len(with_signal) >= P:
             break
     # the P groups trained on: the batch, or with dynamic sampling the first P with signal, filled up
@@ -319,7 +324,7 @@ def rollout(step: int, engine, problems, prompts, prompt_ids, reward_weights, gr
     rollouts = [Rollout(prompt_ids[trained[k].problem], c.token_ids, c.logprobs, a)
                 for k in range(dist.rank, P, W) for c, a in zip(trained[k].completions, advantages[k])]
     counts = {"sampling_rounds": round_ + 1, "generated_tokens": generated,
-              "groups_with_signal": sum(len(set(g.rewards["total"])) > 1 for g in trained),
+              "groups_with_signal": sum(map(has_signal, trained)),
               "time/generation": seconds["generation"], "time/reward": seconds["reward"]}
     return rollouts, batch, counts
 

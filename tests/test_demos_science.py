@@ -98,3 +98,32 @@ def test_demos_reject_bad_flags_in_one_line(tmp_path, script, argv, flag):
         module.main([*argv, "--out-dir", str(tmp_path / "never")])
     assert flag in str(error.value) and "\n" not in str(error.value)
     assert not (tmp_path / "never").exists()  # checked before anything is written
+
+
+def test_demo_paired_comparison_counts_changes_and_sign_test(tmp_path):
+    """demo.py's lines under its table: problems that changed each way against SFT, the sign test, and
+    one-unknown pass@1, from the greedy samples files evaluate.py writes."""
+    import itertools
+
+    import demo
+
+    def write(model, verdicts):
+        model.mkdir()
+        rows = [{"id": i, "answer": answer, "correct": [right]} for i, (answer, right) in verdicts.items()]
+        (model / "eval-greedy.samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    before = {0: ("3", False), 1: ("-2", False), 2: ("(1, 2)", True), 3: ("5", True), 4: ("(0, 1)", False)}
+    after = {0: ("3", True), 1: ("-2", True), 2: ("(1, 2)", False), 3: ("5", True), 4: ("(0, 1)", False)}
+    write(tmp_path / "sft", before)
+    write(tmp_path / "grpo", after)
+    line, = demo.paired_lines(tmp_path / "sft", [("SFT + GRPO", tmp_path / "grpo")])
+    assert line.startswith("SFT + GRPO vs SFT, greedy: 2 test problems wrong -> right, 1 right -> wrong")
+    assert "one-unknown systems (3): 33.3% -> 100.0%" in line
+
+    # the sign test against counting every equally likely sign pattern of the changed problems
+    for up, down in ((14, 3), (3, 14), (5, 5), (0, 4), (7, 0), (1, 0)):
+        n = up + down
+        as_lopsided = sum(min(sum(signs), n - sum(signs)) <= min(up, down)
+                          for signs in itertools.product((0, 1), repeat=n))
+        assert math.isclose(demo.sign_test(up, down), min(1.0, as_lopsided / 2 ** n)), (up, down)
+    assert demo.sign_test(0, 0) == 1.0
