@@ -85,12 +85,40 @@ def one_seed(out: Path, sft: Path, pool: Path, steps: int, threshold: float, see
     return arms
 
 
+def selection_curves(seed_dir: Path) -> dict:
+    """Mean per-epoch training accuracy of the whole pool (LIM's average curve) and of what each
+    selection kept, from lim.py's scores files; and the share of the pool with a LIM score >= 0.8."""
+    def rows(name):
+        return [json.loads(line) for line in open(seed_dir / f"{name}-scores.jsonl")]
+
+    def mean_curve(kept):
+        epochs = range(len(kept[0]["trajectory"]))
+        return [sum(row["trajectory"][k] for row in kept) / len(kept) for k in epochs]
+
+    lim_rows = rows("lim")
+    curves = {"pool": mean_curve(lim_rows),
+              "lim_score_at_least_0.8": sum(row["score"] >= 0.8 for row in lim_rows) / len(lim_rows)}
+    for name in ("lim-top", "rand", "linear"):
+        curves[name] = mean_curve([row for row in rows(name) if row["kept"]])
+    return curves
+
+
+def paired(runs: list[dict], arm: str, against: str, kind: str) -> str:
+    """arm - against over seeds, both trained on the same seed's data order: mean ± SE, and seeds ahead."""
+    differences = [r[arm][kind] - r[against][kind] for r in runs]
+    return f"{kind} {cell(differences)} (ahead in {sum(d > 0 for d in differences)} of {len(runs)})"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out-dir", default="runs/lim-demo", help="where runs and results go (a folder per seed)")
-    parser.add_argument("--sft", default="runs/demo/sft", help="the tiny SFT model (trained by sft.py if absent)")
-    parser.add_argument("--pool", type=int, default=512, help="one-unknown linear training problems in the pool")
-    parser.add_argument("--epochs", type=int, default=4, help="epochs of the full-pool run (which records trajectories)")
+    parser.add_argument("--out-dir", default="runs/lim-demo",
+                        help="where runs and results go (a folder per seed)")
+    parser.add_argument("--sft", default="runs/demo/sft",
+                        help="the tiny SFT model (trained by sft.py if absent)")
+    parser.add_argument("--pool", type=int, default=512,
+                        help="one-unknown linear training problems in the pool")
+    parser.add_argument("--epochs", type=int, default=4,
+                        help="epochs of the full-pool run (which records trajectories)")
     parser.add_argument("--threshold", type=float, default=0.6, help="LIM score threshold")
     parser.add_argument("--seeds", default="0,1,2,3,4",
                         help="comma-separated seeds; each sets every GRPO run's data order and sampling, "
@@ -121,7 +149,8 @@ def main(argv=None):
     steps = math.ceil(args.epochs * args.pool / PRESETS["tiny"]["prompts_per_step"])
     start = linear_pass_at_1(sft, out / "sft", out)  # the SFT model under the same evaluation
     results = {"seeds": {seed: one_seed(out, sft, pool, steps, args.threshold, seed, wanted)
-                         for seed in seeds}}
+                         for seed in seeds},
+               "curves": {seed: selection_curves(out / f"seed{seed}") for seed in seeds}}
     run([sys.executable, "plot.py", "lim", "--scores", str(out / f"seed{seeds[0]}" / "lim-scores.jsonl"),
          "--threshold", str(args.threshold), "--out", args.figure])
     timings = json.loads((out / "timings.json").read_text())
@@ -132,9 +161,10 @@ def main(argv=None):
     runs = list(results["seeds"].values())
     rules = {"LIM": f"score >= {args.threshold}", "RAND": "random, as many as LIM top 16%",
              "LINEAR": f"score >= {lim.PAPER_THRESHOLDS['linear']}", "LIM, top 16%": "top-scoring 16%"}
-    print(f"\nseeds {args.seeds}; held-out: the 200 `linear` test problems; pass@1 in %, mean ± standard error "
-          f"over seeds; sampled = 4 samples per problem at temperature 1; {steps} GRPO steps per run\n")
-    print("| GRPO trained on | selection | problems (mean) | greedy pass@1 | sampled pass@1 | greedy - full pool |")
+    print(f"\nseeds {args.seeds}; held-out: the 200 `linear` test problems; pass@1 in %, mean ± standard "
+          f"error over seeds; sampled = 4 samples per problem at temperature 1; {steps} GRPO steps per run\n")
+    print("| GRPO trained on | selection | problems (mean) | greedy pass@1 | sampled pass@1 | "
+          "greedy - full pool |")
     print("|---|---|---|---|---|---|")
     print(f"| (SFT model, no RL) | - | - | {cell([start[0]])} | {cell([start[1]])} | - |")
     for name in runs[0]:
@@ -143,8 +173,21 @@ def main(argv=None):
         print(f"| {name} | {rules.get(name, '-')} | {cell([a['problems'] for a in arm], 1.0)} | "
               f"{cell([a['greedy'] for a in arm])} | {cell([a['sampled'] for a in arm])} | "
               f"{cell(versus_full) if name != 'full pool' else '-'} |")
+    for name in ("LIM", "LIM, top 16%", "LINEAR"):
+        if name in runs[0] and "RAND" in runs[0]:
+            print(f"\n{name} - RAND, paired by seed, pass@1 in points: "
+                  f"{paired(runs, name, 'RAND', 'greedy')}, {paired(runs, name, 'RAND', 'sampled')}", end="")
+    curves = list(results["curves"].values())
+    print("\n\nmean training accuracy per epoch of the full-pool run, in %, mean over seeds:")
+    for key, label in (("pool", "whole pool (LIM's average curve)"), ("lim-top", "LIM top 16%, kept"),
+                       ("rand", "RAND, kept"), ("linear", "LINEAR >= 0.7, kept")):
+        epochs = zip(*(c[key] for c in curves))
+        print(f"  {label}: " + " ".join(f"{100 * sum(e) / len(e):.0f}" for e in epochs))
+    high = [c["lim_score_at_least_0.8"] for c in curves]
+    print(f"share of the pool with a LIM score >= 0.8: {cell(high)}%")
     print(f"\nwall time of all steps {results['wall_s_all_steps'] / 60:.1f} min (this call "
-          f"{(time.time() - started) / 60:.1f} min); peak RSS of the largest step {results['peak_rss_gb']:.2f} GB; "
+          f"{(time.time() - started) / 60:.1f} min); peak RSS of the largest step "
+          f"{results['peak_rss_gb']:.2f} GB; "
           f"figure {args.figure}; every number in {out / 'results.json'}")
     return results
 

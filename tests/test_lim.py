@@ -227,6 +227,30 @@ def test_the_rl_pool_of_the_demos_is_one_unknown_train_problems_that_grpo_can_lo
     assert not held_out & {p["prompt"] for p in pool}
 
 
+def test_demo_lim_prints_the_curves_of_what_each_selection_kept_and_paired_differences(tmp_path):
+    """demo_lim.py's lines under its table come from lim.py's scores files (one row per problem with
+    its score, whether kept, and its per-epoch accuracy) and from the arms' pass@1 per seed."""
+    import demo_lim
+
+    rng = np.random.default_rng(0)
+    trajectories = rng.integers(0, 9, size=(12, 3)) / 8
+    scores = lim.lim_scores(trajectories)
+    for name, kept in (("lim", scores >= 0.6), ("lim-top", scores >= np.sort(scores)[-3]),
+                       ("rand", np.arange(12) % 4 == 0), ("linear", np.arange(12) < 5)):
+        lim.write_rows(tmp_path / f"{name}-scores.jsonl",
+                       [{"id": str(i), "score": float(s), "kept": bool(k), "trajectory": row.tolist()}
+                        for i, (s, k, row) in enumerate(zip(scores, kept, trajectories))])
+    curves = demo_lim.selection_curves(tmp_path)
+    assert np.allclose(curves["pool"], lim.average_curve(trajectories))
+    assert np.allclose(curves["lim-top"], trajectories[scores >= np.sort(scores)[-3]].mean(axis=0))
+    assert np.allclose(curves["rand"], trajectories[::4].mean(axis=0))
+    assert np.allclose(curves["linear"], trajectories[:5].mean(axis=0))
+    assert curves["lim_score_at_least_0.8"] == np.mean(scores >= 0.8)
+
+    runs = [{"LIM": {"greedy": g}, "RAND": {"greedy": 0.15}} for g in (0.20, 0.14, 0.18)]  # 5, -1, 3 points
+    assert demo_lim.paired(runs, "LIM", "RAND", "greedy") == "greedy 2.3 ± 1.8 (ahead in 2 of 3)"
+
+
 # ---- LIMR's own rule (--gaps limr, the default), against a step-by-step re-implementation of
 # GAIR-NLP/LIMR lim/lim_selection.py run on step files written as their OpenRLHF fork writes them
 
