@@ -395,7 +395,10 @@ def ppo_update(experience, optimizers: dict, schedulers: dict, cfg: Config, dist
     stats = {name: training.all_reduce_sum(value, dist).item() for name, value in sums.items()}
     training.stop_if_not_finite({"policy loss": stats["policy_loss"], "value loss": stats["value_loss"]},
                                 schedulers["critic"].last_epoch, dist)
-    return {**stats, "actor_grad_norm": grad_norms["actor"], "critic_grad_norm": grad_norms["critic"]}
+    stats |= {"actor_grad_norm": grad_norms["actor"], "critic_grad_norm": grad_norms["critic"]}
+    if not train_actor:  # a frozen actor has no loss, clip fraction, entropy or gradient: log none, not 0
+        stats = {name: stats[name] for name in ("value_loss", "value_clip_frac", "critic_grad_norm")}
+    return stats
 
 
 def main(argv=None):
