@@ -1,17 +1,17 @@
 """The CPU experiment, end to end: does RL improve on SFT for a tiny model on linear equations?
 
-    .venv/bin/python demo.py                  # about 10 minutes on 2 CPU cores (measured; 11 with --with-ppo)
+    .venv/bin/python demo.py           # 10 minutes on 2 idle CPU cores (measured; 11 with --with-ppo)
 
 1. baseline: a fresh ~1M-parameter Qwen2 model with a character tokenizer (it knows nothing)
 2. sft.py --preset tiny: supervised fine-tuning on worked solutions of `linear` train problems
 3. grpo.py --preset tiny: GRPO from the SFT model, rewarded only for the right final answer, on
    the RL pool: 512 one-unknown train problems (and with --with-ppo, ppo.py --preset tiny from the
    same SFT model on the same pool: about 2 more minutes). The SFT model solves 1-2% of the
-   two-unknown systems, so their groups are almost all-wrong and carry no advantage: measured, 80
-   steps over all train problems left the training accuracy flat at 0.11 and greedy pass@1 moved
-   13.0 -> 13.5%, while the one-unknown pool gave 13.0 -> 20.0% in 64 steps (demo_lim.py's full arm).
+   two-unknown systems, so their groups are almost all-wrong and carry no advantage; demo_dynamic.py
+   measures GRPO over all train problems against this pool (README, "DAPO's dynamic sampling").
 4. evaluate.py on the 200 held-out `linear` test problems: greedy pass@1, and pass@1 / pass@8
-   from 8 samples at temperature 1
+   from 8 samples at temperature 1; under the table, each RL model against SFT problem by problem
+   (greedy: how many changed each way, the sign test, one- and two-unknown systems apart)
 5. plot.py: the RL runs' training curves, written to --figure (docs/figures/demo.png)
 
 Every step is an ordinary command, printed before it runs; rerunning skips finished steps, and
@@ -65,18 +65,20 @@ def sign_test(up: int, down: int) -> float:
 
 def paired_lines(sft: Path, rl_models: list[tuple[str, Path]]) -> list[str]:
     """Per RL model, against SFT on the same greedy test problems: how many changed each way, the sign
-    test, and pass@1 on one-unknown systems (answers without parentheses) before and after."""
+    test, and pass@1 on one-unknown (an integer answer) and two-unknown systems before and after."""
     before = greedy_verdicts(sft)
-    one = [i for i, (answer, _) in before.items() if "(" not in answer]
-    share = lambda verdicts: 100 * sum(verdicts[i][1] for i in one) / len(one)
+    kinds = {"one-unknown": [i for i, (answer, _) in before.items() if "(" not in answer]}
+    kinds["two-unknown"] = [i for i in before if i not in kinds["one-unknown"]]
+    share = lambda verdicts, ids: f"{100 * sum(verdicts[i][1] for i in ids) / max(1, len(ids)):.1f}%"
     lines = []
     for name, model_dir in rl_models:
         after = greedy_verdicts(model_dir)
         up = sum(after[i][1] and not right for i, (_, right) in before.items())
         down = sum(right and not after[i][1] for i, (_, right) in before.items())
         lines.append(f"{name} vs SFT, greedy: {up} test problems wrong -> right, {down} right -> wrong "
-                     f"(sign test p = {sign_test(up, down):.3f}); one-unknown systems ({len(one)}): "
-                     f"{share(before):.1f}% -> {share(after):.1f}%")
+                     f"(sign test p = {sign_test(up, down):.3f}); " + ", ".join(
+                         f"{kind} ({len(ids)}) {share(before, ids)} -> {share(after, ids)}"
+                         for kind, ids in kinds.items()))
     return lines
 
 
