@@ -236,7 +236,7 @@ def test_demo_lim_prints_the_curves_of_what_each_selection_kept_and_paired_diffe
     trajectories = rng.integers(0, 9, size=(12, 3)) / 8
     scores = lim.lim_scores(trajectories)
     for name, kept in (("lim", scores >= 0.6), ("lim-top", scores >= np.sort(scores)[-3]),
-                       ("rand", np.arange(12) % 4 == 0), ("linear", np.arange(12) < 5)):
+                       ("rand", np.arange(12) % 4 == 0), ("linear", np.zeros(12, bool))):  # LINEAR kept none
         lim.write_rows(tmp_path / f"{name}-scores.jsonl",
                        [{"id": str(i), "score": float(s), "kept": bool(k), "trajectory": row.tolist()}
                         for i, (s, k, row) in enumerate(zip(scores, kept, trajectories))])
@@ -244,7 +244,7 @@ def test_demo_lim_prints_the_curves_of_what_each_selection_kept_and_paired_diffe
     assert np.allclose(curves["pool"], lim.average_curve(trajectories))
     assert np.allclose(curves["lim-top"], trajectories[scores >= np.sort(scores)[-3]].mean(axis=0))
     assert np.allclose(curves["rand"], trajectories[::4].mean(axis=0))
-    assert np.allclose(curves["linear"], trajectories[:5].mean(axis=0))
+    assert len(curves["linear"]) == 3 and np.isnan(curves["linear"]).all()
     assert curves["lim_score_at_least_0.8"] == np.mean(scores >= 0.8)
 
     runs = [{"LIM": {"greedy": g}, "RAND": {"greedy": 0.15}} for g in (0.20, 0.14, 0.18)]  # 5, -1, 3 points
