@@ -1,7 +1,8 @@
 """LIMR's experiment in miniature: does training on LIM-selected samples match training on all?
 
     .venv/bin/python demo_lim.py --seeds 0,1,2,3,4 --threads 1   # ~13 min a seed on one core, +5 to train SFT
-    .venv/bin/python demo_lim.py --seeds 0,1,2 --epochs 8 --out-dir runs/lim-demo-8ep   # a longer full run
+    .venv/bin/python demo_lim.py --seeds 0,1,2 --epochs 8 --out-dir runs/lim-demo-8ep \
+        --figure docs/figures/lim-demo-8ep.png                    # a longer full run (README)
 
 1. start from the tiny SFT model of demo.py (trained here if it is not there yet)
 2. the pool: 512 one-unknown `linear` training problems, which the tiny model solves anywhere from
