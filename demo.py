@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -38,8 +39,21 @@ def write_rl_pool(path: Path, size: int = 512) -> Path:
 
 
 def run(command: list[str]):
+    """Run one step. A demo stopped with SIGTERM (or Ctrl-C) stops the step it is running too, and waits
+    for it: a trainer left behind would go on writing into the run folder."""
     print("+ " + " ".join(command), flush=True)
-    subprocess.run(command, check=True)
+    step = subprocess.Popen(command)
+    previous = signal.signal(signal.SIGTERM, lambda *_: step.terminate())
+    try:
+        code = step.wait()
+    except BaseException:  # Ctrl-C: the step got SIGINT from the terminal as well; make sure it ends
+        step.terminate()
+        step.wait()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code:
+        raise subprocess.CalledProcessError(code, command)
 
 
 def evaluate(model_dir: Path, out: Path, sampled: bool):

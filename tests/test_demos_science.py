@@ -127,3 +127,31 @@ def test_demo_paired_comparison_counts_changes_and_sign_test(tmp_path):
                           for signs in itertools.product((0, 1), repeat=n))
         assert math.isclose(demo.sign_test(up, down), min(1.0, as_lopsided / 2 ** n)), (up, down)
     assert demo.sign_test(0, 0) == 1.0
+
+
+def test_a_terminated_demo_stops_the_step_it_runs(tmp_path):
+    """demo.run (every demo script's steps): SIGTERM to the demo ends the running step too, so no trainer
+    is left writing into the run folder after the demo is gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "step.pid"
+    step = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    demo_process = subprocess.Popen(
+        [sys.executable, "-c", f"import demo; demo.run([{sys.executable!r}, '-c', {step!r}])"], cwd=ROOT)
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    step_pid = int(pid_file.read_text())
+    demo_process.send_signal(signal.SIGTERM)
+    assert demo_process.wait(timeout=30) != 0  # the demo fails: its step did not finish
+    try:
+        alive = open(f"/proc/{step_pid}/stat").read().split()[2] != "Z"  # not even a zombie
+    except FileNotFoundError:
+        alive = False
+    if alive:
+        os.kill(step_pid, signal.SIGKILL)  # leave nothing behind when the check fails
+    assert not alive
