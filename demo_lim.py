@@ -92,9 +92,10 @@ def selection_curves(seed_dir: Path) -> dict:
     def rows(name):
         return [json.loads(line) for line in open(seed_dir / f"{name}-scores.jsonl")]
 
-    def mean_curve(kept):  # NaN per epoch for a selection that kept nothing
-        epochs = range(len(lim_rows[0]["trajectory"]))
-        return [sum(row["trajectory"][k] for row in kept) / len(kept) if kept else math.nan for k in epochs]
+    def mean_curve(kept):  # lim.py's rbar^k over these rows; NaN per epoch for a selection that kept nothing
+        if not kept:
+            return [math.nan] * len(lim_rows[0]["trajectory"])
+        return lim.average_curve([row["trajectory"] for row in kept]).tolist()
 
     lim_rows = rows("lim")
     curves = {"pool": mean_curve(lim_rows),
