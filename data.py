@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from grader import extract_answer
+from mathrl.grader import extract_answer
 
 ROLES = ("prompt", "answer", "solution")
 ID_FIELDS = ("id", "idx", "unique_id")
@@ -613,3 +613,22 @@ def format_prompt(question: str, tokenizer=None, template: str = "auto") -> str:
         system = QWEN_MATH_SYSTEM_PROMPT if template == "qwen-math" else R1_SYSTEM_PROMPT
         messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def prepare_prompts(problems, tokenizer, template: str, max_prompt_length: int, dist, who: str):
+    """Format and tokenize every prompt once (the RL trainers): prompts over the length budget are left out,
+    and rank 0 (dist.is_main) says how many."""
+    try:
+        prompts = [format_prompt(p["prompt"], tokenizer, template) for p in problems]
+    except ValueError as error:  # qwen-math on a tokenizer without a chat template
+        raise SystemExit(f"error: --template {template}: {error}") from None
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    keep = [i for i, ids in enumerate(prompt_ids) if len(ids) <= max_prompt_length]
+    if not keep:
+        raise SystemExit(f"error: all {len(problems)} prompts are longer than --max-prompt-length "
+                         f"{max_prompt_length} tokens (the shortest has "
+                         f"{min(map(len, prompt_ids), default=0)})")
+    if dist.is_main and len(keep) < len(problems):
+        print(f"{who}: left out {len(problems) - len(keep)} of {len(problems)} prompts longer than "
+              f"{max_prompt_length} tokens")
+    return [problems[i] for i in keep], [prompts[i] for i in keep], [prompt_ids[i] for i in keep]

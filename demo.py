@@ -110,7 +110,7 @@ def main():
 
     base, sft, grpo, ppo = out / "base", out / "sft", out / "grpo", out / "ppo"
     if not (base / "model.safetensors").exists():
-        run([sys.executable, "-c", "import training, sys; m, t = training.build_tiny_model(seed=0); "
+        run([sys.executable, "-c", "import training, sys; m, t = models.build_tiny_model(seed=0); "
              f"m.save_pretrained({str(base)!r}); t.save_pretrained({str(base)!r})"])
     if not (sft / "model.safetensors").exists():
         run([sys.executable, "sft.py", "--preset", "tiny", "--output-dir", str(sft)])

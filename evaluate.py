@@ -30,9 +30,9 @@ import torch
 from tqdm import tqdm
 
 import data
-import training
-from engine import Sampling, make_engine
-from grader import Grader, extract_answer
+from mathrl import distributed, models
+from mathrl.engine import Sampling, make_engine
+from mathrl.grader import Grader, extract_answer
 
 BENCHMARKS = ["gsm8k", "math500", "aime24", "aime25", "amc23", "minerva", "olympiadbench", "limo", "linear"]
 SINGLE_SPLIT = {"limo": "train"}  # the training sets evaluated as benchmarks have only a train split
@@ -136,7 +136,7 @@ def _mean(values) -> float:
     return sum(values) / len(values)
 
 
-def evaluate_problems(engine, problems, tokenizer, sampling: Sampling, template: str, grader, d,
+def evaluate_problems(engine, problems, tokenizer, sampling: Sampling, template: str, grader, dist,
                       done_ids=frozenset(), on_chunk=None, fallback=()):
     """Generate, extract, grade. Problems are split across ranks and gathered on every rank.
 
@@ -147,10 +147,10 @@ def evaluate_problems(engine, problems, tokenizer, sampling: Sampling, template:
     todo = [p for p in problems if p["id"] not in done_ids]
     chunk_size = max(1, CHUNK_COMPLETIONS // sampling.n)
     records = []
-    progress = tqdm(total=len(todo), disable=not d.is_main, desc="eval", unit="problem")
+    progress = tqdm(total=len(todo), disable=not dist.is_main, desc="eval", unit="problem")
     for start in range(0, len(todo), chunk_size):
         chunk = todo[start:start + chunk_size]
-        mine = chunk[d.rank::d.world_size]
+        mine = chunk[dist.rank::dist.world_size]
         prompts = [data.format_prompt(p["prompt"], tokenizer, template) for p in mine]
         outputs = engine.generate(prompts, sampling) if mine else []
         texts = [c.text for completions in outputs for c in completions]
@@ -172,7 +172,7 @@ def evaluate_problems(engine, problems, tokenizer, sampling: Sampling, template:
                 "num_tokens": [len(c.token_ids) for c in completions],
                 "finish_reasons": [c.finish_reason for c in completions]})
             cursor = end
-        gathered = [r for part in training.all_gather_objects(mine_records, d) for r in part]
+        gathered = [r for part in distributed.all_gather_objects(mine_records, dist) for r in part]
         records += gathered
         if on_chunk is not None:
             on_chunk(gathered)
@@ -350,8 +350,8 @@ def main(argv=None):
     protocol = PROTOCOLS.get(args.protocol, {})
     fallback = protocol.get("fallback", ())
     max_model_len = args.max_model_len or protocol.get("max_model_len")
-    d = training.init_distributed()
-    training.seed_everything(args.seed)
+    dist = distributed.init_distributed()
+    distributed.seed_everything(args.seed)
 
     # data, model path and earlier samples first: bad input fails here, before the model loads
     benches = {}
@@ -359,7 +359,7 @@ def main(argv=None):
         benches[spec] = data.load_problems(spec, split=SINGLE_SPLIT.get(spec, args.split), limit=args.limit)
         if not benches[spec]:
             raise SystemExit(f"error: --bench {spec} has no problems (an empty file, or --limit 0)")
-    training.check_model_path(args.model)
+    models.check_model_path(args.model)
     produced_by = {spec: {"model": args.model, "split": SINGLE_SPLIT.get(spec, args.split), "seed": args.seed,
                           "dtype": dtype, "fallback": list(fallback), "engine": args.engine,
                           "max_model_len": max_model_len, **args.settings[spec]}
@@ -367,11 +367,11 @@ def main(argv=None):
     samples_path = Path(args.out).with_suffix(".samples.jsonl") if args.out else None
     done = {}  # (bench, id) -> record, from an earlier run with the same --out
     if samples_path is not None:
-        records = read_samples(samples_path, d.is_main)
+        records = read_samples(samples_path, dist.is_main)
         check_same_settings(records, produced_by, samples_path)
         done = {(r["bench"], r["id"]): r for r in records}
 
-    tokenizer = training.load_tokenizer(args.model)
+    tokenizer = models.load_tokenizer(args.model)
     for spec in benches:  # a chat template the tokenizer lacks fails now, not after the weights load
         try:
             data.format_prompt("1 + 1", tokenizer, args.settings[spec]["template"])
@@ -379,12 +379,12 @@ def main(argv=None):
             raise SystemExit(f"error: --template: {error}")
     model = None
     if args.engine == "hf":  # vLLM loads the weights itself
-        model = training.load_model(args.model, dtype=getattr(torch, dtype)).to(d.device).eval()
-    engine = make_engine(args.engine, model, tokenizer, args.model, d, batch_size=args.batch_size,
+        model = models.load_model(args.model, dtype=getattr(torch, dtype)).to(dist.device).eval()
+    engine = make_engine(args.engine, model, tokenizer, args.model, dist, batch_size=args.batch_size,
                          gpu_memory_utilization=args.gpu_memory_utilization, dtype=dtype,
                          max_model_len=max_model_len,
                          tensor_parallel_size=args.tensor_parallel_size)
-    training.seed_per_rank(args.seed, d)  # ranks sample their shares of the problems from their own streams
+    distributed.seed_per_rank(args.seed, dist)  # each rank samples its share from its own stream
 
     summaries = []
     with Grader(num_workers=args.grader_workers) as grader:
@@ -392,7 +392,7 @@ def main(argv=None):
             settings = args.settings[spec]
 
             def append(records, spec=spec):
-                if samples_path is not None and d.is_main:
+                if samples_path is not None and dist.is_main:
                     samples_path.parent.mkdir(parents=True, exist_ok=True)
                     with open(samples_path, "a") as f:
                         for r in records:
@@ -403,20 +403,20 @@ def main(argv=None):
             sampling = Sampling(n=settings["n"], temperature=settings["temperature"], top_p=settings["top_p"],
                                 max_new_tokens=settings["max_tokens"])
             records = evaluate_problems(engine, problems, tokenizer, sampling, settings["template"], grader,
-                                        d, done_ids=done_ids, on_chunk=append, fallback=fallback)
+                                        dist, done_ids=done_ids, on_chunk=append, fallback=fallback)
             records += [done[(spec, p["id"])] for p in problems if p["id"] in done_ids]
             summaries.append({"model": args.model, "bench": spec, **summarize(records, args.k),
                               "sampling": {**produced_by[spec], "protocol": args.protocol},
                               "seconds": round(time.time() - started, 1)})
 
-    if d.is_main:
+    if dist.is_main:
         print(markdown_table(summaries, args.k))
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(summaries, indent=2) + "\n")
             print(f"evaluate: summary in {args.out}, completions in {samples_path}")
-    engine.close()  # vLLM's teardown needs the process group that training.shutdown destroys
-    training.shutdown(d)
+    engine.close()  # vLLM's teardown needs the process group that distributed.shutdown destroys
+    distributed.shutdown(dist)
     return summaries
 
 

@@ -34,7 +34,7 @@ answers are checked, grader.py); no overlong reward shaping or soft length penal
 the cosine reward of rewards.py is this project's length control); no asynchronous or off-policy
 generation (each step samples with the weights it updates, so rho = 1 at mu = 1); no sequence
 packing across rows (right padding, sorted by length, costs ~30% less than unsorted and is simpler).
-The plumbing (processes, FSDP, checkpoints, the engine) lives in training.py and engine.py.
+The plumbing (processes, FSDP, checkpoints, the engine) lives in mathrl/: no step of GRPO is there.
 """
 import time
 from dataclasses import asdict, dataclass
@@ -43,58 +43,400 @@ import torch
 from tqdm import tqdm
 
 import data
-import memplan
+import lim
 import rewards
-import training
-from engine import Sampling, trainer_engine
-from grader import Grader
-from training import flag
+from mathrl import checkpoints, distributed, flags, fsdp, logs, memplan, models, sequences
+from mathrl.engine import Sampling, trainer_engine
+from mathrl.flags import COUNT, FRACTION, NON_NEGATIVE, flag
+from mathrl.grader import Grader
 
 TEMPLATES = data.TEMPLATES  # inside Config, `data` is the --data field
 LOSS_TYPES = ["grpo", "dapo", "dr_grpo"]
 
 
 @dataclass
-class Config(training.RLFlags):
+class Config(flags.RLFlags):
     model: str = flag("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "policy to start from: hub id or folder")
     data: str = flag("open-rs", "training prompts: a data.load_problems spec (name, file, name=path, "
                                 "mixture a:N,b:M)")
     template: str = flag("auto", "prompt template (data.format_prompt)", TEMPLATES)
     output_dir: str = flag("runs/grpo", "checkpoints, metrics.jsonl, trajectories.jsonl, final model")
-    max_steps: int = flag(500, "generation steps (each followed by num-iterations optimizer steps)")
-    prompts_per_step: int = flag(16, "prompts per step over all ranks; each gets num-generations completions")
-    num_generations: int = flag(6, "G, completions per prompt (the group)")
-    micro_batch_size: int = flag(4, "completions per forward/backward pass on one rank")
-    temperature: float = flag(0.7, "sampling temperature (log-probs are taken at the same temperature)")
-    top_p: float = flag(1.0, "nucleus sampling mass")
-    max_prompt_length: int = flag(512, "prompts longer than this (tokens) are left out, with a count printed")
-    max_completion_length: int = flag(3584, "max new tokens per completion")
+    max_steps: int = flag(500, "generation steps (each followed by num-iterations optimizer steps)", **COUNT)
+    prompts_per_step: int = flag(16, "prompts per step over all ranks; each gets num-generations completions",
+                                 **COUNT)
+    num_generations: int = flag(6, "G, completions per prompt (the group)", **COUNT)
+    micro_batch_size: int = flag(4, "completions per forward/backward pass on one rank", **COUNT)
+    temperature: float = flag(0.7, "sampling temperature (log-probs are taken at the same temperature)",
+                              above=0)  # the log-probs divide the logits by it: 0 would train on NaN
+    top_p: float = flag(1.0, "nucleus sampling mass", above=0, high=1)
+    max_prompt_length: int = flag(512, "prompts longer than this (tokens) are left out, with a count printed",
+                                  **COUNT)
+    max_completion_length: int = flag(3584, "max new tokens per completion", **COUNT)
     dynamic_sampling: bool = flag(False, "DAPO's dynamic sampling: drop groups whose rewards are all equal "
                                          "(zero advantage) and sample more prompts until the batch holds "
                                          "prompts-per-step groups with signal")
     max_sampling_rounds: int = flag(4, "dynamic sampling: at most this many rounds of prompts-per-step "
                                        "prompts a step; short of groups with signal, groups without fill the "
-                                       "batch (OURS: the cap and the fill)")
-    rewards: str = flag("format:1,cosine:2", "weighted reward functions of rewards.py: accuracy, format, "
-                                             "cosine, limr")
+                                       "batch (OURS: the cap and the fill)", **COUNT)
+    rewards: str = flag("format:1,cosine:2", "weighted reward functions of rewards.py, NAME:WEIGHT,...: "
+                                             + ", ".join(rewards.REWARD_NAMES))
     scale_rewards: str = flag("group", "advantage scale: group (GRPO), batch, none (Dr. GRPO)",
                               ["group", "batch", "none"])
     loss_type: str = flag("grpo", "grpo (sequence mean, then mean), dapo (token mean over the batch, DAPO; "
                                   "TRL's name), dr_grpo (token sum / (sequences * max length))", LOSS_TYPES)
-    num_iterations: int = flag(1, "mu, policy updates per generation batch (1: the ratio is exactly 1)")
-    epsilon_low: float = flag(0.2, "clip rho below at 1 - epsilon_low")
-    epsilon_high: float = flag(0.2, "clip rho above at 1 + epsilon_high (DAPO: 0.28)")
-    beta: float = flag(0.04, "KL coefficient to the reference policy (0: no reference model is loaded)")
-    tis_cap: float = flag(0.0, "truncated importance sampling cap C for engine/trainer mismatch (0: off)")
-    lr: float = flag(1e-6, "peak learning rate (AdamW)")
-    warmup_ratio: float = flag(0.1, "fraction of optimizer steps with linear warm-up")
-    min_lr_ratio: float = flag(0.1, "cosine decays to lr * this")
-    weight_decay: float = flag(0.0, "AdamW weight decay")
-    adam_beta2: float = flag(0.99, "AdamW beta2 (beta1 is 0.9); TRL and the transformers Trainer use 0.999")
-    grad_clip: float = flag(1.0, "max gradient norm (0: no clipping)")
-    save_steps: int = flag(50, "write output-dir/checkpoint-N every N steps")
-    seed: int = flag(0, "data order, sampling")
+    num_iterations: int = flag(1, "mu, policy updates per generation batch (1: the ratio is exactly 1)",
+                               **COUNT)
+    epsilon_low: float = flag(0.2, "clip rho below at 1 - epsilon_low", **FRACTION)
+    epsilon_high: float = flag(0.2, "clip rho above at 1 + epsilon_high (DAPO: 0.28)", **NON_NEGATIVE)
+    beta: float = flag(0.04, "KL coefficient to the reference policy (0: no reference model is loaded)",
+                       **NON_NEGATIVE)
+    tis_cap: float = flag(0.0, "truncated importance sampling cap C for engine/trainer mismatch (0: off)",
+                          **NON_NEGATIVE)
+    lr: float = flag(1e-6, "peak learning rate (AdamW)", **NON_NEGATIVE)
+    warmup_ratio: float = flag(0.1, "fraction of optimizer steps with linear warm-up", **FRACTION)
+    min_lr_ratio: float = flag(0.1, "cosine decays to lr * this", **FRACTION)
+    weight_decay: float = flag(0.0, "AdamW weight decay", **NON_NEGATIVE)
+    adam_beta2: float = flag(0.99, "AdamW beta2 (beta1 is 0.9); TRL and the transformers Trainer use 0.999",
+                             **FRACTION)
+    grad_clip: float = flag(1.0, "max gradient norm (0: no clipping)", **NON_NEGATIVE)
+    save_steps: int = flag(50, "write output-dir/checkpoint-N every N steps", **COUNT)
+    seed: int = flag(0, "data order, sampling", low=0, high=2 ** 32 - 1)  # numpy's seed range
 
+
+# ---- the GRPO equations, each a function so the tests can check it against hand computations
+
+
+def token_logprobs(model, input_ids, completion_mask, temperature: float, chunk_size: int,
+                   with_entropy=False):
+    """log pi(o_t | q, o_<t) of every completion token at the sampling temperature and, with_entropy,
+    the entropy of pi(. | q, o_<t) at each position: [B, T - 1] each, both with gradient; logp is zero
+    outside the completion, the entropy is not masked.
+
+    Rows are prompt + completion, right-padded (sequences.pack). No attention mask is needed: causal
+    attention never lets a real token see the pads after it, and completion_mask drops the pads."""
+    def head(logits, next_tokens):                 # [n, V] fp32 logits at n positions, [n] the tokens after
+        logits = logits / temperature              # the engine sampled from softmax(z / T): score that
+        log_normaliser = logits.logsumexp(-1)                                               # [n]
+        logp = logits.gather(-1, next_tokens[:, None]).squeeze(-1) - log_normaliser        # [n]
+        if not with_entropy:
+            return logp, None
+        return logp, log_normaliser - (logits.softmax(-1) * logits).sum(-1)   # H = -sum_v p_v log p_v
+
+    # The model's output at position t is pi(. | tokens 0..t), the distribution of token t + 1: column t
+    # of the result scores token t + 1, so it is one column narrower than the rows, and completion_mask
+    # shifted by one, [:, 1:], marks the completion's tokens in it. (lm_head runs chunk_size positions at
+    # a time: a micro-batch's full-vocabulary logits would be gigabytes.)
+    logp, entropy = sequences.next_token_scores(model, input_ids, head, chunk_size)         # [B, T - 1]
+    return logp * completion_mask[:, 1:], entropy
+
+
+def group_advantages(group_rewards, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """A_i = (r_i - mean of its group) / (std + eps); `none` leaves it unscaled (Dr. GRPO).
+
+    A group whose rewards are all equal carries no signal: its advantages are exactly 0, never NaN.
+    A different baseline (RLOO's leave-one-out mean) belongs here: docs/ablations/01-rloo.patch.
+    """
+    r = torch.as_tensor(group_rewards, dtype=torch.float32).view(-1, group_size)   # [groups, G]
+    centered = r - r.mean(dim=1, keepdim=True)
+    if scale == "group":
+        centered = centered / (r.std(dim=1, keepdim=True) + eps)   # std with n - 1, as TRL
+    elif scale == "batch":
+        centered = centered / (r.std() + eps)
+    elif scale != "none":
+        raise ValueError(f"scale must be group, batch or none, not {scale!r}")
+    return centered.flatten()
+
+
+def clipped_objective(logp, old_logp, advantages, eps_low: float, eps_high: float):
+    """Per-token min(rho A, clip(rho, 1-eps_low, 1+eps_high) A), and whether the clip was active."""
+    ratio = torch.exp(logp - old_logp)                                  # rho_t
+    clipped_ratio = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    objective = torch.minimum(ratio * advantages, clipped_ratio * advantages)
+    return objective, (ratio * advantages != objective)
+
+
+def k3_kl(logp, ref_logp):
+    """exp(ref - logp) - (ref - logp) - 1: Schulman's k3, an unbiased (on tokens sampled from pi), never
+    negative estimate of KL(pi || pi_ref). Its gradient is not KL(pi || pi_ref)'s: as a loss term on
+    tokens sampled from pi, the expected gradient of k3 is that of KL(pi_ref || pi), the reverse
+    direction (k1 = logp - ref would be unbiased in value and have zero expected gradient;
+    docs/ablations/03-kl-estimator.patch compares them)."""
+    delta = ref_logp - logp
+    return torch.exp(delta) - delta - 1
+
+
+def aggregate_loss(per_token, mask, loss_type: str, num_sequences: int, num_tokens: int, max_len: int):
+    """Sum this micro-batch's share of the global loss (normalisers are global counts)."""
+    if loss_type == "grpo":     # mean over each sequence's tokens, then mean over sequences
+        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / num_sequences
+    if loss_type == "dapo":     # mean over all tokens of the batch: long answers weigh more
+        return (per_token * mask).sum() / num_tokens
+    if loss_type == "dr_grpo":  # a constant normaliser: no length bias
+        return (per_token * mask).sum() / (num_sequences * max_len)
+    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, not {loss_type!r}")
+
+
+# ---- steps 1-3: sample, score, advantages
+
+
+@dataclass
+class Rollout:
+    """One completion, as the update needs it."""
+    prompt_ids: list[int]
+    completion_ids: list[int]      # ends with the EOS token when the completion stopped: it is trained too
+    engine_logprobs: list[float]   # log-prob of each completion token under the engine that sampled it
+    advantage: float               # A_i, the same for every token of the completion
+
+
+def has_signal(group: sequences.Group) -> bool:
+    """DAPO keeps groups with 0 < correct < G; here, groups whose rewards differ, i.e. whose advantages
+    are not all zero (the same test under the accuracy reward; under cosine, lengths differ too)."""
+    return len(set(group.rewards["total"])) > 1
+
+
+def rollout(step: int, engine, problems, prompts, prompt_ids, reward_weights, grader, cosine, cfg: Config,
+            dist):
+    """Steps 1-3. Returns this rank's Rollouts, the groups of the step's batch (every rank's, for the
+    metrics and LIM's trajectories) and the sampling counts.
+
+    Invariants a change here must keep (the update, resuming and lim.py rely on them):
+    - the prompts are a pure function of the step (sequences.batch_indices; extra rounds of dynamic
+      sampling draw from their own seeded stream): a resumed run, or one on any number of ranks, draws
+      the same prompts;
+    - every rank returns prompts_per_step / world_size whole groups, the same number of rollouts: the
+      update runs as many micro-batches on every rank, so FSDP's collectives inside them pair up;
+    - advantages are computed over the global batch (every rank sees every group's rewards), so `batch`
+      scaling and the groups a rank trains on do not depend on the number of ranks;
+    - the returned batch is exactly the step's prompts_per_step prompts at positions step * P + j of the
+      stream of epochs (round 0, whatever dynamic sampling drops): trajectories.jsonl holds each prompt
+      once per epoch, and the logged reward and accuracy are those of that fresh draw;
+    - the engine samples with the policy's current weights (step 5 pushes them): with mu = 1 the update
+      takes pi_old to be the trainer's policy itself, so a fork that samples asynchronously or reuses old
+      batches must pass the sampling policy's log-probs as pi_old, or its ratio stays exactly 1.
+    """
+    P, G, W = cfg.prompts_per_step, cfg.num_generations, dist.world_size
+    with_signal, without_signal, generated, seconds = [], [], 0, {"generation": 0.0, "reward": 0.0}
+    for round_ in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
+        # 1. P prompts (the same on any number of ranks); rank r samples prompts r, r + W, r + 2W, ...
+        drawn = sequences.batch_indices(step, P, len(problems), cfg.seed + round_ * 1_000_003)
+        mine = drawn[dist.rank::W]
+        started = time.time()
+        engine.wake_up()
+        outputs = engine.generate([prompts[i] for i in mine], Sampling(
+            n=G, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_completion_length))
+        engine.sleep()
+        completions = [c for group in outputs for c in group]              # G consecutive per prompt
+        owners = [i for i in mine for _ in range(G)]
+        generated_at = time.time()
+        # 2. rewards r_i = sum_f w_f r_f(o_i), graded in worker processes under a time limit: one column
+        #    per reward function, plus "correct" (0/1) and "total" (r_i)
+        scores = rewards.compute_rewards(
+            [c.text for c in completions], [problems[i]["answer"] for i in owners],
+            [len(c.token_ids) for c in completions], [c.finish_reason == "length" for c in completions],
+            reward_weights, grader, [prompts[i] for i in owners], cosine)  # prompts pick the format rule
+        seconds["generation"] += generated_at - started
+        seconds["reward"] += time.time() - generated_at
+        groups = [sequences.Group(i, step * P + dist.rank + j * W, outputs[j],
+                                  {name: column[j * G:(j + 1) * G] for name, column in scores.items()})
+                  for j, i in enumerate(mine)]
+        # every rank gets every group of the round, in batch order (token ids and log-probs too: dynamic
+        # sampling may train a group on another rank; limo preset: 64 x 7 x <= 3,072 tokens, ~100 MB)
+        groups = sorted((g for part in distributed.all_gather_objects(groups, dist) for g in part),
+                        key=lambda g: g.position)
+        if round_ == 0:
+            batch = groups
+        generated += sum(len(c.token_ids) for g in groups for c in g.completions)
+        if not cfg.dynamic_sampling:
+            break
+        for g in groups:
+            (with_signal if has_signal(g) else without_signal).append(g)
+        if len(with_signal) >= P:
+            break
+    # the P groups trained on: the batch, or with dynamic sampling the first P with signal, filled up
+    # with groups without signal (zero advantage) when the rounds ran out
+    trained = (with_signal + without_signal)[:P] if cfg.dynamic_sampling else batch
+
+    # 3. advantages within each group, over the global batch; rank r trains on groups r, r + W, ...
+    advantages = group_advantages([r for g in trained for r in g.rewards["total"]], G, cfg.scale_rewards)
+    advantages = advantages.view(P, G).tolist()
+    rollouts = [Rollout(prompt_ids[trained[k].problem], c.token_ids, c.logprobs, a)
+                for k in range(dist.rank, P, W) for c, a in zip(trained[k].completions, advantages[k])]
+    counts = {"sampling_rounds": round_ + 1, "generated_tokens": generated,
+              "groups_with_signal": sum(map(has_signal, trained)),
+              "time/generation": seconds["generation"], "time/reward": seconds["reward"]}
+    return rollouts, batch, counts
+
+
+# ---- step 4: the clipped policy-gradient update
+
+
+def pack_micro_batch(rollouts: list[Rollout], pad_id: int, device) -> dict:
+    """One micro-batch as tensors: rows [B, T]; per completion token (mask, engine log-probs) in
+    token_logprobs' layout, [B, T - 1]; one advantage per row, [B, 1]."""
+    input_ids, completion_mask = sequences.pack([r.prompt_ids for r in rollouts],
+                                                [r.completion_ids for r in rollouts], pad_id, device)  # [B, T]
+    engine_logp = sequences.pack_logprobs([r.engine_logprobs for r in rollouts],
+                                          [len(r.prompt_ids) for r in rollouts], input_ids.shape[1], device)
+    return {"input_ids": input_ids, "completion_mask": completion_mask, "mask": completion_mask[:, 1:],
+            "engine_logp": engine_logp,
+            "advantages": torch.tensor([[r.advantage] for r in rollouts], device=device)}             # [B, 1]
+
+
+def policy_update(policy, reference, optimizer, scheduler, rollouts: list[Rollout], cfg: Config, dist,
+                  pad_id: int) -> dict:
+    """Step 4: mu optimizer steps on this rank's rollouts. Losses are normalised by counts over all
+    ranks, so any number of ranks takes the same step as one process. Returns statistics averaged
+    over the global batch."""
+    # rows of similar length share a micro-batch: less padding to compute (measured: -30% update time).
+    # Every normaliser is a global count, so how rows are grouped into micro-batches changes nothing else.
+    rollouts = sorted(rollouts, key=lambda r: len(r.prompt_ids) + len(r.completion_ids))
+    micro_batches = [pack_micro_batch(rollouts[k:k + cfg.micro_batch_size], pad_id, dist.device)
+                     for k in range(0, len(rollouts), cfg.micro_batch_size)]
+    num_sequences = distributed.all_reduce_sum(len(rollouts), dist).item()
+    num_tokens = distributed.all_reduce_sum(sum(len(r.completion_ids) for r in rollouts), dist).item()
+    logprobs = lambda model, mb, **kw: token_logprobs(model, mb["input_ids"], mb["completion_mask"],
+                                                      cfg.temperature, cfg.logprob_chunk_size, **kw)
+    # pi_old (needed only when mu > 1) and pi_ref, before any update, under the autocast pi runs under:
+    # at the first pass pi = pi_old exactly, so the ratio must come out exactly 1
+    with torch.no_grad(), fsdp.autocast(dist, cfg.bf16):
+        for mb in micro_batches:
+            mb["old_logp"] = logprobs(policy, mb)[0] if cfg.num_iterations > 1 else None
+            mb["ref_logp"] = logprobs(reference, mb)[0] if reference is not None else None
+    policy.train()
+    sums = dict.fromkeys(("loss", "clip", "kl", "entropy", "gap"), 0.0)
+    gap_max = torch.zeros((), device=dist.device)
+    for iteration in range(cfg.num_iterations):
+        for mb in micro_batches:
+            with fsdp.autocast(dist, cfg.bf16):
+                logp, entropy = logprobs(policy, mb, with_entropy=iteration == 0)          # [B, T - 1]
+            # pi_old: with mu = 1 the sampling policy is the current one, so rho = exp(logp - logp.detach())
+            # is exactly 1 and the gradient is the plain policy gradient: no extra forward pass needed.
+            old_logp = mb["old_logp"] if mb["old_logp"] is not None else logp.detach()
+            objective, clipped = clipped_objective(logp, old_logp, mb["advantages"], cfg.epsilon_low,
+                                                   cfg.epsilon_high)
+            if cfg.tis_cap > 0:  # engine/trainer mismatch: weight each token by min(pi_old / pi_engine, C)
+                objective = objective * torch.exp(old_logp - mb["engine_logp"]).clamp(max=cfg.tis_cap)
+            kl = k3_kl(logp, mb["ref_logp"]) if reference is not None else torch.zeros_like(logp)
+            per_token = -objective + cfg.beta * kl                                         # L_t
+            loss = aggregate_loss(per_token, mb["mask"], cfg.loss_type, num_sequences, num_tokens,
+                                  cfg.max_completion_length)
+            (loss * dist.world_size).backward()  # FSDP averages gradients over ranks; the loss is global
+
+            # ---- bookkeeping: this micro-batch's share of the step's averages over the global batch
+            token_mean = lambda x: (x.detach() * mb["mask"]).sum().item() / num_tokens
+            sums["loss"] += loss.item() / cfg.num_iterations
+            sums["clip"] += token_mean(clipped) / cfg.num_iterations
+            sums["kl"] += token_mean(kl) / cfg.num_iterations
+            if iteration == 0:
+                gap = (logp.detach() - mb["engine_logp"]).abs() * mb["mask"]  # engine vs trainer (stale?)
+                sums["entropy"] += token_mean(entropy)
+                sums["gap"] += token_mean(gap)
+                gap_max = torch.maximum(gap_max, gap.max())
+        grad_norm = fsdp.clip_grad_norm(policy, cfg.grad_clip)
+        fsdp.stop_if_not_finite({"gradient norm": grad_norm}, scheduler.last_epoch + 1, dist)  # NaN guard
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    stats = {name: distributed.all_reduce_sum(value, dist).item() for name, value in sums.items()}
+    fsdp.stop_if_not_finite({"loss": stats["loss"]}, scheduler.last_epoch, dist)
+    return {"loss": stats["loss"], "clip_frac": stats["clip"], "kl": stats["kl"], "entropy": stats["entropy"],
+            "grad_norm": grad_norm,  # of the last of the mu optimizer steps
+            "logprob_gap_mean": stats["gap"],
+            "logprob_gap_max": distributed.all_reduce_max(gap_max, dist).item()}
+
+
+def main(argv=None):
+    cfg = flags.parse_args(Config, PRESETS, argv, description=__doc__.split("\n\n")[0])
+    dist = distributed.init_distributed(cfg.dist_timeout_minutes)
+    distributed.seed_everything(cfg.seed)
+    try:
+        reward_weights = rewards.parse_weights(cfg.rewards)
+        cosine = rewards.CosineShape.from_flags(cfg.cosine_max_len, cfg.cosine_unit, cfg.cosine_clamp,
+                                                cfg.cosine_correct, cfg.cosine_wrong)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
+    G = cfg.num_generations
+    if G < 2 or cfg.prompts_per_step % dist.world_size:
+        raise SystemExit(f"error: need --num-generations >= 2 and --prompts-per-step divisible by "
+                         f"{dist.world_size} ranks")
+    if cfg.tis_cap > 0 and cfg.top_p < 1:  # the engine's log-probs are then of the nucleus, not of pi
+        raise SystemExit("error: --tis-cap needs --top-p 1 (with top-p < 1 the engine's log-probs are "
+                         "renormalised over the nucleus, so pi_old / pi_engine would not measure staleness)")
+    memplan.report("grpo", cfg, dist)  # every flag is checked: the budget, before anything loads
+
+    # ---- data first: a bad file fails in seconds, before any model loads
+    problems = data.load_problems(cfg.data, split="train", seed=cfg.seed)
+    checkpoint = checkpoints.latest_checkpoint(cfg.output_dir)
+    if cfg.model == "tiny":
+        raise SystemExit("error: GRPO starts from a trained policy; pass --model <sft output dir>")
+    models.check_model_path(cfg.model)
+    tokenizer = models.load_tokenizer(cfg.model)
+    problems, prompts, prompt_ids = data.prepare_prompts(problems, tokenizer, cfg.template,
+                                                         cfg.max_prompt_length, dist, "grpo")
+
+    # ---- models: the policy (from the newest checkpoint when resuming), the frozen reference
+    policy_path = str(checkpoint) if checkpoint else cfg.model
+    policy = models.load_model(policy_path)
+    policy = fsdp.shard_model(policy, dist, cfg.bf16, cfg.gradient_checkpointing)
+    reference = fsdp.load_reference(cfg.model, dist, cfg.bf16) if cfg.beta > 0 else None
+    distributed.seed_per_rank(cfg.seed, dist)  # models alike on all ranks, sampling differs per rank
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  betas=(0.9, cfg.adam_beta2))
+    scheduler = fsdp.cosine_schedule(optimizer, cfg.max_steps * cfg.num_iterations, cfg.warmup_ratio,
+                                     cfg.min_lr_ratio)
+    start_step = 0
+    if checkpoint is not None:
+        state = checkpoints.load_trainer_state(checkpoint)
+        start_step = checkpoints.restore_checkpoint(state, {"policy": (policy, optimizer)},
+                                                    {"policy": scheduler}, dist, seed=cfg.seed)["step"]
+        if dist.is_main:
+            print(f"grpo: resumed from {checkpoint} at step {start_step}")
+    logs.truncate_logs(cfg.output_dir, start_step, dist)  # lines of steps that will be redone go
+    engine = trainer_engine(cfg, policy, tokenizer, policy_path, dist)
+    logger = logs.MetricsLogger(cfg.output_dir, cfg.report_to, asdict(cfg), dist)
+    grader = Grader(num_workers=cfg.grader_workers)
+    if dist.is_main:
+        print(f"grpo: {len(problems)} prompts, {cfg.prompts_per_step} x {G} completions per step, "
+              f"{dist.world_size} rank(s), engine {cfg.engine}, rewards {reward_weights}")
+
+    progress = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
+                    disable=not dist.is_main, desc="grpo")
+    for step in progress:
+        # 1-3. sample, score, group-relative advantages
+        policy.eval()  # dropout off (Qwen2 has none, but a forked model might) for sampling and pi_old/pi_ref
+        rollouts, batch, counts = rollout(step, engine, problems, prompts, prompt_ids, reward_weights, grader,
+                                          cosine, cfg, dist)
+        t1 = time.time()
+        # 4. mu passes of clipped policy-gradient updates over this batch
+        stats = policy_update(policy, reference, optimizer, scheduler, rollouts, cfg, dist,
+                              tokenizer.pad_token_id)
+        # 5. the engine samples the next batch with these weights
+        engine.push_weights(policy)
+        t2 = time.time()
+
+        # ---- LIM's trajectories (what lim.py scores), metrics, completions, checkpoint
+        lim.write_trajectories(cfg.output_dir, step, batch, problems, dist)
+        metrics = logs.rollout_metrics(step, batch, reward_weights, cfg.prompts_per_step, len(problems))
+        logs.write_completions(cfg.output_dir, step, batch, problems, prompts, cfg.log_completions_steps,
+                               dist)
+        metrics |= {**stats, **counts, "lr": scheduler.get_last_lr()[0], "time/update": t2 - t1,
+                    "tokens_per_s": counts["generated_tokens"] / counts["time/generation"]}
+        logger.log(step + 1, metrics)
+        progress.set_postfix(reward=f"{metrics['reward/total']:.3f}", acc=f"{metrics['accuracy']:.3f}")
+        if (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
+            checkpoints.save_checkpoint(cfg.output_dir, step + 1, policy, tokenizer,
+                                        {"policy": (policy, optimizer)}, {"policy": scheduler},
+                                        {"step": step + 1}, dist, save_total_limit=cfg.save_total_limit)
+
+    grader.close()
+    checkpoints.finish(cfg.output_dir, policy, tokenizer, dist)
+    if dist.is_main:
+        print(f"grpo: final model in {cfg.output_dir}")
+    engine.close()  # vLLM's teardown needs the process group that distributed.shutdown destroys
+    distributed.shutdown(dist)
+
+
+# ---- presets: the papers' settings, each value beside its source
 
 PRESETS = {
     # The CPU demo: start from the tiny SFT model (sft.py --preset tiny) and improve it on `linear`.
@@ -163,338 +505,6 @@ PRESETS = {
         # (<= 1024 tokens) in one pass, activations ~0.4 GiB.
         vllm_gpu_memory_utilization=0.2, vllm_max_num_batched_tokens=8192),
 }
-
-
-# ---- the GRPO equations, each a function so the tests can check it against hand computations
-
-
-def token_logprobs(model, input_ids, completion_mask, temperature: float, chunk_size: int,
-                   with_entropy=False):
-    """log pi(o_t | q, o_<t) of every completion token at the sampling temperature and, with_entropy,
-    the entropy of pi(. | q, o_<t) at each position: [B, T - 1] each, both with gradient; logp is zero
-    outside the completion, the entropy is not masked.
-
-    Rows are prompt + completion, right-padded (training.pack). No attention mask is needed: causal
-    attention never lets a real token see the pads after it, and completion_mask drops the pads."""
-    def head(logits, next_tokens):                 # [n, V] fp32 logits at n positions, [n] the tokens after
-        logits = logits / temperature              # the engine sampled from softmax(z / T): score that
-        log_normaliser = logits.logsumexp(-1)                                               # [n]
-        logp = logits.gather(-1, next_tokens[:, None]).squeeze(-1) - log_normaliser        # [n]
-        if not with_entropy:
-            return logp, None
-        return logp, log_normaliser - (logits.softmax(-1) * logits).sum(-1)   # H = -sum_v p_v log p_v
-
-    # The model's output at position t is pi(. | tokens 0..t), the distribution of token t + 1: column t
-    # of the result scores token t + 1, so it is one column narrower than the rows, and completion_mask
-    # shifted by one, [:, 1:], marks the completion's tokens in it. (lm_head runs chunk_size positions at
-    # a time: a micro-batch's full-vocabulary logits would be gigabytes.)
-    logp, entropy = training.next_token_scores(model, input_ids, head, chunk_size)         # [B, T - 1]
-    return logp * completion_mask[:, 1:], entropy
-
-
-def group_advantages(group_rewards, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
-    """A_i = (r_i - mean of its group) / (std + eps); `none` leaves it unscaled (Dr. GRPO).
-
-    A group whose rewards are all equal carries no signal: its advantages are exactly 0, never NaN.
-    A different baseline (RLOO's leave-one-out mean) belongs here: docs/ablations/01-rloo.patch.
-    """
-    r = torch.as_tensor(group_rewards, dtype=torch.float32).view(-1, group_size)   # [groups, G]
-    centered = r - r.mean(dim=1, keepdim=True)
-    if scale == "group":
-        centered = centered / (r.std(dim=1, keepdim=True) + eps)   # std with n - 1, as TRL
-    elif scale == "batch":
-        centered = centered / (r.std() + eps)
-    elif scale != "none":
-        raise ValueError(f"scale must be group, batch or none, not {scale!r}")
-    return centered.flatten()
-
-
-def clipped_objective(logp, old_logp, advantages, eps_low: float, eps_high: float):
-    """Per-token min(rho A, clip(rho, 1-eps_low, 1+eps_high) A), and whether the clip was active."""
-    ratio = torch.exp(logp - old_logp)                                  # rho_t
-    clipped_ratio = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
-    objective = torch.minimum(ratio * advantages, clipped_ratio * advantages)
-    return objective, (ratio * advantages != objective)
-
-
-def k3_kl(logp, ref_logp):
-    """exp(ref - logp) - (ref - logp) - 1: Schulman's k3, an unbiased (on tokens sampled from pi), never
-    negative estimate of KL(pi || pi_ref). Its gradient is not KL(pi || pi_ref)'s: as a loss term on
-    tokens sampled from pi, the expected gradient of k3 is that of KL(pi_ref || pi), the reverse
-    direction (k1 = logp - ref would be unbiased in value and have zero expected gradient;
-    docs/ablations/03-kl-estimator.patch compares them)."""
-    delta = ref_logp - logp
-    return torch.exp(delta) - delta - 1
-
-
-def aggregate_loss(per_token, mask, loss_type: str, num_sequences: int, num_tokens: int, max_len: int):
-    """Sum this micro-batch's share of the global loss (normalisers are global counts)."""
-    if loss_type == "grpo":     # mean over each sequence's tokens, then mean over sequences
-        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / num_sequences
-    if loss_type == "dapo":     # mean over all tokens of the batch: long answers weigh more
-        return (per_token * mask).sum() / num_tokens
-    if loss_type == "dr_grpo":  # a constant normaliser: no length bias
-        return (per_token * mask).sum() / (num_sequences * max_len)
-    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, not {loss_type!r}")
-
-
-# ---- steps 1-3: sample, score, advantages
-
-
-@dataclass
-class Rollout:
-    """One completion, as the update needs it."""
-    prompt_ids: list[int]
-    completion_ids: list[int]      # ends with the EOS token when the completion stopped: it is trained too
-    engine_logprobs: list[float]   # log-prob of each completion token under the engine that sampled it
-    advantage: float               # A_i, the same for every token of the completion
-
-
-def has_signal(group: training.Group) -> bool:
-    """DAPO keeps groups with 0 < correct < G; here, groups whose rewards differ, i.e. whose advantages
-    are not all zero (the same test under the accuracy reward; under cosine, lengths differ too)."""
-    return len(set(group.rewards["total"])) > 1
-
-
-def rollout(step: int, engine, problems, prompts, prompt_ids, reward_weights, grader, cosine, cfg: Config,
-            dist):
-    """Steps 1-3. Returns this rank's Rollouts, the groups of the step's batch (every rank's, for the
-    metrics and LIM's trajectories) and the sampling counts.
-
-    Invariants a change here must keep (the update, resuming and lim.py rely on them):
-    - the prompts are a pure function of the step (training.batch_indices; extra rounds of dynamic
-      sampling draw from their own seeded stream): a resumed run, or one on any number of ranks, draws
-      the same prompts;
-    - every rank returns prompts_per_step / world_size whole groups, the same number of rollouts: the
-      update runs as many micro-batches on every rank, so FSDP's collectives inside them pair up;
-    - advantages are computed over the global batch (every rank sees every group's rewards), so `batch`
-      scaling and the groups a rank trains on do not depend on the number of ranks;
-    - the returned batch is exactly the step's prompts_per_step prompts at positions step * P + j of the
-      stream of epochs (round 0, whatever dynamic sampling drops): trajectories.jsonl holds each prompt
-      once per epoch, and the logged reward and accuracy are those of that fresh draw;
-    - the engine samples with the policy's current weights (step 5 pushes them): with mu = 1 the update
-      takes pi_old to be the trainer's policy itself, so a fork that samples asynchronously or reuses old
-      batches must pass the sampling policy's log-probs as pi_old, or its ratio stays exactly 1.
-    """
-    P, G, W = cfg.prompts_per_step, cfg.num_generations, dist.world_size
-    with_signal, without_signal, generated, seconds = [], [], 0, {"generation": 0.0, "reward": 0.0}
-    for round_ in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
-        # 1. P prompts (the same on any number of ranks); rank r samples prompts r, r + W, r + 2W, ...
-        drawn = training.batch_indices(step, P, len(problems), cfg.seed + round_ * 1_000_003)
-        mine = drawn[dist.rank::W]
-        started = time.time()
-        engine.wake_up()
-        outputs = engine.generate([prompts[i] for i in mine], Sampling(
-            n=G, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_completion_length))
-        engine.sleep()
-        completions = [c for group in outputs for c in group]              # G consecutive per prompt
-        owners = [i for i in mine for _ in range(G)]
-        generated_at = time.time()
-        # 2. rewards r_i = sum_f w_f r_f(o_i), graded in worker processes under a time limit: one column
-        #    per reward function, plus "correct" (0/1) and "total" (r_i)
-        scores = rewards.compute_rewards(
-            [c.text for c in completions], [problems[i]["answer"] for i in owners],
-            [len(c.token_ids) for c in completions], [c.finish_reason == "length" for c in completions],
-            reward_weights, grader, [prompts[i] for i in owners], cosine)  # prompts pick the format rule
-        seconds["generation"] += generated_at - started
-        seconds["reward"] += time.time() - generated_at
-        groups = [training.Group(i, step * P + dist.rank + j * W, outputs[j],
-                                 {name: column[j * G:(j + 1) * G] for name, column in scores.items()})
-                  for j, i in enumerate(mine)]
-        # every rank gets every group of the round, in batch order (token ids and log-probs too: dynamic
-        # sampling may train a group on another rank; limo preset: 64 x 7 x <= 3,072 tokens, ~100 MB)
-        groups = sorted((g for part in training.all_gather_objects(groups, dist) for g in part),
-                        key=lambda g: g.position)
-        if round_ == 0:
-            batch = groups
-        generated += sum(len(c.token_ids) for g in groups for c in g.completions)
-        if not cfg.dynamic_sampling:
-            break
-        for g in groups:
-            (with_signal if has_signal(g) else without_signal).append(g)
-        if len(with_signal) >= P:
-            break
-    # the P groups trained on: the batch, or with dynamic sampling the first P with signal, filled up
-    # with groups without signal (zero advantage) when the rounds ran out
-    trained = (with_signal + without_signal)[:P] if cfg.dynamic_sampling else batch
-
-    # 3. advantages within each group, over the global batch; rank r trains on groups r, r + W, ...
-    advantages = group_advantages([r for g in trained for r in g.rewards["total"]], G, cfg.scale_rewards)
-    advantages = advantages.view(P, G).tolist()
-    rollouts = [Rollout(prompt_ids[trained[k].problem], c.token_ids, c.logprobs, a)
-                for k in range(dist.rank, P, W) for c, a in zip(trained[k].completions, advantages[k])]
-    counts = {"sampling_rounds": round_ + 1, "generated_tokens": generated,
-              "groups_with_signal": sum(map(has_signal, trained)),
-              "time/generation": seconds["generation"], "time/reward": seconds["reward"]}
-    return rollouts, batch, counts
-
-
-# ---- step 4: the clipped policy-gradient update
-
-
-def pack_micro_batch(rollouts: list[Rollout], pad_id: int, device) -> dict:
-    """One micro-batch as tensors: rows [B, T]; per completion token (mask, engine log-probs) in
-    token_logprobs' layout, [B, T - 1]; one advantage per row, [B, 1]."""
-    input_ids, completion_mask = training.pack([r.prompt_ids for r in rollouts],
-                                               [r.completion_ids for r in rollouts], pad_id, device)  # [B, T]
-    engine_logp = training.pack_logprobs([r.engine_logprobs for r in rollouts],
-                                         [len(r.prompt_ids) for r in rollouts], input_ids.shape[1], device)
-    return {"input_ids": input_ids, "completion_mask": completion_mask, "mask": completion_mask[:, 1:],
-            "engine_logp": engine_logp,
-            "advantages": torch.tensor([[r.advantage] for r in rollouts], device=device)}             # [B, 1]
-
-
-def policy_update(policy, reference, optimizer, scheduler, rollouts: list[Rollout], cfg: Config, dist,
-                  pad_id: int) -> dict:
-    """Step 4: mu optimizer steps on this rank's rollouts. Losses are normalised by counts over all
-    ranks, so any number of ranks takes the same step as one process. Returns statistics averaged
-    over the global batch."""
-    # rows of similar length share a micro-batch: less padding to compute (measured: -30% update time).
-    # Every normaliser is a global count, so how rows are grouped into micro-batches changes nothing else.
-    rollouts = sorted(rollouts, key=lambda r: len(r.prompt_ids) + len(r.completion_ids))
-    micro_batches = [pack_micro_batch(rollouts[k:k + cfg.micro_batch_size], pad_id, dist.device)
-                     for k in range(0, len(rollouts), cfg.micro_batch_size)]
-    num_sequences = training.all_reduce_sum(len(rollouts), dist).item()
-    num_tokens = training.all_reduce_sum(sum(len(r.completion_ids) for r in rollouts), dist).item()
-    logprobs = lambda model, mb, **kw: token_logprobs(model, mb["input_ids"], mb["completion_mask"],
-                                                      cfg.temperature, cfg.logprob_chunk_size, **kw)
-    # pi_old (needed only when mu > 1) and pi_ref, before any update, under the autocast pi runs under:
-    # at the first pass pi = pi_old exactly, so the ratio must come out exactly 1
-    with torch.no_grad(), training.autocast(dist, cfg.bf16):
-        for mb in micro_batches:
-            mb["old_logp"] = logprobs(policy, mb)[0] if cfg.num_iterations > 1 else None
-            mb["ref_logp"] = logprobs(reference, mb)[0] if reference is not None else None
-    policy.train()
-    sums = dict.fromkeys(("loss", "clip", "kl", "entropy", "gap"), 0.0)
-    gap_max = torch.zeros((), device=dist.device)
-    for iteration in range(cfg.num_iterations):
-        for mb in micro_batches:
-            with training.autocast(dist, cfg.bf16):
-                logp, entropy = logprobs(policy, mb, with_entropy=iteration == 0)          # [B, T - 1]
-            # pi_old: with mu = 1 the sampling policy is the current one, so rho = exp(logp - logp.detach())
-            # is exactly 1 and the gradient is the plain policy gradient: no extra forward pass needed.
-            old_logp = mb["old_logp"] if mb["old_logp"] is not None else logp.detach()
-            objective, clipped = clipped_objective(logp, old_logp, mb["advantages"], cfg.epsilon_low,
-                                                   cfg.epsilon_high)
-            if cfg.tis_cap > 0:  # engine/trainer mismatch: weight each token by min(pi_old / pi_engine, C)
-                objective = objective * torch.exp(old_logp - mb["engine_logp"]).clamp(max=cfg.tis_cap)
-            kl = k3_kl(logp, mb["ref_logp"]) if reference is not None else torch.zeros_like(logp)
-            per_token = -objective + cfg.beta * kl                                         # L_t
-            loss = aggregate_loss(per_token, mb["mask"], cfg.loss_type, num_sequences, num_tokens,
-                                  cfg.max_completion_length)
-            (loss * dist.world_size).backward()  # FSDP averages gradients over ranks; the loss is global
-
-            # ---- bookkeeping: this micro-batch's share of the step's averages over the global batch
-            token_mean = lambda x: (x.detach() * mb["mask"]).sum().item() / num_tokens
-            sums["loss"] += loss.item() / cfg.num_iterations
-            sums["clip"] += token_mean(clipped) / cfg.num_iterations
-            sums["kl"] += token_mean(kl) / cfg.num_iterations
-            if iteration == 0:
-                gap = (logp.detach() - mb["engine_logp"]).abs() * mb["mask"]  # engine vs trainer (stale?)
-                sums["entropy"] += token_mean(entropy)
-                sums["gap"] += token_mean(gap)
-                gap_max = torch.maximum(gap_max, gap.max())
-        grad_norm = training.clip_grad_norm(policy, cfg.grad_clip)
-        training.stop_if_not_finite({"gradient norm": grad_norm}, scheduler.last_epoch + 1, dist)  # NaN guard
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-    stats = {name: training.all_reduce_sum(value, dist).item() for name, value in sums.items()}
-    training.stop_if_not_finite({"loss": stats["loss"]}, scheduler.last_epoch, dist)
-    return {"loss": stats["loss"], "clip_frac": stats["clip"], "kl": stats["kl"], "entropy": stats["entropy"],
-            "grad_norm": grad_norm,  # of the last of the mu optimizer steps
-            "logprob_gap_mean": stats["gap"],
-            "logprob_gap_max": training.all_reduce_max(gap_max, dist).item()}
-
-
-def main(argv=None):
-    cfg = training.parse_args(Config, PRESETS, argv, description=__doc__.split("\n\n")[0])
-    dist = training.init_distributed(cfg.dist_timeout_minutes)
-    training.seed_everything(cfg.seed)
-    try:
-        reward_weights = rewards.parse_weights(cfg.rewards)
-        cosine = rewards.CosineShape.from_flags(cfg.cosine_max_len, cfg.cosine_unit, cfg.cosine_clamp,
-                                                cfg.cosine_correct, cfg.cosine_wrong)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}")
-    G = cfg.num_generations
-    if G < 2 or cfg.prompts_per_step % dist.world_size:
-        raise SystemExit(f"error: need --num-generations >= 2 and --prompts-per-step divisible by "
-                         f"{dist.world_size} ranks")
-    if cfg.tis_cap > 0 and cfg.top_p < 1:  # the engine's log-probs are then of the nucleus, not of pi
-        raise SystemExit("error: --tis-cap needs --top-p 1 (with top-p < 1 the engine's log-probs are "
-                         "renormalised over the nucleus, so pi_old / pi_engine would not measure staleness)")
-    memplan.report("grpo", cfg, dist)  # every flag is checked: the budget, before anything loads
-
-    # ---- data first: a bad file fails in seconds, before any model loads
-    problems = data.load_problems(cfg.data, split="train", seed=cfg.seed)
-    checkpoint = training.latest_checkpoint(cfg.output_dir)
-    if cfg.model == "tiny":
-        raise SystemExit("error: GRPO starts from a trained policy; pass --model <sft output dir>")
-    training.check_model_path(cfg.model)
-    tokenizer = training.load_tokenizer(cfg.model)
-    problems, prompts, prompt_ids = training.prepare_prompts(problems, tokenizer, cfg.template,
-                                                             cfg.max_prompt_length, dist, "grpo")
-
-    # ---- models: the policy (from the newest checkpoint when resuming), the frozen reference
-    policy_path = str(checkpoint) if checkpoint else cfg.model
-    policy = training.load_model(policy_path)
-    policy = training.shard_model(policy, dist, cfg.bf16, cfg.gradient_checkpointing)
-    reference = training.load_reference(cfg.model, dist, cfg.bf16) if cfg.beta > 0 else None
-    training.seed_per_rank(cfg.seed, dist)  # models are built alike on all ranks; sampling differs per rank
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  betas=(0.9, cfg.adam_beta2))
-    scheduler = training.cosine_schedule(optimizer, cfg.max_steps * cfg.num_iterations, cfg.warmup_ratio,
-                                         cfg.min_lr_ratio)
-    start_step = 0
-    if checkpoint is not None:
-        state = training.load_trainer_state(checkpoint)
-        start_step = training.restore_checkpoint(state, {"policy": (policy, optimizer)},
-                                                 {"policy": scheduler}, dist, seed=cfg.seed)["step"]
-        if dist.is_main:
-            print(f"grpo: resumed from {checkpoint} at step {start_step}")
-    training.truncate_logs(cfg.output_dir, start_step, dist)  # lines of steps that will be redone go
-    engine = trainer_engine(cfg, policy, tokenizer, policy_path, dist)
-    logger = training.MetricsLogger(cfg.output_dir, cfg.report_to, asdict(cfg), dist)
-    grader = Grader(num_workers=cfg.grader_workers)
-    if dist.is_main:
-        print(f"grpo: {len(problems)} prompts, {cfg.prompts_per_step} x {G} completions per step, "
-              f"{dist.world_size} rank(s), engine {cfg.engine}, rewards {reward_weights}")
-
-    progress = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
-                    disable=not dist.is_main, desc="grpo")
-    for step in progress:
-        # 1-3. sample, score, group-relative advantages
-        policy.eval()  # dropout off (Qwen2 has none, but a forked model might) for sampling and pi_old/pi_ref
-        rollouts, batch, counts = rollout(step, engine, problems, prompts, prompt_ids, reward_weights, grader,
-                                          cosine, cfg, dist)
-        t1 = time.time()
-        # 4. mu passes of clipped policy-gradient updates over this batch
-        stats = policy_update(policy, reference, optimizer, scheduler, rollouts, cfg, dist,
-                              tokenizer.pad_token_id)
-        # 5. the engine samples the next batch with these weights
-        engine.push_weights(policy)
-        t2 = time.time()
-
-        # ---- metrics, LIM trajectories, completions, checkpoint
-        metrics = training.log_groups(step, batch, problems, prompts, reward_weights, cfg.prompts_per_step,
-                                      cfg.output_dir, cfg.log_completions_steps, dist)
-        metrics |= {**stats, **counts, "lr": scheduler.get_last_lr()[0], "time/update": t2 - t1,
-                    "tokens_per_s": counts["generated_tokens"] / counts["time/generation"]}
-        logger.log(step + 1, metrics)
-        progress.set_postfix(reward=f"{metrics['reward/total']:.3f}", acc=f"{metrics['accuracy']:.3f}")
-        if (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
-            models = {"policy": (policy, optimizer)}
-            training.save_checkpoint(cfg.output_dir, step + 1, policy, tokenizer, models,
-                                     {"policy": scheduler}, {"step": step + 1}, dist,
-                                     save_total_limit=cfg.save_total_limit)
-
-    grader.close()
-    training.finish(cfg.output_dir, policy, tokenizer, dist)
-    if dist.is_main:
-        print(f"grpo: final model in {cfg.output_dir}")
-    engine.close()  # vLLM's teardown needs the process group that training.shutdown destroys
-    training.shutdown(dist)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,20 @@ LIMR_CORRECT_REWARD = 1   # LIMR lim/lim_selection.py:29: a completion counts as
 # ----------------------------------------------------------------------------------------------
 # Trajectories: r_i^k as a (samples, epochs) array, NaN where sample i was not seen in epoch k.
 
+def write_trajectories(output_dir, step: int, groups, problems: list[dict], dist):
+    """What an RL trainer records for LIM, on rank 0: one line per prompt of step `step` (0-based) in
+    output_dir/trajectories.jsonl, with the epoch its batch position falls in and how many of its group's
+    completions were right. read_trajectories turns the lines into r_i^k. `groups` are the step's batch
+    in order (sequences.Group, every rank's), `problems` the trainer's problem list."""
+    if not dist.is_main:
+        return
+    with open(Path(output_dir) / "trajectories.jsonl", "a") as f:
+        for g in groups:
+            f.write(json.dumps({"step": step + 1, "id": problems[g.problem]["id"],
+                                "epoch": g.position // len(problems),
+                                "correct": sum(g.rewards["correct"]), "n": len(g.completions)}) + "\n")
+
+
 def read_trajectories(path, epochs: int | None = None) -> tuple[list[str], np.ndarray]:
     """Sample ids in order of first appearance and their r_i^k; `epochs` keeps epochs 0..epochs-1."""
     path = Path(path)

@@ -34,6 +34,7 @@ Which equation each function implements:
   clipped_objective   L_actor: PPO's clipped surrogate (Schulman et al., 2017, eq. 7)
   clipped_value_loss  L_critic: the value clipping of OpenRLHF's ValueLoss (openrlhf/models/loss.py; its
                       per-sequence mean is not ours: README, "Deviations")
+  rollout             steps 1-2
   make_experience     step 3; r_t is the KL-penalised reward of Ouyang et al., 2022 (sec. 3.5, eq. 2),
                       spread over the tokens as OpenRLHF does (k1 per token, the score on the last)
   ppo_update          step 4
@@ -47,7 +48,7 @@ rows (right padding, rows sorted by length within a mini-batch, is simpler); one
 colocated with training and asleep during updates (OpenRLHF runs vLLM, actor, critic and reference
 as separate Ray actors: more GPUs, more plumbing).
 Data, rewards, engine, sharding, checkpoints and the trajectories lim.py reads are grpo.py's (their
-plumbing lives in training.py and engine.py); only steps 3 and 4 differ.
+plumbing lives in mathrl/); `rollout` (steps 1-2) has grpo.py's shape, and only steps 3 and 4 differ.
 """
 import time
 from dataclasses import asdict, dataclass
@@ -57,18 +58,18 @@ import torch
 from tqdm import tqdm
 
 import data
-import memplan
+import lim
 import rewards
-import training
-from engine import Sampling, trainer_engine
-from grader import Grader
-from training import flag
+from mathrl import checkpoints, distributed, flags, fsdp, logs, memplan, models, sequences
+from mathrl.engine import Sampling, trainer_engine
+from mathrl.flags import COUNT, FRACTION, NON_NEGATIVE, flag
+from mathrl.grader import Grader
 
 TEMPLATES = data.TEMPLATES  # inside Config, `data` is the --data field
 
 
 @dataclass
-class Config(training.RLFlags):
+class Config(flags.RLFlags):
     model: str = flag("Qwen/Qwen2.5-Math-7B", "policy to start from: hub id or local folder")
     critic: str = flag("", "value model to start from: a critic saved by ppo.py (output-dir/critic), or any "
                            "causal LM, whose LM head is replaced by a fresh scalar head (default: --model)")
@@ -78,76 +79,42 @@ class Config(training.RLFlags):
     output_dir: str = flag("runs/ppo", "checkpoints, metrics.jsonl, trajectories.jsonl, final actor, "
                                        "final critic in critic/")
     max_steps: int = flag(200, "generation steps (each followed by rollout / train-batch-size x ppo-epochs "
-                               "optimizer steps)")
+                               "optimizer steps)", **COUNT)
     prompts_per_step: int = flag(1024, "rollout batch: prompts per step over all ranks; each gets "
-                                       "num-generations completions")
-    num_generations: int = flag(8, "completions per prompt")
+                                       "num-generations completions", **COUNT)
+    num_generations: int = flag(8, "completions per prompt", **COUNT)
     train_batch_size: int = flag(256, "completions per optimizer step over all ranks; a multiple of "
-                                      "num-generations x ranks")
-    ppo_epochs: int = flag(1, "passes over each rollout")
-    micro_batch_size: int = flag(4, "completions per forward/backward pass on one rank")
-    temperature: float = flag(1.2, "sampling temperature (log-probs are taken at the same temperature)")
-    top_p: float = flag(1.0, "nucleus sampling mass")
+                                      "num-generations x ranks", **COUNT)
+    ppo_epochs: int = flag(1, "passes over each rollout", **COUNT)
+    micro_batch_size: int = flag(4, "completions per forward/backward pass on one rank", **COUNT)
+    temperature: float = flag(1.2, "sampling temperature (log-probs are taken at the same temperature)",
+                              above=0)  # the log-probs divide the logits by it: 0 would train on NaN
+    top_p: float = flag(1.0, "nucleus sampling mass", above=0, high=1)
     max_prompt_length: int = flag(1024, "prompts longer than this (tokens) are left out, with a count "
-                                        "printed")
-    max_completion_length: int = flag(3072, "max new tokens per completion")
-    rewards: str = flag("limr:1", "weighted reward functions of rewards.py: accuracy, format, cosine, limr")
-    kl_coef: float = flag(0.01, "per-token KL penalty in the reward (0: no reference model is loaded)")
-    gamma: float = flag(1.0, "discount of GAE")
-    lam: float = flag(0.95, "lambda of GAE (1: Monte-Carlo returns, 0: one-step TD)")
-    clip_eps: float = flag(0.2, "clip rho to [1 - clip-eps, 1 + clip-eps]")
+                                        "printed", **COUNT)
+    max_completion_length: int = flag(3072, "max new tokens per completion", **COUNT)
+    rewards: str = flag("limr:1", "weighted reward functions of rewards.py, NAME:WEIGHT,...: "
+                                  + ", ".join(rewards.REWARD_NAMES))
+    kl_coef: float = flag(0.01, "per-token KL penalty in the reward (0: no reference model is loaded)",
+                          **NON_NEGATIVE)
+    gamma: float = flag(1.0, "discount of GAE", **FRACTION)
+    lam: float = flag(0.95, "lambda of GAE (1: Monte-Carlo returns, 0: one-step TD)", **FRACTION)
+    clip_eps: float = flag(0.2, "clip rho to [1 - clip-eps, 1 + clip-eps]", **FRACTION)
     value_clip: float = flag(0.2, "keep new values within this of the rollout's values in the clipped "
-                                  "value loss")
-    actor_lr: float = flag(5e-7, "actor peak learning rate (AdamW)")
-    critic_lr: float = flag(9e-6, "critic peak learning rate (AdamW)")
-    critic_warmup_steps: int = flag(0, "first steps that train the critic only, the actor frozen")
-    warmup_ratio: float = flag(0.0016, "fraction of optimizer steps with linear warm-up")
-    min_lr_ratio: float = flag(1.0, "cosine decays to lr * this")
-    weight_decay: float = flag(0.0, "AdamW weight decay")
-    grad_clip: float = flag(1.0, "max gradient norm of each model (0: no clipping)")
-    save_steps: int = flag(10, "write output-dir/checkpoint-N every N steps")
-    seed: int = flag(0, "data order, sampling, value head initialisation")
-
-
-PRESETS = {
-    # The CPU demo: start from the tiny SFT model (sft.py --preset tiny) and improve it on `linear`.
-    # One update per rollout at a small actor lr; 5 steps of critic warm-up. Higher actor lrs (1e-4,
-    # 3e-4) with two updates per rollout made held-out pass@1 worse on the tiny model.
-    "tiny": dict(data="linear", template="plain", max_steps=30, prompts_per_step=16, num_generations=8,
-                 train_batch_size=128, micro_batch_size=32, temperature=1.0, max_prompt_length=128,
-                 max_completion_length=192, rewards="accuracy:1", kl_coef=0.01, actor_lr=5e-5, critic_lr=1e-3,
-                 critic_warmup_steps=5, warmup_ratio=0.0, min_lr_ratio=1.0, bf16=False,
-                 gradient_checkpointing=False, engine="hf", grader_workers=1, save_steps=10,
-                 log_completions_steps=10),
-    # LIMR (Li et al. 2025): GAIR-NLP/LIMR scripts/train_limr.sh ("sh:N") through their OpenRLHF fork
-    # (defaults in openrlhf/cli/train_ppo_ray.py, "ray:N"): PPO from the base model on the 1,389 LIMR
-    # problems. A rollout of 1024 x 8 is 32 updates of 256. Their scheduler is a cosine to 0.1 x lr over
-    # --num_episodes 10000 (sh:53, trainer/ray/ppo_actor.py:250-256), flat over any real run: min_lr_ratio 1.
-    # max_steps 200 is OURS (their run has no step limit); warmup_ratio makes their 10 warm-up updates
-    # (sh:65) of 200 x 32. Deviation: LIMR's actor takes log-probs at temperature 1 (models/actor.py:216)
-    # while sampling at 1.2; ours takes them at 1.2, the distribution that was sampled.
-    "limr": dict(model="Qwen/Qwen2.5-Math-7B", data="limr",  # sh:41, sh:66
-                 template="qwen-math",  # the dataset's chat messages, Qwen2.5-Math's template (sh:68-69)
-                 prompts_per_step=1024, num_generations=8, train_batch_size=256,  # sh:50, 51, 48
-                 ppo_epochs=1, micro_batch_size=4,  # sh:52, 46
-                 temperature=1.2, top_p=1.0,  # sh:77, ray:282
-                 max_prompt_length=1024, max_completion_length=3072,  # sh:54, 55
-                 rewards="limr:1",  # the rule reward of openrlhf/cli/serve_rm.py (sh:4-10)
-                 kl_coef=0.01, gamma=1.0, lam=0.95,  # sh:59, ray:278, sh:62
-                 clip_eps=0.2, value_clip=0.2,  # sh:60, 61
-                 actor_lr=5e-7, critic_lr=9e-6, critic_warmup_steps=0,  # sh:57, 58; no --freezing_actor_steps
-                 max_steps=200, warmup_ratio=0.0016, min_lr_ratio=1.0,  # see above
-                 weight_decay=0.0, grad_clip=1.0,  # ray:273, ray:272
-                 bf16=True, gradient_checkpointing=True, engine="vllm",  # sh:64, 76, 37
-                 save_steps=10,  # OURS: they save every step (sh:40)
-                 # OURS, vLLM colocated on each of 8 GPUs (memplan.py's terms): training keeps 12 B x (7.62B
-                 # actor + 7.07B critic) / 8 of fp32 weights + Adam and 2 B x 7.62B / 8 of bf16 reference
-                 # = 22.3 GiB, plus 4 GiB reserve; vLLM's 0.55 of 80 GiB = 44 GiB (70.3 GiB in all) holds bf16
-                 # weights 14.2 GiB, ~2 GiB activations and 27.8 GiB of KV cache = 127 sequences of 4096
-                 # tokens at 56 KiB each; the 1024 per GPU run in waves. 8192 tokens per pass: a GPU's 128
-                 # prompts (<= 1024 tokens) in 16 passes, activations ~0.8 GiB.
-                 vllm_gpu_memory_utilization=0.55, vllm_max_num_batched_tokens=8192),
-}
+                                  "value loss", **NON_NEGATIVE)
+    actor_lr: float = flag(5e-7, "actor peak learning rate (AdamW)", **NON_NEGATIVE)
+    critic_lr: float = flag(9e-6, "critic peak learning rate (AdamW)", **NON_NEGATIVE)
+    critic_warmup_steps: int = flag(0, "first steps that train the critic only, the actor frozen",
+                                    **NON_NEGATIVE)
+    warmup_ratio: float = flag(0.0016, "fraction of optimizer steps with linear warm-up", **FRACTION)
+    min_lr_ratio: float = flag(1.0, "cosine decays to lr * this", **FRACTION)
+    weight_decay: float = flag(0.0, "AdamW weight decay", **NON_NEGATIVE)
+    adam_beta2: float = flag(0.95, "AdamW beta2 of both models (beta1 is 0.9): OpenRLHF's default, LIMR's "
+                                   "trainer; the transformers Trainer uses 0.999", **FRACTION)
+    grad_clip: float = flag(1.0, "max gradient norm of each model (0: no clipping)", **NON_NEGATIVE)
+    save_steps: int = flag(10, "write output-dir/checkpoint-N every N steps", **COUNT)
+    seed: int = flag(0, "data order, sampling, value head initialisation",
+                     low=0, high=2 ** 32 - 1)  # numpy's seed range
 
 
 # ---- the critic: a value model V(s_t) for every prefix of a sequence
@@ -182,7 +149,7 @@ def critic_values(critic, input_ids) -> torch.Tensor:
     """V in token_logprobs' layout, [B, T - 1]: values[:, t] is the head's output at position t, the value
     of the state (tokens 0..t) in which token t+1 is chosen. So a completion token's log-prob and the value
     V(s_t) of the state it was chosen in share one index, and both are masked by completion_mask[:, 1:]."""
-    return critic(input_ids=input_ids).logits[:, :-1, 0].float()  # rows packed by training.pack
+    return critic(input_ids=input_ids).logits[:, :-1, 0].float()  # rows packed by sequences.pack
 
 
 # ---- the PPO equations, each a function so the tests can check it against hand computations
@@ -191,10 +158,11 @@ def critic_values(critic, input_ids) -> torch.Tensor:
 def token_logprobs(model, input_ids, completion_mask, temperature: float, chunk_size: int,
                    with_entropy=False):
     """log pi(o_t | q, o_<t) of every completion token at the sampling temperature and, with_entropy,
-    the entropy of pi(. | q, o_<t) at each position: [B, T - 1] each, both with gradient. (grpo.py has
-    the same function: each algorithm file shows its own math.)
+    the entropy of pi(. | q, o_<t) at each position: [B, T - 1] each, both with gradient; logp is zero
+    outside the completion, the entropy is not masked. (grpo.py has the same function: each algorithm
+    file shows its own math.)
 
-    Rows are prompt + completion, right-padded (training.pack). No attention mask is needed: causal
+    Rows are prompt + completion, right-padded (sequences.pack). No attention mask is needed: causal
     attention never lets a real token see the pads after it, and completion_mask drops the pads."""
     def head(logits, next_tokens):                 # [n, V] fp32 logits at n positions, [n] the tokens after
         logits = logits / temperature              # the engine sampled from softmax(z / T): score that
@@ -208,7 +176,7 @@ def token_logprobs(model, input_ids, completion_mask, temperature: float, chunk_
     # of the result scores token t + 1, so it is one column narrower than the rows, and completion_mask
     # shifted by one, [:, 1:], marks the completion's tokens in it. (lm_head runs chunk_size positions at
     # a time: a micro-batch's full-vocabulary logits would be gigabytes.)
-    logp, entropy = training.next_token_scores(model, input_ids, head, chunk_size)         # [B, T - 1]
+    logp, entropy = sequences.next_token_scores(model, input_ids, head, chunk_size)         # [B, T - 1]
     return logp * completion_mask[:, 1:], entropy
 
 
@@ -232,7 +200,7 @@ def whiten(tensors: list, masks: list, dist, eps: float = 1e-8) -> list:
     """(x - mean) / std with the mean and std over the masked tokens of the GLOBAL batch (all micro-
     batches of all ranks), so the advantages are the same whatever the number of ranks."""
     def global_sum(xs):
-        return training.all_reduce_sum(sum((x.double() * m).sum() for x, m in zip(xs, masks)), dist)
+        return distributed.all_reduce_sum(sum((x.double() * m).sum() for x, m in zip(xs, masks)), dist)
 
     count = global_sum([torch.ones_like(m) for m in masks])
     mean = global_sum(tensors) / count
@@ -256,7 +224,7 @@ def clipped_value_loss(values, old_values, returns, clip: float):
     return 0.5 * torch.maximum(unclipped_loss, clipped_loss), decided
 
 
-# ---- step 3: per-token rewards, values and advantages of the rollout
+# ---- steps 1-2: sample and score
 
 
 @dataclass
@@ -268,15 +236,64 @@ class Rollout:
     score: float                   # s_i, the task reward, given on the last token
 
 
+def rollout(step: int, engine, problems, prompts, prompt_ids, reward_weights, grader, cosine, cfg: Config,
+            dist):
+    """Steps 1-2. Returns this rank's Rollouts (its whole groups, in prompt order), a summary of every
+    group of the step's batch (every rank's, for the metrics and LIM's trajectories) and the timings.
+
+    Invariants a change here must keep (steps 3-4, resuming and lim.py rely on them):
+    - the prompts are a pure function of the step (sequences.batch_indices): a resumed run, or one on any
+      number of ranks, draws the same prompts;
+    - every rank samples prompts_per_step / world_size prompts, whole groups: make_experience cuts every
+      rank's rollouts into the same number of mini-batches, so FSDP's collectives inside them pair up;
+    - the returned batch is exactly the step's prompts at positions step * P + j of the stream of epochs:
+      trajectories.jsonl holds each prompt once per epoch;
+    - the engine samples with the actor's current weights (step 5 pushes them): make_experience takes
+      pi_old to be the actor itself, so a fork that samples asynchronously must pass the sampling
+      policy's log-probs instead.
+    """
+    P, G, W = cfg.prompts_per_step, cfg.num_generations, dist.world_size
+    # 1. P prompts (the same on any number of ranks); rank r samples prompts r, r + W, r + 2W, ...
+    mine = sequences.batch_indices(step, P, len(problems), cfg.seed)[dist.rank::W]
+    started = time.time()
+    engine.wake_up()
+    outputs = engine.generate([prompts[i] for i in mine], Sampling(
+        n=G, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_completion_length))
+    engine.sleep()
+    completions = [c for group in outputs for c in group]             # G consecutive per prompt
+    owners = [i for i in mine for _ in range(G)]
+    generated_at = time.time()
+    # 2. scores s_i = sum_f w_f r_f(o_i), graded in worker processes under a time limit
+    scores = rewards.compute_rewards(
+        [c.text for c in completions], [problems[i]["answer"] for i in owners],
+        [len(c.token_ids) for c in completions], [c.finish_reason == "length" for c in completions],
+        reward_weights, grader, [prompts[i] for i in owners], cosine)  # prompts pick the format rule
+    groups = [sequences.Group(i, step * P + dist.rank + j * W, outputs[j],
+                              {name: column[j * G:(j + 1) * G] for name, column in scores.items()})
+              for j, i in enumerate(mine)]
+    # every rank gets a summary of every group of the step, in batch order (for the metrics and LIM's
+    # trajectories; only the first group's texts, for completions.jsonl)
+    summaries = [g.summary(keep_text=g.position == step * P) for g in groups]
+    batch = sorted((g for part in distributed.all_gather_objects(summaries, dist) for g in part),
+                   key=lambda g: g.position)
+    rollouts = [Rollout(prompt_ids[g.problem], c.token_ids, c.logprobs, s)
+                for g in groups for c, s in zip(g.completions, g.rewards["total"])]
+    seconds = {"time/generation": generated_at - started, "time/reward": time.time() - generated_at}
+    return rollouts, batch, seconds
+
+
+# ---- step 3: per-token rewards, values and advantages of the rollout
+
+
 def _pack(rollouts: list[Rollout], pad_id: int, device) -> dict:
     """One micro-batch as tensors; everything per token is in token_logprobs' layout, [B, T - 1]."""
-    input_ids, completion_mask = training.pack([r.prompt_ids for r in rollouts],
-                                               [r.completion_ids for r in rollouts], pad_id, device)  # [B, T]
+    input_ids, completion_mask = sequences.pack([r.prompt_ids for r in rollouts],
+                                                [r.completion_ids for r in rollouts], pad_id, device)  # [B, T]
     score = torch.zeros(len(rollouts), input_ids.shape[1] - 1, device=device)                   # [B, T - 1]
     for row, r in enumerate(rollouts):  # column t scores token t + 1: the last token's column is length - 2
         score[row, len(r.prompt_ids) + len(r.completion_ids) - 2] = r.score
-    engine_logp = training.pack_logprobs([r.engine_logprobs for r in rollouts],
-                                         [len(r.prompt_ids) for r in rollouts], input_ids.shape[1], device)
+    engine_logp = sequences.pack_logprobs([r.engine_logprobs for r in rollouts],
+                                          [len(r.prompt_ids) for r in rollouts], input_ids.shape[1], device)
     return {"input_ids": input_ids, "completion_mask": completion_mask, "mask": completion_mask[:, 1:],
             "score": score, "engine_logp": engine_logp}
 
@@ -296,7 +313,7 @@ def make_experience(actor, critic, reference, rollouts: list[Rollout], cfg: Conf
     with torch.no_grad():
         for mb in micro_batches:
             mask = mb["mask"]
-            with training.autocast(dist, cfg.bf16):
+            with fsdp.autocast(dist, cfg.bf16):
                 mb["old_logp"] = logprobs(actor, mb)
                 ref_logp = logprobs(reference, mb) if reference is not None else mb["old_logp"]
                 mb["values"] = critic_values(critic, mb["input_ids"]) * mask
@@ -323,8 +340,8 @@ def make_experience(actor, critic, reference, rollouts: list[Rollout], cfg: Conf
              # 1 - Var(R - V) / Var(R): 1 when the critic predicts the returns, 0 when it knows only the mean
              "explained_variance": 1 - error_variance / max(return_variance, 1e-12),
              "logprob_gap_mean": m["gap"],
-             "logprob_gap_max": training.all_reduce_max(torch.stack([g.max() for g in gaps]).max(),
-                                                        dist).item()}
+             "logprob_gap_max": distributed.all_reduce_max(torch.stack([g.max() for g in gaps]).max(),
+                                                           dist).item()}
     return experience, stats
 
 
@@ -332,7 +349,7 @@ def _token_means(named: dict, masks: list, dist) -> dict:
     """Mean of each list of tensors over the masked tokens of every rank (one all-reduce)."""
     sums = torch.stack([sum((x.double() * m).sum() for x, m in zip(xs, masks)) for xs in named.values()]
                        + [sum(m.sum().double() for m in masks)])
-    sums = training.all_reduce_sum(sums, dist)
+    sums = distributed.all_reduce_sum(sums, dist)
     return {name: (sums[k] / sums[-1]).item() for k, name in enumerate(named)}
 
 
@@ -346,7 +363,7 @@ def ppo_update(experience, optimizers: dict, schedulers: dict, cfg: Config, dist
     same step as one process. Returns statistics averaged over all optimizer steps and the global batch."""
     actor, critic = optimizers["actor"][0], optimizers["critic"][0]
     tokens = torch.stack([sum(mb["mask"].sum() for mb in mini) for mini in experience]).double()
-    tokens = training.all_reduce_sum(tokens, dist)  # response tokens of each global mini-batch
+    tokens = distributed.all_reduce_sum(tokens, dist)  # response tokens of each global mini-batch
     num_updates = len(experience) * cfg.ppo_epochs
     sums = dict.fromkeys(("policy_loss", "value_loss", "clip_frac", "value_clip_frac", "entropy"), 0.0)
     grad_norms = {"actor": 0.0, "critic": 0.0}
@@ -359,14 +376,14 @@ def ppo_update(experience, optimizers: dict, schedulers: dict, cfg: Config, dist
             for mb in mini:
                 mask = mb["mask"]                                                          # [B, T - 1]
                 # the critic regresses V(s_t) on the GAE return R_t
-                with training.autocast(dist, cfg.bf16):
+                with fsdp.autocast(dist, cfg.bf16):
                     values = critic_values(critic, mb["input_ids"])
                 value_loss, value_clipped = clipped_value_loss(values, mb["values"], mb["returns"],
                                                                cfg.value_clip)
                 value_loss = (value_loss * mask).sum() / num_tokens
                 (value_loss * dist.world_size).backward()  # FSDP averages gradients over ranks; undo
                 if train_actor:  # the actor follows the clipped policy gradient of the whitened advantages
-                    with training.autocast(dist, cfg.bf16):
+                    with fsdp.autocast(dist, cfg.bf16):
                         logp, entropy = token_logprobs(actor, mb["input_ids"], mb["completion_mask"],
                                                        cfg.temperature, cfg.logprob_chunk_size,
                                                        with_entropy=True)                  # [B, T - 1]
@@ -385,16 +402,16 @@ def ppo_update(experience, optimizers: dict, schedulers: dict, cfg: Config, dist
                     sums["entropy"] += token_mean(entropy)
             for name in ("critic", "actor") if train_actor else ("critic",):
                 model, optimizer = optimizers[name]
-                grad_norm = training.clip_grad_norm(model, cfg.grad_clip)
-                training.stop_if_not_finite({f"{name} gradient norm": grad_norm},
-                                            schedulers[name].last_epoch + 1, dist)
+                grad_norm = fsdp.clip_grad_norm(model, cfg.grad_clip)
+                fsdp.stop_if_not_finite({f"{name} gradient norm": grad_norm},
+                                        schedulers[name].last_epoch + 1, dist)
                 grad_norms[name] += grad_norm / num_updates
                 optimizer.step()
                 schedulers[name].step()
                 optimizer.zero_grad(set_to_none=True)
-    stats = {name: training.all_reduce_sum(value, dist).item() for name, value in sums.items()}
-    training.stop_if_not_finite({"policy loss": stats["policy_loss"], "value loss": stats["value_loss"]},
-                                schedulers["critic"].last_epoch, dist)
+    stats = {name: distributed.all_reduce_sum(value, dist).item() for name, value in sums.items()}
+    fsdp.stop_if_not_finite({"policy loss": stats["policy_loss"], "value loss": stats["value_loss"]},
+                            schedulers["critic"].last_epoch, dist)
     stats |= {"actor_grad_norm": grad_norms["actor"], "critic_grad_norm": grad_norms["critic"]}
     if not train_actor:  # a frozen actor has no loss, clip fraction, entropy or gradient: log none, not 0
         stats = {name: stats[name] for name in ("value_loss", "value_clip_frac", "critic_grad_norm")}
@@ -402,9 +419,9 @@ def ppo_update(experience, optimizers: dict, schedulers: dict, cfg: Config, dist
 
 
 def main(argv=None):
-    cfg = training.parse_args(Config, PRESETS, argv, description=__doc__.split("\n\n")[0])
-    dist = training.init_distributed(cfg.dist_timeout_minutes)
-    training.seed_everything(cfg.seed)
+    cfg = flags.parse_args(Config, PRESETS, argv, description=__doc__.split("\n\n")[0])
+    dist = distributed.init_distributed(cfg.dist_timeout_minutes)
+    distributed.seed_everything(cfg.seed)
     try:
         reward_weights = rewards.parse_weights(cfg.rewards)
         cosine = rewards.CosineShape.from_flags(cfg.cosine_max_len, cfg.cosine_unit, cfg.cosine_clamp,
@@ -422,41 +439,42 @@ def main(argv=None):
 
     # ---- data first: a bad file fails in seconds, before any model loads
     problems = data.load_problems(cfg.data, split="train", seed=cfg.seed)
-    checkpoint = training.latest_checkpoint(cfg.output_dir)
+    checkpoint = checkpoints.latest_checkpoint(cfg.output_dir)
     if cfg.model == "tiny":
         raise SystemExit("error: PPO starts from a trained policy; pass --model <sft output dir>")
-    training.check_model_path(cfg.model)
+    models.check_model_path(cfg.model)
     if cfg.critic:
-        training.check_model_path(cfg.critic, "--critic")
-    tokenizer = training.load_tokenizer(cfg.model)
-    problems, prompts, prompt_ids = training.prepare_prompts(problems, tokenizer, cfg.template,
-                                                             cfg.max_prompt_length, dist, "ppo")
+        models.check_model_path(cfg.critic, "--critic")
+    tokenizer = models.load_tokenizer(cfg.model)
+    problems, prompts, prompt_ids = data.prepare_prompts(problems, tokenizer, cfg.template,
+                                                         cfg.max_prompt_length, dist, "ppo")
 
     # ---- models: actor and critic (from the newest checkpoint when resuming), the frozen reference
     actor_path = str(checkpoint) if checkpoint else cfg.model
-    actor = training.shard_model(training.load_model(actor_path), dist, cfg.bf16, cfg.gradient_checkpointing)
+    actor = fsdp.shard_model(models.load_model(actor_path), dist, cfg.bf16, cfg.gradient_checkpointing)
     critic = load_critic(str(checkpoint / "critic") if checkpoint else cfg.critic or cfg.model, cfg.seed)
-    critic = training.shard_model(critic, dist, cfg.bf16, cfg.gradient_checkpointing)
-    reference = training.load_reference(cfg.model, dist, cfg.bf16) if cfg.kl_coef > 0 else None
-    training.seed_per_rank(cfg.seed, dist)  # models (the critic's new head too) are alike on all ranks first
+    critic = fsdp.shard_model(critic, dist, cfg.bf16, cfg.gradient_checkpointing)
+    reference = fsdp.load_reference(cfg.model, dist, cfg.bf16) if cfg.kl_coef > 0 else None
+    distributed.seed_per_rank(cfg.seed, dist)  # models (the critic's new head too) alike on all ranks first
     adamw = lambda model, lr: torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay,
-                                                betas=(0.9, 0.95))
+                                                betas=(0.9, cfg.adam_beta2))
     optimizers = {"actor": (actor, adamw(actor, cfg.actor_lr)),
                   "critic": (critic, adamw(critic, cfg.critic_lr))}
     actor_updates = max(1, cfg.max_steps - cfg.critic_warmup_steps) * updates_per_step  # the actor waits
-    schedule = lambda name, updates: training.cosine_schedule(optimizers[name][1], updates, cfg.warmup_ratio,
-                                                              cfg.min_lr_ratio)
+    schedule = lambda name, updates: fsdp.cosine_schedule(optimizers[name][1], updates, cfg.warmup_ratio,
+                                                          cfg.min_lr_ratio)
     schedulers = {"actor": schedule("actor", actor_updates),
                   "critic": schedule("critic", cfg.max_steps * updates_per_step)}
     start_step = 0
     if checkpoint is not None:
-        state = training.load_trainer_state(checkpoint)
-        start_step = training.restore_checkpoint(state, optimizers, schedulers, dist, seed=cfg.seed)["step"]
+        state = checkpoints.load_trainer_state(checkpoint)
+        start_step = checkpoints.restore_checkpoint(state, optimizers, schedulers, dist,
+                                                    seed=cfg.seed)["step"]
         if dist.is_main:
             print(f"ppo: resumed from {checkpoint} at step {start_step}")
-    training.truncate_logs(cfg.output_dir, start_step, dist)  # lines of steps that will be redone go
+    logs.truncate_logs(cfg.output_dir, start_step, dist)  # lines of steps that will be redone go
     engine = trainer_engine(cfg, actor, tokenizer, actor_path, dist)
-    logger = training.MetricsLogger(cfg.output_dir, cfg.report_to, asdict(cfg), dist)
+    logger = logs.MetricsLogger(cfg.output_dir, cfg.report_to, asdict(cfg), dist)
     grader = Grader(num_workers=cfg.grader_workers)
     if dist.is_main:
         print(f"ppo: {len(problems)} prompts, {P} x {G} completions per step, {updates_per_step} updates of "
@@ -465,36 +483,13 @@ def main(argv=None):
     progress = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
                     disable=not dist.is_main, desc="ppo")
     for step in progress:
-        t0 = time.time()
-        # 1. P prompts (the same on any number of ranks); rank r samples prompts r, r + W, r + 2W, ...
-        mine = training.batch_indices(step, P, len(problems), cfg.seed)[dist.rank::W]
-        actor.eval()
-        engine.wake_up()
-        outputs = engine.generate([prompts[i] for i in mine], Sampling(
-            n=G, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_completion_length))
-        engine.sleep()
-        completions = [c for group in outputs for c in group]             # G consecutive per prompt
-        owners = [i for i in mine for _ in range(G)]
-        t1 = time.time()
-        # 2. scores s_i = sum_f w_f r_f(o_i), graded in worker processes under a time limit
-        scores = rewards.compute_rewards(
-            [c.text for c in completions], [problems[i]["answer"] for i in owners],
-            [len(c.token_ids) for c in completions], [c.finish_reason == "length" for c in completions],
-            reward_weights, grader, [prompts[i] for i in owners], cosine)  # prompts pick the format rule
+        # 1-2. sample, score
+        actor.eval()  # dropout off (none in Qwen2; a forked model may have it) for sampling, pi_old, V_old
+        rollouts, batch, counts = rollout(step, engine, problems, prompts, prompt_ids, reward_weights, grader,
+                                          cosine, cfg, dist)
         t2 = time.time()
-        groups = [training.Group(i, step * P + dist.rank + j * W, outputs[j],
-                                 {name: column[j * G:(j + 1) * G] for name, column in scores.items()})
-                  for j, i in enumerate(mine)]
-        # every rank gets a summary of every group of the step, in batch order (for the metrics and LIM's
-        # trajectories; only the first group's texts, for completions.jsonl)
-        summaries = [g.summary(keep_text=g.position == step * P) for g in groups]
-        batch = sorted((g for part in training.all_gather_objects(summaries, dist) for g in part),
-                       key=lambda g: g.position)
-
         # 3. per-token rewards (KL penalty + score on the last token), values, GAE, whitened advantages,
-        #    on this rank's groups (batch[dist.rank::W])
-        rollouts = [Rollout(prompt_ids[g.problem], c.token_ids, c.logprobs, s)
-                    for g in groups for c, s in zip(g.completions, g.rewards["total"])]
+        #    on this rank's groups
         experience, rollout_stats = make_experience(actor, critic, reference, rollouts, cfg, dist,
                                                     tokenizer.pad_token_id)
         # 4. mini-batch updates of the critic, and of the actor once the critic's warm-up is over
@@ -506,29 +501,74 @@ def main(argv=None):
         engine.push_weights(actor)
         t3 = time.time()
 
-        # ---- metrics, LIM trajectories, completions, checkpoint
-        metrics = training.log_groups(step, batch, problems, prompts, reward_weights, P, cfg.output_dir,
-                                      cfg.log_completions_steps, dist)
-        metrics |= {**rollout_stats, **stats, "actor_frozen": not train_actor,
+        # ---- LIM's trajectories (what lim.py scores), metrics, completions, checkpoint
+        lim.write_trajectories(cfg.output_dir, step, batch, problems, dist)
+        metrics = logs.rollout_metrics(step, batch, reward_weights, P, len(problems))
+        logs.write_completions(cfg.output_dir, step, batch, problems, prompts, cfg.log_completions_steps,
+                               dist)
+        metrics |= {**rollout_stats, **stats, **counts, "actor_frozen": not train_actor,
                     "lr/actor": schedulers["actor"].get_last_lr()[0],
-                    "lr/critic": schedulers["critic"].get_last_lr()[0],
-                    "time/generation": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2,
-                    "tokens_per_s": metrics["response_length_mean"] * len(batch) * G / (t1 - t0)}
+                    "lr/critic": schedulers["critic"].get_last_lr()[0], "time/update": t3 - t2,
+                    "tokens_per_s": metrics["response_length_mean"] * len(batch) * G
+                    / counts["time/generation"]}
         logger.log(step + 1, metrics)
         progress.set_postfix(reward=f"{metrics['reward/total']:.3f}", acc=f"{metrics['accuracy']:.3f}",
                              ev=f"{metrics['explained_variance']:.2f}")
         if (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
-            training.save_checkpoint(cfg.output_dir, step + 1, actor, tokenizer, optimizers, schedulers,
-                                     {"step": step + 1}, dist, extra_models={"critic": critic},
-                                     save_total_limit=cfg.save_total_limit)
+            checkpoints.save_checkpoint(cfg.output_dir, step + 1, actor, tokenizer, optimizers, schedulers,
+                                        {"step": step + 1}, dist, extra_models={"critic": critic},
+                                        save_total_limit=cfg.save_total_limit)
 
     grader.close()
-    training.finish(cfg.output_dir, actor, tokenizer, dist)
-    training.finish(Path(cfg.output_dir) / "critic", critic, tokenizer, dist)  # --critic can start from it
+    checkpoints.finish(cfg.output_dir, actor, tokenizer, dist)
+    checkpoints.finish(Path(cfg.output_dir) / "critic", critic, tokenizer, dist)  # --critic can start from it
     if dist.is_main:
         print(f"ppo: final actor in {cfg.output_dir}, critic in {cfg.output_dir}/critic")
-    engine.close()  # vLLM's teardown needs the process group that training.shutdown destroys
-    training.shutdown(dist)
+    engine.close()  # vLLM's teardown needs the process group that distributed.shutdown destroys
+    distributed.shutdown(dist)
+
+
+# ---- presets: the papers' settings, each value beside its source
+
+PRESETS = {
+    # The CPU demo: start from the tiny SFT model (sft.py --preset tiny) and improve it on `linear`.
+    # One update per rollout at a small actor lr; 5 steps of critic warm-up. Higher actor lrs (1e-4,
+    # 3e-4) with two updates per rollout made held-out pass@1 worse on the tiny model.
+    "tiny": dict(data="linear", template="plain", max_steps=30, prompts_per_step=16, num_generations=8,
+                 train_batch_size=128, micro_batch_size=32, temperature=1.0, max_prompt_length=128,
+                 max_completion_length=192, rewards="accuracy:1", kl_coef=0.01, actor_lr=5e-5, critic_lr=1e-3,
+                 critic_warmup_steps=5, warmup_ratio=0.0, min_lr_ratio=1.0, bf16=False,
+                 gradient_checkpointing=False, engine="hf", grader_workers=1, save_steps=10,
+                 log_completions_steps=10),
+    # LIMR (Li et al. 2025): GAIR-NLP/LIMR scripts/train_limr.sh ("sh:N") through their OpenRLHF fork
+    # (defaults in openrlhf/cli/train_ppo_ray.py, "ray:N"): PPO from the base model on the 1,389 LIMR
+    # problems. A rollout of 1024 x 8 is 32 updates of 256. Their scheduler is a cosine to 0.1 x lr over
+    # --num_episodes 10000 (sh:53, trainer/ray/ppo_actor.py:250-256), flat over any real run: min_lr_ratio 1.
+    # max_steps 200 is OURS (their run has no step limit); warmup_ratio makes their 10 warm-up updates
+    # (sh:65) of 200 x 32. Deviation: LIMR's actor takes log-probs at temperature 1 (models/actor.py:216)
+    # while sampling at 1.2; ours takes them at 1.2, the distribution that was sampled.
+    "limr": dict(model="Qwen/Qwen2.5-Math-7B", data="limr",  # sh:41, sh:66
+                 template="qwen-math",  # the dataset's chat messages, Qwen2.5-Math's template (sh:68-69)
+                 prompts_per_step=1024, num_generations=8, train_batch_size=256,  # sh:50, 51, 48
+                 ppo_epochs=1, micro_batch_size=4,  # sh:52, 46
+                 temperature=1.2, top_p=1.0,  # sh:77, ray:282
+                 max_prompt_length=1024, max_completion_length=3072,  # sh:54, 55
+                 rewards="limr:1",  # the rule reward of openrlhf/cli/serve_rm.py (sh:4-10)
+                 kl_coef=0.01, gamma=1.0, lam=0.95,  # sh:59, ray:278, sh:62
+                 clip_eps=0.2, value_clip=0.2,  # sh:60, 61
+                 actor_lr=5e-7, critic_lr=9e-6, critic_warmup_steps=0,  # sh:57, 58; no --freezing_actor_steps
+                 max_steps=200, warmup_ratio=0.0016, min_lr_ratio=1.0,  # see above
+                 weight_decay=0.0, grad_clip=1.0, adam_beta2=0.95,  # ray:273, ray:272, ray:306
+                 bf16=True, gradient_checkpointing=True, engine="vllm",  # sh:64, 76, 37
+                 save_steps=10,  # OURS: they save every step (sh:40)
+                 # OURS, vLLM colocated on each of 8 GPUs (memplan.py's terms): training keeps 12 B x (7.62B
+                 # actor + 7.07B critic) / 8 of fp32 weights + Adam and 2 B x 7.62B / 8 of bf16 reference
+                 # = 22.3 GiB, plus 4 GiB reserve; vLLM's 0.55 of 80 GiB = 44 GiB (70.3 GiB in all) holds bf16
+                 # weights 14.2 GiB, ~2 GiB activations and 27.8 GiB of KV cache = 127 sequences of 4096
+                 # tokens at 56 KiB each; the 1024 per GPU run in waves. 8192 tokens per pass: a GPU's 128
+                 # prompts (<= 1024 tokens) in 16 passes, activations ~0.8 GiB.
+                 vllm_gpu_memory_utilization=0.55, vllm_max_num_batched_tokens=8192),
+}
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from grader import Grader, extract_answer, is_equiv
+from mathrl.grader import Grader, extract_answer, is_equiv
 
 
 def accuracy_reward(completion: str, answer: str) -> float:

@@ -14,70 +14,37 @@ import torch
 from tqdm import tqdm
 
 import data
-import memplan
-import training
-from training import flag
-
+from mathrl import checkpoints, distributed, flags, fsdp, logs, memplan, models, sequences
+from mathrl.flags import COUNT, FRACTION, NON_NEGATIVE, flag
 
 TEMPLATES = data.TEMPLATES  # inside Config, `data` is the --data field
 
 
 @dataclass
-class Config:
+class Config(flags.TrainFlags):
     model: str = flag("tiny", "hub id, local folder, .gguf file, or `tiny` (a fresh ~1M-parameter Qwen2 "
                               "model with a character tokenizer)")
     data: str = flag("linear", "data spec for data.load_problems: a name (limo, linear, ...), a local file, "
                                "name=path, or a mixture a:N,b")
     template: str = flag("auto", "prompt template (data.format_prompt): " + ", ".join(TEMPLATES), TEMPLATES)
     output_dir: str = flag("runs/sft", "checkpoints, metrics.jsonl, final model")
-    max_steps: int = flag(600, "optimizer steps")
-    batch_size: int = flag(32, "global batch (examples per optimizer step, all ranks)")
-    micro_batch_size: int = flag(32, "examples per forward pass on one rank")
-    max_length: int = flag(1024, "prompt+response tokens; longer examples are cut")
-    lr: float = flag(1e-3, "peak learning rate (AdamW)")
-    warmup_ratio: float = flag(0.05, "fraction of steps with linear warm-up")
-    min_lr_ratio: float = flag(0.1, "cosine decays to lr * this")
-    weight_decay: float = flag(0.0, "AdamW weight decay")
+    max_steps: int = flag(600, "optimizer steps", **COUNT)
+    batch_size: int = flag(32, "global batch (examples per optimizer step, all ranks)", **COUNT)
+    micro_batch_size: int = flag(32, "examples per forward pass on one rank", **COUNT)
+    max_length: int = flag(1024, "prompt+response tokens; longer examples are cut", **COUNT)
+    lr: float = flag(1e-3, "peak learning rate (AdamW)", **NON_NEGATIVE)
+    warmup_ratio: float = flag(0.05, "fraction of steps with linear warm-up", **FRACTION)
+    min_lr_ratio: float = flag(0.1, "cosine decays to lr * this", **FRACTION)
+    weight_decay: float = flag(0.0, "AdamW weight decay", **NON_NEGATIVE)
     adam_beta2: float = flag(0.95, "AdamW beta2 (beta1 is 0.9); the transformers Trainer (LLaMA-Factory, "
-                                   "LIMO) uses 0.999")
-    grad_clip: float = flag(1.0, "max gradient norm (0: no clipping)")
-    bf16: bool = flag(False, "bf16 compute (GPU); master weights stay fp32")
-    gradient_checkpointing: bool = flag(False, "recompute activations in backward")
-    logprob_chunk_size: int = flag(1024, "tokens whose full-vocabulary logits exist at once in the loss "
-                                         "(memory: chunk x vocab x ~14 bytes)")
-    save_steps: int = flag(200, "write output-dir/checkpoint-N every N steps")
-    save_total_limit: int = flag(0, "keep the newest N complete checkpoints, delete older ones (0: keep all)")
-    dist_timeout_minutes: float = flag(30.0, "minutes a rank waits for the others in a collective (a "
-                                             "checkpoint being written, a long generation) before the run "
-                                             "aborts")
-    log_steps: int = flag(10, "console line every N steps (metrics.jsonl: every step)")
-    seed: int = flag(0, "data order, initialisation")
-    report_to: str = flag("none", "none, wandb or tensorboard", ["none", "wandb", "tensorboard"])
-    dry_run: bool = flag(False, "print the per-GPU memory plan (memplan.py) and exit: 0 if it fits, 1 if not")
-    plan_gpus: int = flag(0, "GPUs the memory plan is for (0: this launch's ranks)")
-    gpu_memory_gb: float = flag(80.0, "memory of one GPU for the memory plan, GiB")
+                                   "LIMO) uses 0.999", **FRACTION)
+    grad_clip: float = flag(1.0, "max gradient norm (0: no clipping)", **NON_NEGATIVE)
+    save_steps: int = flag(200, "write output-dir/checkpoint-N every N steps", **COUNT)
+    log_steps: int = flag(10, "console line every N steps (metrics.jsonl: every step)", **COUNT)
+    seed: int = flag(0, "data order, initialisation", low=0, high=2 ** 32 - 1)  # numpy's seed range
 
 
-PRESETS = {
-    # The CPU run: a tiny model from scratch learns to solve linear systems in a few minutes.
-    "tiny": dict(model="tiny", data="linear", template="plain", max_steps=1200, batch_size=32,
-                 micro_batch_size=32, max_length=512, lr=3e-3, warmup_ratio=0.05, save_steps=200),
-    # LIMO (Ye et al. 2025): GAIR-NLP/LIMO train/examples/train_limo.yaml ("yaml:N"), LLaMA-Factory full
-    # fine-tuning: lr 5e-6 (yaml:28), cosine to 0 (yaml:30), no warm-up (yaml:31), 15 epochs (yaml:29),
-    # 16,384-token cutoff (yaml:13), bf16 (yaml:32), the Qwen chat template (yaml:16) with the system prompt
-    # of README.md:95-98 (our qwen-math). Batch 64 is the paper's: the yaml has 1 per GPU and no
-    # accumulation (yaml:26-27), so there the batch is the GPU count. 192 steps of 64 = 15 epochs of examples
-    # (yaml:29); LLaMA-Factory's epochs of ceil(817 / 64) = 13 batches would make 195 steps.
-    # Model: OURS. LIMO tuned Qwen2.5-32B-Instruct (yaml:2) with DeepSpeed ZeRO-3 (yaml:8) on several nodes
-    # (README.md:198-206); Qwen2.5-7B-Instruct is the same family and chat template with a 32k context, at
-    # the 7B-on-8-GPUs scale this project is written for. LIMR's SFT-vs-RL comparison used LIMO's data on
-    # Qwen2.5-Math-7B (--model Qwen/Qwen2.5-Math-7B; its 4,096 positions are below LIMO's cutoff).
-    "limo": dict(model="Qwen/Qwen2.5-7B-Instruct", data="limo", template="qwen-math", max_steps=192,
-                 batch_size=64, micro_batch_size=1, max_length=16384, lr=5e-6, warmup_ratio=0.0,
-                 min_lr_ratio=0.0, bf16=True, gradient_checkpointing=True, save_steps=50,
-                 # LLaMA-Factory runs the transformers Trainer: its AdamW default (yaml sets none)
-                 adam_beta2=0.999),
-}
+# ---- the loss on (prompt, solution) rows
 
 
 def tokenize_examples(problems, tokenizer, template: str, max_length: int):
@@ -99,7 +66,7 @@ def collate(examples, pad_id: int, device):
     width = max(len(ids) for ids, _ in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    # right padding: no attention mask needed (see training.pack)
+    # right padding: no attention mask needed (see sequences.pack)
     for row, (ids, labs) in enumerate(examples):
         input_ids[row, :len(ids)] = torch.tensor(ids)
         labels[row, :len(labs)] = torch.tensor(labs)
@@ -107,15 +74,15 @@ def collate(examples, pad_id: int, device):
 
 
 def log_softmax_at(logits, next_tokens):
-    """log p(next token) from [n, V] fp32 logits (training.next_token_scores runs it chunk by chunk)."""
+    """log p(next token) from [n, V] fp32 logits (sequences.next_token_scores runs it chunk by chunk)."""
     return logits.gather(-1, next_tokens[:, None]).squeeze(-1) - logits.logsumexp(-1), None
 
 
 def main(argv=None):
-    cfg = training.parse_args(Config, PRESETS, argv, description=__doc__.split("\n\n")[0])
-    d = training.init_distributed(cfg.dist_timeout_minutes)
-    training.seed_everything(cfg.seed)
-    memplan.report("sft", cfg, d)  # the budget, before anything loads
+    cfg = flags.parse_args(Config, PRESETS, argv, description=__doc__.split("\n\n")[0])
+    dist = distributed.init_distributed(cfg.dist_timeout_minutes)
+    distributed.seed_everything(cfg.seed)
+    memplan.report("sft", cfg, dist)  # the budget, before anything loads
 
     # ---- data first: a bad file fails here in seconds, before any model is loaded
     problems = data.load_problems(cfg.data, split="train", seed=cfg.seed)
@@ -123,88 +90,116 @@ def main(argv=None):
     if missing:
         raise SystemExit(f"error: SFT needs worked solutions; {len(missing)} of {len(problems)} rows of "
                          f"{cfg.data!r} have none (first: {missing[0]})")
-    if cfg.batch_size % d.world_size:
-        raise SystemExit(f"error: --batch-size {cfg.batch_size} must divide evenly over {d.world_size} ranks")
+    if cfg.batch_size % dist.world_size:
+        raise SystemExit(f"error: --batch-size {cfg.batch_size} must divide evenly over {dist.world_size} "
+                         f"ranks")
 
     # ---- the tokenizer and the examples, then the model:
     # the newest complete checkpoint, else the starting model
-    checkpoint = training.latest_checkpoint(cfg.output_dir)
+    checkpoint = checkpoints.latest_checkpoint(cfg.output_dir)
     start = str(checkpoint) if checkpoint is not None else cfg.model
     if start != "tiny":
-        training.check_model_path(start)
-    tokenizer = training.build_tiny_tokenizer() if start == "tiny" else training.load_tokenizer(start)
+        models.check_model_path(start)
+    tokenizer = models.build_tiny_tokenizer() if start == "tiny" else models.load_tokenizer(start)
     try:
         examples, num_truncated = tokenize_examples(problems, tokenizer, cfg.template, cfg.max_length)
     except ValueError as error:  # qwen-math on a tokenizer without a chat template
         raise SystemExit(f"error: --template {cfg.template}: {error}") from None
     if not any(label != -100 for _, labels in examples for label in labels[1:]):
         raise SystemExit(f"error: --max-length {cfg.max_length} cuts off every response: nothing to learn")
-    model = training.build_tiny_model(seed=cfg.seed)[0] if start == "tiny" else training.load_model(start)
-    if d.is_main:
+    model = models.build_tiny_model(seed=cfg.seed)[0] if start == "tiny" else models.load_model(start)
+    if dist.is_main:
         print(f"sft: {len(examples)} examples from {cfg.data!r} "
               f"({num_truncated} cut at {cfg.max_length} tokens), "
-              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {d.world_size} rank(s)")
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"{dist.world_size} rank(s)")
 
-    model = training.shard_model(model, d, cfg.bf16, cfg.gradient_checkpointing)
+    model = fsdp.shard_model(model, dist, cfg.bf16, cfg.gradient_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(0.9, cfg.adam_beta2))
-    scheduler = training.cosine_schedule(optimizer, cfg.max_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
+    scheduler = fsdp.cosine_schedule(optimizer, cfg.max_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
     start_step = 0
     if checkpoint is not None:
-        state = training.load_trainer_state(checkpoint)
-        start_step = training.restore_checkpoint(state, {"model": (model, optimizer)}, {"model": scheduler},
-                                                 d, seed=cfg.seed)["step"]
-        if d.is_main:
+        state = checkpoints.load_trainer_state(checkpoint)
+        start_step = checkpoints.restore_checkpoint(state, {"model": (model, optimizer)},
+                                                    {"model": scheduler}, dist, seed=cfg.seed)["step"]
+        if dist.is_main:
             print(f"sft: resumed from {checkpoint} at step {start_step}")
-    training.truncate_logs(cfg.output_dir, start_step, d)  # lines of steps that will be redone go
-    logger = training.MetricsLogger(cfg.output_dir, cfg.report_to, asdict(cfg), d)
+    logs.truncate_logs(cfg.output_dir, start_step, dist)  # lines of steps that will be redone go
+    logger = logs.MetricsLogger(cfg.output_dir, cfg.report_to, asdict(cfg), dist)
 
     # ---- the loop
     model.train()
     progress = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
-                    disable=not d.is_main, desc="sft")
+                    disable=not dist.is_main, desc="sft")
     for step in progress:
         started = time.time()
-        indices = training.batch_indices(step, cfg.batch_size, len(examples), cfg.seed)
-        mine = indices[d.rank::d.world_size]  # this rank's share of the global batch
+        indices = sequences.batch_indices(step, cfg.batch_size, len(examples), cfg.seed)
+        mine = indices[dist.rank::dist.world_size]  # this rank's share of the global batch
         micro_batches = [mine[i:i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
 
         # loss = sum of response-token NLL / response tokens in the global batch. FSDP averages
         # gradients over ranks, so each rank scales by world_size to turn that mean back into a sum.
         local_tokens = sum(sum(label != -100 for label in examples[i][1][1:]) for i in mine)
-        global_tokens = training.all_reduce_sum(local_tokens, d).item()
-        loss_sum = torch.zeros((), device=d.device)
+        global_tokens = distributed.all_reduce_sum(local_tokens, dist).item()
+        loss_sum = torch.zeros((), device=dist.device)
         for index, micro in enumerate(micro_batches):
-            input_ids, labels = collate([examples[i] for i in micro], tokenizer.pad_token_id, d.device)
-            with training.autocast(d, cfg.bf16):  # log p(x_t+1 | x_<=t): position t scores token t + 1
-                logp, _ = training.next_token_scores(model, input_ids, log_softmax_at, cfg.logprob_chunk_size)
+            input_ids, labels = collate([examples[i] for i in micro], tokenizer.pad_token_id, dist.device)
+            with fsdp.autocast(dist, cfg.bf16):  # log p(x_t+1 | x_<=t): position t scores token t + 1
+                logp, _ = sequences.next_token_scores(model, input_ids, log_softmax_at,
+                                                      cfg.logprob_chunk_size)
             token_nll = -(logp * (labels[:, 1:] != -100)).sum()     # the response tokens' NLL
-            (token_nll / global_tokens * d.world_size).backward()
+            (token_nll / global_tokens * dist.world_size).backward()
             loss_sum += token_nll.detach()
-        grad_norm = training.clip_grad_norm(model, cfg.grad_clip)
-        training.stop_if_not_finite({"gradient norm": grad_norm}, step + 1, d)  # NaN guard: before the step
+        grad_norm = fsdp.clip_grad_norm(model, cfg.grad_clip)
+        fsdp.stop_if_not_finite({"gradient norm": grad_norm}, step + 1, dist)  # NaN guard: before the step
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        loss = training.all_reduce_sum(loss_sum.double(), d).item() / global_tokens
-        training.stop_if_not_finite({"loss": loss}, step + 1, d)
+        loss = distributed.all_reduce_sum(loss_sum.double(), dist).item() / global_tokens
+        fsdp.stop_if_not_finite({"loss": loss}, step + 1, dist)
         seconds = time.time() - started
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
                    "tokens_per_s": global_tokens / seconds, "step_s": seconds,
                    "epoch": (step + 1) * cfg.batch_size / len(examples)}
         logger.log(step + 1, metrics)
-        if d.is_main and ((step + 1) % cfg.log_steps == 0 or step == start_step):
+        if dist.is_main and ((step + 1) % cfg.log_steps == 0 or step == start_step):
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.2e}")
         if (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
-            training.save_checkpoint(cfg.output_dir, step + 1, model, tokenizer,
-                                     {"model": (model, optimizer)}, {"model": scheduler}, {"step": step + 1},
-                                     d, save_total_limit=cfg.save_total_limit)
+            checkpoints.save_checkpoint(cfg.output_dir, step + 1, model, tokenizer,
+                                        {"model": (model, optimizer)}, {"model": scheduler},
+                                        {"step": step + 1}, dist, save_total_limit=cfg.save_total_limit)
 
-    training.finish(cfg.output_dir, model, tokenizer, d)
-    if d.is_main:
+    checkpoints.finish(cfg.output_dir, model, tokenizer, dist)
+    if dist.is_main:
         print(f"sft: final model in {cfg.output_dir}")
-    training.shutdown(d)
+    distributed.shutdown(dist)
+
+
+# ---- presets: the papers' settings, each value beside its source
+
+PRESETS = {
+    # The CPU run: a tiny model from scratch learns to solve linear systems in a few minutes.
+    "tiny": dict(model="tiny", data="linear", template="plain", max_steps=1200, batch_size=32,
+                 micro_batch_size=32, max_length=512, lr=3e-3, warmup_ratio=0.05, save_steps=200,
+                 bf16=False, gradient_checkpointing=False),
+    # LIMO (Ye et al. 2025): GAIR-NLP/LIMO train/examples/train_limo.yaml ("yaml:N"), LLaMA-Factory full
+    # fine-tuning: lr 5e-6 (yaml:28), cosine to 0 (yaml:30), no warm-up (yaml:31), 15 epochs (yaml:29),
+    # 16,384-token cutoff (yaml:13), bf16 (yaml:32), the Qwen chat template (yaml:16) with the system prompt
+    # of README.md:95-98 (our qwen-math). Batch 64 is the paper's: the yaml has 1 per GPU and no
+    # accumulation (yaml:26-27), so there the batch is the GPU count. 192 steps of 64 = 15 epochs of examples
+    # (yaml:29); LLaMA-Factory's epochs of ceil(817 / 64) = 13 batches would make 195 steps.
+    # Model: OURS. LIMO tuned Qwen2.5-32B-Instruct (yaml:2) with DeepSpeed ZeRO-3 (yaml:8) on several nodes
+    # (README.md:198-206); Qwen2.5-7B-Instruct is the same family and chat template with a 32k context, at
+    # the 7B-on-8-GPUs scale this project is written for. LIMR's SFT-vs-RL comparison used LIMO's data on
+    # Qwen2.5-Math-7B (--model Qwen/Qwen2.5-Math-7B; its 4,096 positions are below LIMO's cutoff).
+    "limo": dict(model="Qwen/Qwen2.5-7B-Instruct", data="limo", template="qwen-math", max_steps=192,
+                 batch_size=64, micro_batch_size=1, max_length=16384, lr=5e-6, warmup_ratio=0.0,
+                 min_lr_ratio=0.0, bf16=True, gradient_checkpointing=True, save_steps=50,
+                 # LLaMA-Factory runs the transformers Trainer: its AdamW default (yaml sets none)
+                 adam_beta2=0.999),
+}
 
 
 if __name__ == "__main__":

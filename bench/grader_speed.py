@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import grader  # noqa: E402
+from mathrl import grader  # noqa: E402
 
 
 def pathological_inputs() -> dict[str, str]:

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import grader  # noqa: E402
+from mathrl import grader  # noqa: E402
 
 STYLES = {
     "boxed": lambda x: f"Putting it together, the answer is $\\boxed{{{x}}}$.",

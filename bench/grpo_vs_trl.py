@@ -84,14 +84,14 @@ def trl_worker(spec_path: str):
 
     import data
     import rewards
-    import training
-    from grader import Grader
+    from mathrl import models
+    from mathrl.grader import Grader
 
     spec = json.loads(Path(spec_path).read_text())
     work, out = spec["work"], Path(spec["out"])
     torch.manual_seed(0)
-    tokenizer = training.load_tokenizer(spec["model"])
-    model = training.load_model(spec["model"])
+    tokenizer = models.load_tokenizer(spec["model"])
+    model = models.load_model(spec["model"])
     problems = data.load_problems("linear", split="train")
     prompts = [data.format_prompt(p["prompt"], tokenizer, "plain") for p in problems]
     # the same prompt tokens grpo.py feeds its engine (TRL tokenizes with special tokens on)
@@ -183,7 +183,7 @@ def math500_grading_seconds(path: Path, completions: int, repeats: int = 3) -> f
     import random
 
     import rewards
-    from grader import Grader
+    from mathrl.grader import Grader
 
     if not path.is_file():
         return None
@@ -211,9 +211,9 @@ def never_stopping_model(path: Path):
     a zero row for EOS put its logit ~10 nats under the others', so completions run to the limit."""
     import torch
 
-    import training
+    from mathrl import models
 
-    model, tokenizer = training.build_tiny_model(seed=0)
+    model, tokenizer = models.build_tiny_model(seed=0)
     with torch.no_grad():
         embeddings = model.get_input_embeddings().weight  # tied to the output layer
         embeddings.mul_(20.0)

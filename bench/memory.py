@@ -74,9 +74,9 @@ def worker(args):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     import grpo
-    import training
+    from mathrl import distributed, fsdp
 
-    d = training.init_distributed()
+    d = distributed.init_distributed()
     hidden, layers, heads, kv_heads, intermediate = MODELS[args.model] if args.model in MODELS else \
         json.loads(args.model)
     config = Qwen2Config(vocab_size=args.vocab, hidden_size=hidden, num_hidden_layers=layers,
@@ -86,12 +86,12 @@ def worker(args):
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config)
     num_parameters = sum(p.numel() for p in model.parameters())
-    model = training.shard_model(model, d, bf16=False, gradient_checkpointing=True)
+    model = fsdp.shard_model(model, d, bf16=False, gradient_checkpointing=True)
     cfg = grpo_config(grpo, micro_batch_size=1, num_iterations=1, beta=0.0, bf16=False,
                       gradient_checkpointing=True, max_prompt_length=16, max_completion_length=args.seq - 16,
                       lr=1e-6)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    scheduler = training.cosine_schedule(optimizer, 1, 0.0, 1.0)
+    scheduler = fsdp.cosine_schedule(optimizer, 1, 0.0, 1.0)
     gradient_bytes = []  # the gradients this rank holds when the optimizer steps
     optimizer.register_step_pre_hook(lambda *_: gradient_bytes.append(
         sum(local_bytes(p.grad) for p in model.parameters() if p.grad is not None)))
@@ -108,10 +108,10 @@ def worker(args):
               "weights": sum(local_bytes(p) for p in model.parameters()), "gradients": gradient_bytes[0],
               "adam": sum(local_bytes(v) for state in optimizer.state.values() for v in state.values()
                           if torch.is_tensor(v) and v.dim() > 0)}
-    results = training.all_gather_objects(result, d)
+    results = distributed.all_gather_objects(result, d)
     if d.is_main:
         Path(args.out).write_text(json.dumps(results))
-    training.shutdown(d)
+    distributed.shutdown(d)
 
 
 def run(tree: str, model: str, ranks: int, micro_batches: int, seq: int, vocab: int = VOCAB) -> list[dict]:
@@ -133,7 +133,7 @@ def run(tree: str, model: str, ranks: int, micro_batches: int, seq: int, vocab: 
 def planned(model: str, ranks: int, micro_batches: int, seq: int, chunked: bool, vocab: int = VOCAB) -> dict:
     """memplan's per-rank numbers for the same run (fp32, checkpointed, no reference, no engine)."""
     sys.path.insert(0, str(ROOT))
-    import memplan
+    from mathrl import memplan
 
     hidden, layers, heads, kv_heads, intermediate = MODELS[model] if model in MODELS else json.loads(model)
     shape = memplan.Shape(hidden, layers, heads, kv_heads, intermediate, vocab, tied=True)

@@ -52,10 +52,10 @@ def chat_tokenizer():
 
 
 def save_tiny_model(folder: Path, **sizes) -> Path:
-    """A random tiny Qwen2 (training.build_tiny_model's sizes) and its tokenizer, saved as a model folder."""
-    import training
+    """A random tiny Qwen2 (models.build_tiny_model's sizes) and its tokenizer, saved as a model folder."""
+    from mathrl import models
 
-    model, tokenizer = training.build_tiny_model(**sizes)
+    model, tokenizer = models.build_tiny_model(**sizes)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

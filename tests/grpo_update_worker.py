@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpo  # noqa: E402
-import training  # noqa: E402
+from mathrl import checkpoints, distributed, fsdp, models  # noqa: E402
 
 PROMPTS, G = 4, 3
 
@@ -30,26 +30,26 @@ def fixed_rollouts():
 
 
 def main(out: str):
-    d = training.init_distributed()
+    d = distributed.init_distributed()
     torch.manual_seed(0)
-    policy, tokenizer = training.build_tiny_model(hidden_size=32, num_layers=2, num_heads=2, seed=0)
-    reference, _ = training.build_tiny_model(hidden_size=32, num_layers=2, num_heads=2, seed=0)
+    policy, tokenizer = models.build_tiny_model(hidden_size=32, num_layers=2, num_heads=2, seed=0)
+    reference, _ = models.build_tiny_model(hidden_size=32, num_layers=2, num_heads=2, seed=0)
     start = {k: v.clone() for k, v in policy.state_dict().items()}
     cfg = grpo.Config(micro_batch_size=2, num_iterations=2, beta=0.1, temperature=0.9, epsilon_low=0.2,
                       epsilon_high=0.28, max_completion_length=16, lr=1e-2, bf16=False, gradient_checkpointing=False,
                       logprob_chunk_size=16)  # micro-batches of 2 x 4 to 2 x 13 positions: 1 or 2 chunks
-    policy = training.shard_model(policy, d, bf16=False, gradient_checkpointing=False)
-    reference = training.shard_model(reference, d, bf16=False, gradient_checkpointing=False).eval()
+    policy = fsdp.shard_model(policy, d, bf16=False, gradient_checkpointing=False)
+    reference = fsdp.shard_model(reference, d, bf16=False, gradient_checkpointing=False).eval()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
-    scheduler = training.cosine_schedule(optimizer, 2, 0.0, 1.0)
+    scheduler = fsdp.cosine_schedule(optimizer, 2, 0.0, 1.0)
     rows = fixed_rollouts()
     mine = [row for p in range(d.rank, PROMPTS, d.world_size) for row in rows[p * G:(p + 1) * G]]
     stats = grpo.policy_update(policy, reference, optimizer, scheduler, mine, cfg, d, tokenizer.pad_token_id)
-    weights = training.full_model_state(policy, d)
+    weights = checkpoints.full_model_state(policy, d)
     if d.is_main:
         Path(out).mkdir(parents=True, exist_ok=True)
         torch.save({"weights": weights, "start": start, "stats": stats}, Path(out) / "result.pt")
-    training.shutdown(d)
+    distributed.shutdown(d)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ Writes OUT/rank-R.pt for tests/test_memory.py:
   starts its forward pass: whether any unsharded gradient exists, and whether every gradient is a
   sharded DTensor of this rank's shard size (what FSDP keeps during gradient accumulation).
 - "critic_head": the value head of a critic built the way ppo.py builds it (it is new: randomly initialised).
-- "samples": completions of one prompt by the HF engine, after training.seed_per_rank.
+- "samples": completions of one prompt by the HF engine, after distributed.seed_per_rank.
 """
 import sys
 from pathlib import Path
@@ -15,8 +15,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpo  # noqa: E402
 import ppo  # noqa: E402
-import training  # noqa: E402
-from engine import HFEngine, Sampling  # noqa: E402
+from mathrl import distributed, fsdp, models  # noqa: E402
+from mathrl.engine import HFEngine, Sampling  # noqa: E402
 from grpo_update_worker import fixed_rollouts, G, PROMPTS  # noqa: E402
 
 
@@ -40,16 +40,16 @@ def fsdp_gradient_state(model) -> dict:
 
 
 def main(out: str, model_dir: str):
-    d = training.init_distributed()
+    d = distributed.init_distributed()
     result = {}
 
     # 1. a GRPO update with 3 micro-batches per rank: look at the gradients as each next one starts
-    policy, tokenizer = training.build_tiny_model(hidden_size=32, num_layers=2, num_heads=2, seed=0)
+    policy, tokenizer = models.build_tiny_model(hidden_size=32, num_layers=2, num_heads=2, seed=0)
     cfg = grpo.Config(micro_batch_size=2, num_iterations=1, beta=0.0, temperature=0.9, max_completion_length=16,
                       lr=1e-2, bf16=False, gradient_checkpointing=False, logprob_chunk_size=8)
-    policy = training.shard_model(policy, d, bf16=False, gradient_checkpointing=False)
+    policy = fsdp.shard_model(policy, d, bf16=False, gradient_checkpointing=False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
-    scheduler = training.cosine_schedule(optimizer, 1, 0.0, 1.0)
+    scheduler = fsdp.cosine_schedule(optimizer, 1, 0.0, 1.0)
     states, forward = [], policy.next_token_scores   # look before FSDP gathers any parameter for the pass
 
     def recording_forward(*args):
@@ -62,18 +62,18 @@ def main(out: str, model_dir: str):
     result["grad_states"] = states
 
     # 2. models built as ppo.py builds them (seed, then models), then a per-rank stream, then sampling
-    training.seed_everything(0)
+    distributed.seed_everything(0)
     critic = ppo.load_critic(model_dir)
     result["critic_head"] = critic.score.weight.detach().clone()
-    actor = training.shard_model(training.load_model(model_dir), d, bf16=False, gradient_checkpointing=False)
-    training.seed_per_rank(0, d)
-    engine = HFEngine(actor, training.load_tokenizer(model_dir), d, batch_size=8)
+    actor = fsdp.shard_model(models.load_model(model_dir), d, bf16=False, gradient_checkpointing=False)
+    distributed.seed_per_rank(0, d)
+    engine = HFEngine(actor, models.load_tokenizer(model_dir), d, batch_size=8)
     completions = engine.generate(["3 + 4 ="], Sampling(n=8, temperature=1.0, max_new_tokens=12))[0]
     result["samples"] = [c.token_ids for c in completions]
 
     Path(out).mkdir(parents=True, exist_ok=True)
     torch.save(result, Path(out) / f"rank-{d.rank}.pt")
-    training.shutdown(d)
+    distributed.shutdown(d)
 
 
 if __name__ == "__main__":

@@ -117,9 +117,9 @@ def mean_entropy(weights) -> float:
     """The mean next-token entropy, at temperature 1, of the start model's architecture holding these
     weights, over fixed random token sequences."""
     import grpo
-    import training
+    from mathrl import models
 
-    model, tokenizer = training.build_tiny_model(**START_SIZES)
+    model, tokenizer = models.build_tiny_model(**START_SIZES)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     assert set(missing) <= {"lm_head.weight"} and not unexpected  # lm_head is tied to the embeddings
     tokens = torch.randint(len(tokenizer), (8, 32), generator=torch.Generator().manual_seed(0))

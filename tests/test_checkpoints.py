@@ -11,16 +11,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import training
+from mathrl import checkpoints, distributed, fsdp, logs, models
 
 ROOT = Path(__file__).resolve().parents[1]
-ONE = training.Dist(0, 1, 0, torch.device("cpu"))
+ONE = distributed.Dist(0, 1, 0, torch.device("cpu"))
 
 
 def trained_tiny(steps=1):
-    model, tokenizer = training.build_tiny_model(hidden_size=32, num_layers=2, num_heads=2)
+    model, tokenizer = models.build_tiny_model(hidden_size=32, num_layers=2, num_heads=2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    scheduler = training.cosine_schedule(optimizer, 10, 0.0, 0.1)
+    scheduler = fsdp.cosine_schedule(optimizer, 10, 0.0, 0.1)
     for _ in range(steps):
         model(torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss.backward()
         optimizer.step()
@@ -30,28 +30,28 @@ def trained_tiny(steps=1):
 
 
 def save(folder, step, model, tokenizer, optimizer, scheduler, **kwargs):
-    training.save_checkpoint(folder, step, model, tokenizer, {"m": (model, optimizer)}, {"m": scheduler},
-                             {"step": step}, ONE, **kwargs)
+    checkpoints.save_checkpoint(folder, step, model, tokenizer, {"m": (model, optimizer)}, {"m": scheduler},
+                                {"step": step}, ONE, **kwargs)
 
 
 def all_tensors(folder) -> dict:
     return {k: v for f in sorted(Path(folder).glob("*.safetensors")) for k, v in load_file(str(f)).items()}
 
 
-@pytest.mark.parametrize("max_shard_bytes", [training.MAX_SHARD_BYTES, 40_000])
+@pytest.mark.parametrize("max_shard_bytes", [checkpoints.MAX_SHARD_BYTES, 40_000])
 def test_model_folder_equals_save_pretrained_and_loads_in_transformers(tmp_path, max_shard_bytes):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model, tokenizer, _, _ = trained_tiny()
     model.save_pretrained(tmp_path / "hf")
     tokenizer.save_pretrained(tmp_path / "hf")
-    training.save_pretrained(model, tokenizer, tmp_path / "ours", ONE, max_shard_bytes=max_shard_bytes)
+    checkpoints.save_pretrained(model, tokenizer, tmp_path / "ours", ONE, max_shard_bytes=max_shard_bytes)
 
     ours, theirs = all_tensors(tmp_path / "ours"), all_tensors(tmp_path / "hf")
     assert ours.keys() == theirs.keys()                           # the tied lm_head is written once, as HF does
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     files = sorted(p.name for p in (tmp_path / "ours").glob("*.safetensors"))
-    if max_shard_bytes == training.MAX_SHARD_BYTES:
+    if max_shard_bytes == checkpoints.MAX_SHARD_BYTES:
         assert files == ["model.safetensors"]
     else:  # several files, each under the limit unless one tensor alone is larger, and the usual index
         assert len(files) > 2
@@ -75,15 +75,15 @@ def test_checkpoint_round_trip_through_sharded_optimizer_state(tmp_path):
     expected_random = torch.rand(4)
     folder = tmp_path / "checkpoint-2"
     assert (folder / "optimizer" / ".metadata").is_file() and list((folder / "optimizer").glob("*.distcp"))
-    assert training.checkpoint_problem(folder) is None
+    assert checkpoints.checkpoint_problem(folder) is None
     assert (folder / "trainer_state.pt").stat().st_size < 100_000  # the Adam states are not in it
 
-    reloaded = training.load_model(str(folder))
+    reloaded = models.load_model(str(folder))
     optimizer2 = torch.optim.AdamW(reloaded.parameters(), lr=1e-2)
-    scheduler2 = training.cosine_schedule(optimizer2, 10, 0.0, 0.1)
+    scheduler2 = fsdp.cosine_schedule(optimizer2, 10, 0.0, 0.1)
     torch.manual_seed(0)
-    state = training.load_trainer_state(folder)
-    assert training.restore_checkpoint(state, {"m": (reloaded, optimizer2)}, {"m": scheduler2}, ONE) == {"step": 2}
+    state = checkpoints.load_trainer_state(folder)
+    assert checkpoints.restore_checkpoint(state, {"m": (reloaded, optimizer2)}, {"m": scheduler2}, ONE) == {"step": 2}
     assert torch.equal(torch.rand(4), expected_random)                  # same world size: the exact stream
     assert scheduler2.get_last_lr() == scheduler.get_last_lr()
     for a, b in zip(optimizer.state_dict()["state"].values(), optimizer2.state_dict()["state"].values()):
@@ -98,13 +98,13 @@ def test_an_optimizer_that_has_not_stepped_stays_fresh(tmp_path):
     model, tokenizer, optimizer, scheduler = trained_tiny(steps=1)
     frozen, _, _, _ = trained_tiny(steps=0)
     frozen_optimizer = torch.optim.AdamW(frozen.parameters(), lr=1e-2)
-    training.save_checkpoint(tmp_path, 1, model, tokenizer, {"m": (model, optimizer), "f": (frozen, frozen_optimizer)},
-                             {"m": scheduler}, {"step": 1}, ONE)
+    checkpoints.save_checkpoint(tmp_path, 1, model, tokenizer, {"m": (model, optimizer), "f": (frozen, frozen_optimizer)},
+                                {"m": scheduler}, {"step": 1}, ONE)
     assert not frozen_optimizer.state
     fresh = torch.optim.AdamW(frozen.parameters(), lr=1e-2)
-    training.restore_checkpoint(training.load_trainer_state(tmp_path / "checkpoint-1"),
-                                {"m": (model, torch.optim.AdamW(model.parameters())), "f": (frozen, fresh)},
-                                {"m": scheduler}, ONE)
+    checkpoints.restore_checkpoint(checkpoints.load_trainer_state(tmp_path / "checkpoint-1"),
+                                   {"m": (model, torch.optim.AdamW(model.parameters())), "f": (frozen, fresh)},
+                                   {"m": scheduler}, ONE)
     assert not fresh.state
 
 
@@ -125,7 +125,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, capsys,
     DAMAGES[damaged](tmp_path / "checkpoint-4")
     (tmp_path / ".partial-checkpoint-6").mkdir()           # a write cut short is never even looked at
     (tmp_path / "checkpoint-5").mkdir()                    # a folder that was never finished
-    assert training.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    assert checkpoints.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
     warnings = capsys.readouterr().err.strip().splitlines()
     assert len(warnings) == 2 and "checkpoint-5: complete.json is missing" in warnings[0]
     assert "checkpoint-4" in warnings[1] and damaged in warnings[1], warnings
@@ -137,7 +137,7 @@ def test_save_total_limit_keeps_the_newest_complete_checkpoints(tmp_path):
         save(tmp_path / "two", step, model, tokenizer, optimizer, scheduler, save_total_limit=2)
         save(tmp_path / "all", step, model, tokenizer, optimizer, scheduler)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoint-4", "checkpoint-5"]
-    assert len(training.complete_checkpoints(tmp_path / "all")) == 5
+    assert len(checkpoints.complete_checkpoints(tmp_path / "all")) == 5
     # a damaged folder older than every kept checkpoint can never be resumed from: rotation removes it too
     DAMAGES["tokenizer.json"](tmp_path / "two" / "checkpoint-5")
     (tmp_path / "two" / "checkpoint-3").mkdir()          # a deletion cut short, marker already gone
@@ -150,10 +150,10 @@ def test_logs_keep_each_step_once_and_lose_a_torn_last_line(tmp_path, capsys):
     log = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3, 4)]
     log.write_text("\n".join(lines) + '\n{"step": 5, "lo')      # killed mid-write
-    training.truncate_logs(tmp_path, 2, ONE)                     # resumed from checkpoint-2
+    logs.truncate_logs(tmp_path, 2, ONE)                     # resumed from checkpoint-2
     assert log.read_text().splitlines() == lines[:2]
     assert "dropped 1 unreadable line" in capsys.readouterr().err
-    training.truncate_logs(tmp_path, 0, ONE)                     # a fresh start: an earlier attempt's lines go
+    logs.truncate_logs(tmp_path, 0, ONE)                     # a fresh start: an earlier attempt's lines go
     assert log.read_text() == "" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
 
 

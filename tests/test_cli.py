@@ -10,7 +10,7 @@ import pytest
 import data
 import rewards
 import sft
-import training
+from mathrl import flags, models, sequences
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--model", "{dir}/tiny"]
@@ -58,7 +58,7 @@ BAD_INPUTS = [
 def inputs(tmp_path_factory) -> Path:
     """What the bad command lines point at: a tiny model, broken data files, a file, an empty folder."""
     folder = tmp_path_factory.mktemp("cli")
-    model, tokenizer = training.build_tiny_model(hidden_size=32, num_layers=1, num_heads=2)
+    model, tokenizer = models.build_tiny_model(hidden_size=32, num_layers=1, num_heads=2)
     model.save_pretrained(folder / "tiny")
     tokenizer.save_pretrained(folder / "tiny")
     (folder / "empty.jsonl").write_text("")
@@ -107,7 +107,7 @@ def test_a_hub_id_that_cannot_be_fetched_fails_at_once_without_offline_mode(inpu
 
 
 def test_presets_are_defaults_and_abbreviations_are_errors(capsys):
-    parse = lambda *argv: training.parse_args(sft.Config, sft.PRESETS, list(argv))
+    parse = lambda *argv: flags.parse_args(sft.Config, sft.PRESETS, list(argv))
     assert parse().max_steps == 600 and parse("--preset", "tiny").max_steps == 1200
     assert parse("--preset", "tiny", "--max-steps", "3").max_steps == 3
     assert parse("--max-steps=3", "--preset=tiny").max_steps == 3         # order does not matter
@@ -141,11 +141,11 @@ def test_a_data_file_whose_name_holds_a_comma_is_a_file_not_a_mixture(tmp_path):
 # forward pass (an untrained model's rewards are all equal, so its advantages, and its gradients, are 0).
 NAN_IN_UPDATE = """
 import runpy, sys, torch, training
-real = training.next_token_scores
+real = sequences.next_token_scores
 def nan_when_training(*args, **kwargs):
     logp, entropy = real(*args, **kwargs)
     return (logp * float("nan") if torch.is_grad_enabled() else logp), entropy
-training.next_token_scores = nan_when_training
+sequences.next_token_scores = nan_when_training
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

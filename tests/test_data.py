@@ -8,7 +8,7 @@ import sympy
 import data
 from conftest import shared_file
 from data import DataError, format_prompt, load_problems, make_linear_problems
-from grader import extract_answer, is_equiv
+from mathrl.grader import extract_answer, is_equiv
 
 FIELDS = ("id", "prompt", "answer", "solution", "source")
 

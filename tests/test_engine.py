@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import HFEngine, Sampling, VLLMEngine, make_engine, rank_stream, stop_token_ids
-from training import Dist, build_tiny_model
+from mathrl.engine import HFEngine, Sampling, VLLMEngine, make_engine, rank_stream, stop_token_ids
+from mathrl.distributed import Dist
+from mathrl.models import build_tiny_model
 
 SINGLE = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 SHORT_PROMPTS = ["Hi", "Solve 2x+3=7.\n", "abc"]
@@ -257,11 +258,11 @@ def test_vllm_ranks_sample_apart_even_from_equal_generators(vllm_engine):
     by_rank = {}
     try:
         for rank in (0, 1, 1):
-            vllm_engine.d = Dist(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
+            vllm_engine.dist = Dist(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
             torch.manual_seed(5)
             by_rank.setdefault(rank, []).append(ids(vllm_engine.generate(SHORT_PROMPTS, sampling)))
     finally:
-        vllm_engine.d = SINGLE
+        vllm_engine.dist = SINGLE
     assert by_rank[1][0] == by_rank[1][1]
     assert all(a != b for a, b in zip(by_rank[0][0], by_rank[1][0]))  # every prompt, not just one
 
@@ -336,8 +337,9 @@ import os, sys, json
 sys.path.insert(0, sys.argv[1])
 import torch
 from torch.distributed.fsdp import fully_shard
-from engine import HFEngine, Sampling, make_engine
-from training import init_distributed, load_model, load_tokenizer
+from mathrl.engine import HFEngine, Sampling, make_engine
+from mathrl.distributed import init_distributed
+from mathrl.models import load_model, load_tokenizer
 d = init_distributed()
 model, tokenizer = load_model(sys.argv[2]), load_tokenizer(sys.argv[2])
 greedy = Sampling(temperature=0, max_new_tokens=12)

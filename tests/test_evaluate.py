@@ -9,10 +9,10 @@ import pytest
 
 import data
 import evaluate
-import training
+from mathrl import distributed, models
 from conftest import ROOT, shared_file
-from engine import Completion, Sampling
-from grader import Grader
+from mathrl.engine import Completion, Sampling
+from mathrl.grader import Grader
 
 
 def test_pass_at_k_equals_the_probability_over_all_k_subsets():
@@ -57,7 +57,7 @@ def grader():
 @pytest.mark.parametrize("name", sorted(BENCHMARKS))
 def test_gold_answers_score_100_and_wrong_answers_score_0_on_real_benchmarks(name, grader):
     problems = data.load_problems(f"{name}={shared_file(BENCHMARKS[name])}", split="test")
-    d = training.init_distributed()
+    d = distributed.init_distributed()
     sampling = Sampling(n=2)
     right = evaluate.evaluate_problems(AnsweringEngine(problems, lambda p: p["answer"]), problems, None,
                                        sampling, "plain", grader, d)
@@ -72,7 +72,7 @@ def test_gold_answers_score_100_and_wrong_answers_score_0_on_real_benchmarks(nam
 
 def test_cli_writes_summary_and_samples_and_skips_done_problems(tmp_path, capsys):
     model_dir = tmp_path / "model"
-    model, tokenizer = training.build_tiny_model(hidden_size=32, num_layers=1, num_heads=1)
+    model, tokenizer = models.build_tiny_model(hidden_size=32, num_layers=1, num_heads=1)
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     out = tmp_path / "eval" / "r.json"
@@ -103,7 +103,7 @@ def test_cli_writes_summary_and_samples_and_skips_done_problems(tmp_path, capsys
 def test_vllm_and_hf_engines_give_the_same_greedy_results(tmp_path):
     pytest.importorskip("vllm")
     model_dir = tmp_path / "model"
-    model, tokenizer = training.build_tiny_model(hidden_size=128, num_layers=2, num_heads=4, seed=3)
+    model, tokenizer = models.build_tiny_model(hidden_size=128, num_layers=2, num_heads=4, seed=3)
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     results = {}
@@ -186,7 +186,7 @@ def test_a_rerun_with_other_settings_is_a_one_line_error(tiny_model, first_run, 
     argv = argv + ["--out", str(out)]
     if value == "OTHER":  # the same weights under another name
         value = str(shutil.copytree(tiny_model, tmp_path / "other-model"))
-    monkeypatch.setattr(training, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
     changed = argv + [flag, value]
     with pytest.raises(SystemExit) as error:
         evaluate.main(changed)
@@ -219,7 +219,7 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("flags, named", BAD_INPUTS, ids=[" ".join(f) or "no-bench" for f, _ in BAD_INPUTS])
 def test_bad_input_is_one_line_before_the_model_loads(tiny_model, flags, named, monkeypatch):
-    monkeypatch.setattr(training, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
     with pytest.raises(SystemExit) as error:
         evaluate.main(["--model", str(tiny_model), *flags])
     assert error.value.code != 0 and named in str(error.value) and "\n" not in str(error.value)
@@ -304,7 +304,7 @@ def test_fallbacks_apply_only_inside_their_protocol(grader):
         def generate(self, prompts, sampling):
             return [[Completion([1], texts[p.split("\n")[0]], [0.0], "stop")] for p in prompts]
 
-    d = training.init_distributed()
+    d = distributed.init_distributed()
     verdicts = {}
     for name in ("limr", "qwen-math", "open-rs"):
         records = evaluate.evaluate_problems(Unboxed(), problems, None, Sampling(n=1), "plain", grader, d,
@@ -335,7 +335,7 @@ def test_whole_benchmarks_go_to_the_engine_in_chunks_of_thousands_of_completions
     calls = []
     generate = engine.generate
     engine.generate = lambda prompts, sampling: calls.append(len(prompts)) or generate(prompts, sampling)
-    d = training.init_distributed()
+    d = distributed.init_distributed()
     records = evaluate.evaluate_problems(engine, problems, None, Sampling(n=8), "plain", grader, d)
     assert calls == [512, 88] and len(records) == 600  # 4096 completions per call: MATH-500 x 8 is one call
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import training
+from mathrl import checkpoints, distributed, models
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -86,7 +86,7 @@ GRPO = ["--data", "linear", "--template", "plain", "--engine", "hf", "--rewards"
 
 def test_killed_twice_at_random_moments_resumes_to_the_uninterrupted_run(tmp_path):
     start = tmp_path / "start"
-    model, tokenizer = training.build_tiny_model(hidden_size=64, num_layers=2, num_heads=2, seed=1)
+    model, tokenizer = models.build_tiny_model(hidden_size=64, num_layers=2, num_heads=2, seed=1)
     model.save_pretrained(start)
     tokenizer.save_pretrained(start)
     command = [sys.executable, "grpo.py", "--model", str(start), *GRPO, "--output-dir"]
@@ -128,22 +128,22 @@ def test_a_full_disk_during_a_checkpoint_leaves_the_previous_one(tmp_path, size,
     disk = tmp_path / "disk"
     mount_tmpfs(disk, size)
     try:
-        d = training.Dist(0, 1, 0, torch.device("cpu"))
-        model, tokenizer = training.build_tiny_model(hidden_size=32, num_layers=2, num_heads=2)
+        d = distributed.Dist(0, 1, 0, torch.device("cpu"))
+        model, tokenizer = models.build_tiny_model(hidden_size=32, num_layers=2, num_heads=2)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
         optimizer.step()
-        save = lambda step: training.save_checkpoint(disk, step, model, tokenizer, {"m": (model, optimizer)}, {},
-                                                     {"step": step}, d, save_total_limit=1)
+        save = lambda step: checkpoints.save_checkpoint(disk, step, model, tokenizer, {"m": (model, optimizer)}, {},
+                                                        {"step": step}, d, save_total_limit=1)
         save(1)
-        assert training.checkpoint_problem(disk / "checkpoint-1") is None
+        assert checkpoints.checkpoint_problem(disk / "checkpoint-1") is None
         with pytest.raises(SystemExit) as stopped:
             save(2)
         message = str(stopped.value)
         assert failing in message and "No space left on device" in message and "checkpoint-1 is intact" in message
         assert re.search(r"\(0\.\d MiB free on its disk\)", message), message
         assert sorted(p.name for p in disk.iterdir()) == ["checkpoint-1"]  # the half-written one is removed
-        assert training.latest_checkpoint(disk) == disk / "checkpoint-1"
+        assert checkpoints.latest_checkpoint(disk) == disk / "checkpoint-1"
     finally:
         subprocess.run(["umount", "--lazy", str(disk)], check=True)
 
@@ -168,13 +168,13 @@ def test_a_run_that_fills_its_disk_stops_with_one_line_and_its_last_checkpoint_l
         assert sorted(p.name for p in (disk / "run").iterdir()) == ["checkpoint-2", "metrics.jsonl"]
         assert lines(disk / "run" / "metrics.jsonl") == 4
 
-        assert training.latest_checkpoint(disk / "run") == disk / "run" / "checkpoint-2"
+        assert checkpoints.latest_checkpoint(disk / "run") == disk / "run" / "checkpoint-2"
         shutil.copytree(disk / "run" / "checkpoint-2", tmp_path / "checkpoint-2")  # loading maps files: not on the tmpfs
     finally:
         subprocess.run(["umount", "--lazy", str(disk)], check=True)
-    model = training.load_model(str(tmp_path / "checkpoint-2"))
+    model = models.load_model(str(tmp_path / "checkpoint-2"))
     optimizer = torch.optim.AdamW(model.parameters())
-    state = training.load_trainer_state(tmp_path / "checkpoint-2")
-    d = training.Dist(0, 1, 0, torch.device("cpu"))
-    assert training.restore_checkpoint(state, {"model": (model, optimizer)}, {}, d) == {"step": 2}
+    state = checkpoints.load_trainer_state(tmp_path / "checkpoint-2")
+    d = distributed.Dist(0, 1, 0, torch.device("cpu"))
+    assert checkpoints.restore_checkpoint(state, {"model": (model, optimizer)}, {}, d) == {"step": 2}
     assert {float(s["step"]) for s in optimizer.state.values()} == {2.0}   # Adam's state after 2 steps

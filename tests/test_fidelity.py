@@ -16,8 +16,8 @@ import grpo
 import ppo
 import rewards
 import sft
-import training
-from grader import extract_answer, is_equiv
+from mathrl import flags, models
+from mathrl.grader import extract_answer, is_equiv
 from rewards import CosineShape, compute_rewards, cosine_reward, format_reward, limr_reward
 
 
@@ -84,7 +84,7 @@ R1_DISTILL_CHAT_TEMPLATE = (
 @pytest.fixture(scope="module")
 def r1_distill_tokenizer():
     """Rendering a chat template needs no vocabulary: the tiny tokenizer with R1-Distill's template."""
-    tokenizer = training.build_tiny_tokenizer()
+    tokenizer = models.build_tiny_tokenizer()
     tokenizer.chat_template = R1_DISTILL_CHAT_TEMPLATE
     return tokenizer
 
@@ -190,7 +190,7 @@ def test_limr_box_pattern_is_limr_pattern():
 # ----- PPO value head (LIMR's OpenRLHF openrlhf/models/model.py:152-154, :241) ---------------------------
 
 def test_new_value_head_is_limr_initialisation_and_a_saved_one_is_kept(tmp_path):
-    model, tokenizer = training.build_tiny_model(hidden_size=64, num_layers=2, num_heads=2)
+    model, tokenizer = models.build_tiny_model(hidden_size=64, num_layers=2, num_heads=2)
     model.save_pretrained(tmp_path / "lm")
     tokenizer.save_pretrained(tmp_path / "lm")
     critic = ppo.load_critic(str(tmp_path / "lm"), seed=7)
@@ -280,13 +280,13 @@ def test_open_rs_batch_is_twelve_prompts_of_six_and_limo_epochs_are_twelve_steps
 
 
 def test_cosine_flags_reach_the_reward_from_the_command_line():
-    cfg = training.parse_args(grpo.Config, grpo.PRESETS, ["--preset", "open-rs"])
+    cfg = flags.parse_args(grpo.Config, grpo.PRESETS, ["--preset", "open-rs"])
     shape = CosineShape.from_flags(cfg.cosine_max_len, cfg.cosine_unit, cfg.cosine_clamp, cfg.cosine_correct,
                                    cfg.cosine_wrong)
     assert shape == CosineShape()  # the defaults are Open-RS's values
     argv = ["--preset", "limr", "--cosine-max-len", "3584", "--cosine-unit", "tokens", "--cosine-clamp",
             "--cosine-correct", "2:1", "--cosine-wrong=-1:-0.5"]
-    cfg = training.parse_args(ppo.Config, ppo.PRESETS, argv)
+    cfg = flags.parse_args(ppo.Config, ppo.PRESETS, argv)
     shape = CosineShape.from_flags(cfg.cosine_max_len, cfg.cosine_unit, cfg.cosine_clamp, cfg.cosine_correct,
                                    cfg.cosine_wrong)
     assert shape == CosineShape(max_len=3584, unit="tokens", clamp=True, correct=(2.0, 1.0), wrong=(-1.0, -0.5))

@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 
 import grpo
-import training
-from engine import HFEngine, Sampling
+from mathrl import distributed, fsdp, models, sequences
+from mathrl.engine import HFEngine, Sampling
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICE = torch.device("cuda", 0)
@@ -21,7 +21,7 @@ MiB = 2 ** 20
 
 
 @dataclasses.dataclass
-class OneRankFSDP(training.Dist):
+class OneRankFSDP(distributed.Dist):
     """World size 1, but sharded as the trainers shard for several ranks: FSDP2's bf16 policy, its
     reduce-scatter (of one), its registered log-prob forward, NCCL."""
     enabled = True
@@ -58,7 +58,7 @@ def update(policy, optimizer, rows, d, **overrides):
     cfg = grpo.Config(**{**dict(micro_batch_size=4, num_iterations=1, beta=0.0, temperature=1.0, lr=1e-5,
                                 max_completion_length=192, bf16=True, gradient_checkpointing=True,
                                 logprob_chunk_size=256), **overrides})
-    scheduler = training.cosine_schedule(optimizer, 10, 0.0, 1.0)
+    scheduler = fsdp.cosine_schedule(optimizer, 10, 0.0, 1.0)
     return grpo.policy_update(policy, None, optimizer, scheduler, rows, cfg, d, pad_id=0)
 
 
@@ -67,7 +67,7 @@ def test_fsdp2_bf16_update_at_world_size_one(nccl):
     (clip_frac 0 even with a tiny clip range), gradients are fp32 DTensors, the weights move."""
     from torch.distributed.tensor import DTensor
 
-    policy = training.shard_model(random_qwen2(), nccl, bf16=True, gradient_checkpointing=True)
+    policy = fsdp.shard_model(random_qwen2(), nccl, bf16=True, gradient_checkpointing=True)
     start = {k: v.full_tensor().clone() for k, v in policy.state_dict().items()}
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4)
     seen = []
@@ -83,7 +83,7 @@ def test_fsdp2_bf16_update_at_world_size_one(nccl):
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
     moved = max((policy.state_dict()[k].full_tensor() - v).abs().max().item() for k, v in start.items())
     assert moved > 1e-6
-    logp = grpo.token_logprobs(policy, *training.pack([[5, 6]], [[7, 8, 9]], 0, DEVICE), 1.0, 1024)[0]
+    logp = grpo.token_logprobs(policy, *sequences.pack([[5, 6]], [[7, 8, 9]], 0, DEVICE), 1.0, 1024)[0]
     logp.sum().backward()
     grads = [p.grad for p in policy.parameters()]
     assert all(isinstance(g, DTensor) and g.dtype == torch.float32 for g in grads)
@@ -93,7 +93,7 @@ def test_fsdp2_bf16_update_at_world_size_one(nccl):
 def test_update_memory_does_not_grow_with_the_number_of_micro_batches(nccl):
     """Peak memory of one update with 2, 4 and 8 micro-batches of the same size: accumulation holds the
     sharded fp32 gradients, never one set of full gradients per micro-batch."""
-    policy = training.shard_model(random_qwen2(), nccl, bf16=True, gradient_checkpointing=True)
+    policy = fsdp.shard_model(random_qwen2(), nccl, bf16=True, gradient_checkpointing=True)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
     update(policy, optimizer, rollouts(4), nccl)   # Adam's states exist from here on, in every measurement
     peaks = {}
@@ -150,15 +150,15 @@ def test_logprob_peak_does_not_grow_with_length_beyond_the_chunk():
 
 
 def test_each_rank_samples_from_its_own_cuda_stream():
-    """training.seed_per_rank on CUDA: ranks 0 and 1 draw different completions of one prompt, and a
+    """distributed.seed_per_rank on CUDA: ranks 0 and 1 draw different completions of one prompt, and a
     rank reseeded the same way draws the same ones again (resume replays a rank's stream)."""
-    tokenizer = training.build_tiny_tokenizer()
+    tokenizer = models.build_tiny_tokenizer()
     model = random_qwen2(vocab=len(tokenizer)).to(DEVICE)
 
     def sample(rank):
-        training.seed_everything(0)
-        training.seed_per_rank(0, training.Dist(rank, 2, rank, DEVICE))
-        engine = HFEngine(model, tokenizer, training.Dist(0, 1, 0, DEVICE), batch_size=8)
+        distributed.seed_everything(0)
+        distributed.seed_per_rank(0, distributed.Dist(rank, 2, rank, DEVICE))
+        engine = HFEngine(model, tokenizer, distributed.Dist(0, 1, 0, DEVICE), batch_size=8)
         completions = engine.generate(["1 + 2 ="], Sampling(n=8, temperature=1.0, max_new_tokens=16))[0]
         return [c.token_ids for c in completions]
 

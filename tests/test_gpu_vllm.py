@@ -21,10 +21,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
                                 "CUDA sampler and KV-cache sizing exist only there)")
 
 import grpo  # noqa: E402
-import memplan  # noqa: E402
+from mathrl import memplan  # noqa: E402
 import ppo  # noqa: E402
-import training  # noqa: E402
-from engine import Sampling, VLLMEngine  # noqa: E402
+from mathrl import distributed, models  # noqa: E402
+from mathrl.engine import Sampling, VLLMEngine  # noqa: E402
 
 GiB = 1 << 30
 PROMPTS = ["Solve for x: 2x + 3 = 11.\n", "The capital of France is", "1, 1, 2, 3, 5, 8,"]
@@ -40,24 +40,24 @@ def model_dir(tmp_path_factory):
     if gguf is not None and gguf.exists():
         from transformers import AutoModelForCausalLM
 
-        dequantized, tokenizer = training.load_model(str(gguf)), training.load_tokenizer(str(gguf))
+        dequantized, tokenizer = models.load_model(str(gguf)), models.load_tokenizer(str(gguf))
         del dequantized.config.quantization_config  # transformers will not save a model it marks GGUF
         model = AutoModelForCausalLM.from_config(dequantized.config)
         model.load_state_dict(dequantized.state_dict())
     else:
-        model, tokenizer = training.build_tiny_model(hidden_size=256, num_layers=2, num_heads=4, seed=1)
+        model, tokenizer = models.build_tiny_model(hidden_size=256, num_layers=2, num_heads=4, seed=1)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
 
 def cuda_dist():
-    return training.Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cuda", 0))
+    return distributed.Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cuda", 0))
 
 
 def trained_copy(model_dir, tokenizer):
     """The trainer's model after one real update: weights the engine does not have until a push."""
-    model = training.load_model(str(model_dir)).cuda()
+    model = models.load_model(str(model_dir)).cuda()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)  # moves log-probs by ~1 (tiny) to ~8 (SmolLM2)
     batch = tokenizer(PROMPTS[0] + " x = 4", return_tensors="pt").input_ids.cuda()
     model(batch, labels=batch).loss.backward()
@@ -83,7 +83,7 @@ def logprob_gap(engine, model, tokenizer, bf16: bool, temperature=1.0) -> float:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_sleep_push_wake_follows_the_trainer(model_dir, dtype):
-    tokenizer = training.load_tokenizer(str(model_dir))
+    tokenizer = models.load_tokenizer(str(model_dir))
     engine = VLLMEngine(str(model_dir), tokenizer, cuda_dist(), gpu_memory_utilization=0.3, max_model_len=512,
                         dtype=dtype, enable_sleep_mode=True)
     try:
@@ -122,14 +122,14 @@ def test_each_rank_samples_its_own_stream_on_cuda(model_dir):
     call from a draw of torch's CPU generator and the rank (engine.rank_stream)."""
     import numpy as np
 
-    tokenizer = training.load_tokenizer(str(model_dir))
+    tokenizer = models.load_tokenizer(str(model_dir))
     engine = VLLMEngine(str(model_dir), tokenizer, cuda_dist(), gpu_memory_utilization=0.3, max_model_len=512,
                         dtype="bfloat16")
     try:
         sampling = Sampling(n=4, temperature=1.0, max_new_tokens=16)
         samples = {}
         for rank, numpy_seed in ((0, 0), (0, 1), (1, 0)):
-            engine.d = training.Dist(rank=rank, world_size=2, local_rank=0, device=torch.device("cuda", 0))
+            engine.dist = distributed.Dist(rank=rank, world_size=2, local_rank=0, device=torch.device("cuda", 0))
             torch.manual_seed(7)
             np.random.seed(numpy_seed)
             outputs = engine.generate(PROMPTS, sampling)
@@ -137,7 +137,7 @@ def test_each_rank_samples_its_own_stream_on_cuda(model_dir):
         assert samples[0, 0] == samples[0, 1]  # numpy's state does not matter: torch's and the rank do
         assert all(a != b for a, b in zip(samples[0, 0], samples[1, 0]))
     finally:
-        engine.d = cuda_dist()
+        engine.dist = cuda_dist()
         engine.close()
 
 
@@ -148,7 +148,7 @@ def test_kv_cache_at_a_presets_memory_fraction(model_dir, preset):
     trainer, name = preset
     fraction = {"grpo": grpo.PRESETS, "ppo": ppo.PRESETS}[trainer][name]["vllm_gpu_memory_utilization"]
     batched = {"grpo": grpo.PRESETS, "ppo": ppo.PRESETS}[trainer][name]["vllm_max_num_batched_tokens"]
-    tokenizer = training.load_tokenizer(str(model_dir))
+    tokenizer = models.load_tokenizer(str(model_dir))
     total = torch.cuda.mem_get_info()[1]
     if torch.cuda.mem_get_info()[0] < fraction * total:
         pytest.skip(f"{fraction} of this GPU is not free")
@@ -160,7 +160,7 @@ def test_kv_cache_at_a_presets_memory_fraction(model_dir, preset):
         head_dim = hf.hidden_size // hf.num_attention_heads
         per_token = 2 * hf.num_hidden_layers * hf.num_key_value_heads * head_dim * 2  # K and V in bf16
         kv = config.cache_config.num_gpu_blocks * config.cache_config.block_size * per_token
-        weights = 2 * sum(p.numel() for p in training.load_model(str(model_dir)).parameters())  # tied: once
+        weights = 2 * sum(p.numel() for p in models.load_model(str(model_dir)).parameters())  # tied: once
         share = fraction * total
         print(f"\n{trainer} {name}: {fraction} of {total / GiB:.1f} GiB = {share / GiB:.1f} GiB, KV cache "
               f"{kv / GiB:.2f} GiB, so weights + activations took {(share - kv) / GiB:.2f} GiB")

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import shared_file
 
-import grader
-from grader import Grader, extract_answer, is_equiv
+from mathrl import grader
+from mathrl.grader import Grader, extract_answer, is_equiv
 
 # A comparison that passes the converter's size guards but that sympy cannot finish quickly:
 # simplify() expands a 4-variable polynomial of degree 200.
@@ -339,7 +339,7 @@ def _running(pid: int) -> bool:
 GRADER_THEN_WAIT = r"""
 import sys, time
 sys.path.insert(0, sys.argv[1])
-from grader import Grader, is_equiv
+from mathrl.grader import Grader, is_equiv
 if __name__ == "__main__":
     assert is_equiv("\\sqrt{8}", "2\\sqrt{2}")  # this process's own sympy helper
     with Grader(num_workers=2) as pool:

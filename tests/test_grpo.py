@@ -87,10 +87,10 @@ def test_loss_aggregations_by_hand():
 
 
 def test_token_logprobs_match_log_softmax_at_temperature():
-    import training
+    from mathrl import models, sequences
 
-    model, _ = training.build_tiny_model(hidden_size=32, num_layers=1, num_heads=2)
-    ids, cm = training.pack([[5, 6, 7]], [[8, 9]], 0, "cpu")
+    model, _ = models.build_tiny_model(hidden_size=32, num_layers=1, num_heads=2)
+    ids, cm = sequences.pack([[5, 6, 7]], [[8, 9]], 0, "cpu")
     logp, entropy = grpo.token_logprobs(model, ids, cm, 0.7, 1024, with_entropy=True)
     logits = model(ids).logits[0] / 0.7
     expected = torch.log_softmax(logits, -1)
@@ -103,14 +103,14 @@ def test_token_logprobs_match_log_softmax_at_temperature():
 def test_token_logprobs_of_a_row_do_not_depend_on_the_padding_beside_it():
     """pack() right-pads without an attention mask: a short row batched with a long one must get the
     log-probs it gets alone, and the pads must carry nothing."""
-    import training
+    from mathrl import models, sequences
 
-    model, _ = training.build_tiny_model(hidden_size=32, num_layers=2, num_heads=2)
+    model, _ = models.build_tiny_model(hidden_size=32, num_layers=2, num_heads=2)
     rows = [([5, 6, 7], [8, 9]), ([11, 12], [13, 14, 15, 16, 17, 18, 19, 20])]
-    ids, cm = training.pack([p for p, _ in rows], [c for _, c in rows], 0, "cpu")
+    ids, cm = sequences.pack([p for p, _ in rows], [c for _, c in rows], 0, "cpu")
     batched = grpo.token_logprobs(model, ids, cm, 1.0, 1024)[0]
     for row, (prompt, completion) in enumerate(rows):
-        alone_ids, alone_cm = training.pack([prompt], [completion], 0, "cpu")
+        alone_ids, alone_cm = sequences.pack([prompt], [completion], 0, "cpu")
         alone = grpo.token_logprobs(model, alone_ids, alone_cm, 1.0, 1024)[0][0]
         width = len(alone)
         torch.testing.assert_close(batched[row, :width], alone, atol=1e-6, rtol=0)
@@ -141,10 +141,10 @@ def test_killed_grpo_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path
         
     from safetensors.torch import load_file
 
-    import training
+    from mathrl import models, sequences
 
     start = tmp_path / "start"
-    model, tokenizer = training.build_tiny_model(hidden_size=64, num_layers=2, num_heads=2, seed=1)
+    model, tokenizer = models.build_tiny_model(hidden_size=64, num_layers=2, num_heads=2, seed=1)
     model.save_pretrained(start)
     tokenizer.save_pretrained(start)
     args = ["grpo.py", "--model", str(start), "--data", "linear", "--template", "plain", "--engine", "hf",

@@ -16,8 +16,8 @@ import pytest
 pytest.importorskip("vllm")
 
 import grpo  # noqa: E402
-import training  # noqa: E402
-from engine import HFEngine, Sampling  # noqa: E402
+from mathrl import distributed, models  # noqa: E402
+from mathrl.engine import HFEngine, Sampling  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG_PROMPT = "Solve for (x, y):\n" + "3x + 4y = 10\n" * 20   # longer than vLLM's 128-token CPU KV block
@@ -51,7 +51,7 @@ def run_grpo_in_process(argv, monkeypatch, skip_sync=False):
         engines.append(engine)
         return engine
 
-    from engine import trainer_engine
+    from mathrl.engine import trainer_engine
     monkeypatch.setattr(grpo, "trainer_engine", capture)
     grpo.main(argv)
     return engines[0]
@@ -66,7 +66,7 @@ def test_engine_follows_the_trainer_through_grpo_steps(start_model, tmp_path, mo
     engine = run_grpo_in_process(args, monkeypatch)
     # On CPU the KV cache has the flag's size (64 MiB), not a share of free RAM: count what vLLM allocated
     cache = engine.llm.llm_engine.vllm_config.cache_config
-    config = training.load_model(str(start_model)).config
+    config = models.load_model(str(start_model)).config
     head_dim = config.hidden_size // config.num_attention_heads
     bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4  # K and V in fp32
     assert 0.9 * (64 << 20) <= cache.num_gpu_blocks * cache.block_size * bytes_per_token <= 64 << 20
@@ -74,11 +74,11 @@ def test_engine_follows_the_trainer_through_grpo_steps(start_model, tmp_path, mo
     assert len(logged) == 3 and all(m["grad_norm"] > 0 for m in logged)
     assert max(m["logprob_gap_max"] for m in logged) < 1e-4
 
-    trained = training.load_model(str(tmp_path / "run"))
+    trained = models.load_model(str(tmp_path / "run"))
     assert max((a - b).abs().max().item() for a, b in zip(
-        trained.state_dict().values(), training.load_model(str(start_model)).state_dict().values())) > 1e-3
-    tokenizer = training.load_tokenizer(str(tmp_path / "run"))
-    d = training.init_distributed()
+        trained.state_dict().values(), models.load_model(str(start_model)).state_dict().values())) > 1e-3
+    tokenizer = models.load_tokenizer(str(tmp_path / "run"))
+    d = distributed.init_distributed()
     prompts = ["Solve for x:\n2x + 1 = 7\nSolution:\n", LONG_PROMPT + "Solution:\n"]
     assert len(tokenizer(prompts[1])["input_ids"]) > 128
     greedy = Sampling(n=1, temperature=0.0, max_new_tokens=24)
@@ -120,11 +120,11 @@ SAME_PROMPT_TWO_RANKS = r'''
 import json, os, sys
 sys.path.insert(0, sys.argv[1])
 import torch
-import training
-from engine import Sampling, make_engine
-d = training.init_distributed()
-training.seed_everything(0)  # deliberately the same generators on both ranks
-model, tokenizer = training.load_model(sys.argv[2]), training.load_tokenizer(sys.argv[2])
+from mathrl import distributed, models
+from mathrl.engine import Sampling, make_engine
+d = distributed.init_distributed()
+distributed.seed_everything(0)  # deliberately the same generators on both ranks
+model, tokenizer = models.load_model(sys.argv[2]), models.load_tokenizer(sys.argv[2])
 engine = make_engine("vllm", model, tokenizer, sys.argv[2], d, dtype="float32", max_model_len=256,
                      kv_cache_memory_bytes=16 << 20)
 sampling = Sampling(n=4, temperature=1.0, max_new_tokens=12)
@@ -134,7 +134,7 @@ second = [c.token_ids for c in engine.generate(["Solve for x:\n2x + 1 = 7\n"], s
 with open(os.path.join(sys.argv[3], f"rank{d.rank}.json"), "w") as f:
     json.dump([first, second], f)
 engine.close()
-training.shutdown(d)
+distributed.shutdown(d)
 '''
 
 

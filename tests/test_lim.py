@@ -4,10 +4,13 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 import data
 import lim
 from conftest import shared_file
+from mathrl import distributed, sequences
+from mathrl.engine import Completion
 
 nan = float("nan")
 
@@ -418,3 +421,30 @@ def test_a_run_stopped_inside_an_epoch_scores_its_whole_epochs_under_limr_gaps(t
     assert json.loads((tmp_path / "kept.json").read_text()) == json.loads((tmp_path / "whole.json").read_text())
     with pytest.raises(SystemExit):
         lim.main(["--trajectories", str(partial), "--data", str(data_file), "--threshold", "nan", "--out", "x"])
+
+
+def test_trajectories_record_each_prompt_in_the_epoch_it_was_drawn_in_whatever_the_ranks(tmp_path):
+    """lim.py reads per-epoch accuracy: a prompt logged under the wrong epoch has one epoch twice and
+    one missing. grpo.rollout gives rank r's j-th group the position step * P + r + j * W; a step whose
+    batch crosses an epoch boundary must log every prompt in the epoch batch_indices drew it in,
+    whatever the number of ranks."""
+    problems = [{"id": f"p{i}", "answer": "1"} for i in range(10)]
+    prompts_per_step, group_size, step = 4, 2, 2   # batch positions 8-11: epoch 0 ends at position 10
+    batch = sequences.batch_indices(step, prompts_per_step, len(problems), seed=0)
+
+    def logged_epochs(world_size, out):
+        out.mkdir()
+        groups = [sequences.Group(i, step * prompts_per_step + rank + j * world_size,
+                                  [Completion([1, 2], "x", [0.0, 0.0], "stop")] * group_size,
+                                  {name: [1.0] * group_size for name in ("correct", "total", "accuracy")})
+                  for rank in range(world_size) for j, i in enumerate(batch[rank::world_size])]
+        groups.sort(key=lambda g: g.position)
+        lim.write_trajectories(out, step, groups, problems, distributed.Dist(0, world_size, 0, torch.device("cpu")))
+        lines = [json.loads(line) for line in (out / "trajectories.jsonl").read_text().splitlines()]
+        assert len(lines) == prompts_per_step
+        return {line["id"]: line["epoch"] for line in lines}
+
+    expected = {f"p{i}": (step * prompts_per_step + k) // len(problems) for k, i in enumerate(batch)}
+    assert sorted(set(expected.values())) == [0, 1]   # the batch does cross the boundary
+    assert logged_epochs(1, tmp_path / "one") == expected
+    assert logged_epochs(2, tmp_path / "two") == expected

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import grpo
-import training
+from mathrl import distributed, fsdp, models, sequences
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,12 +26,12 @@ def unchunked_logprobs(model, input_ids, completion_mask, temperature):
 
 
 def two_rows():
-    return training.pack([[5, 6, 7], [11, 12]], [[8, 9, 10, 21, 22], [13, 14, 15, 16, 17, 18, 19, 20]], 0, "cpu")
+    return sequences.pack([[5, 6, 7], [11, 12]], [[8, 9, 10, 21, 22], [13, 14, 15, 16, 17, 18, 19, 20]], 0, "cpu")
 
 
 @pytest.mark.parametrize("chunk_size", [1, 5, 13, 1024])
 def test_chunked_logprobs_entropy_and_their_gradients_equal_the_unchunked_ones(chunk_size):
-    model, _ = training.build_tiny_model(hidden_size=32, num_layers=2, num_heads=2, seed=3)
+    model, _ = models.build_tiny_model(hidden_size=32, num_layers=2, num_heads=2, seed=3)
     ids, cm = two_rows()
     weights = torch.rand(ids.shape[0], ids.shape[1] - 1, generator=torch.Generator().manual_seed(0))
     expected, expected_entropy = unchunked_logprobs(model, ids, cm, 0.7)
@@ -46,7 +46,7 @@ def test_chunked_logprobs_entropy_and_their_gradients_equal_the_unchunked_ones(c
 
 
 def test_entropy_carries_gradient_so_an_entropy_bonus_can_train_on_it():
-    model, _ = training.build_tiny_model(hidden_size=32, num_layers=1, num_heads=2)
+    model, _ = models.build_tiny_model(hidden_size=32, num_layers=1, num_heads=2)
     ids, cm = two_rows()
     logp, entropy = grpo.token_logprobs(model, ids, cm, 1.0, 4, with_entropy=True)
     assert logp.requires_grad and entropy.requires_grad
@@ -73,9 +73,9 @@ class WidestLogits(TorchDispatchMode):
 
 
 def test_logits_exist_one_chunk_at_a_time_forward_and_backward_and_nothing_vocab_wide_is_kept():
-    model, tokenizer = training.build_tiny_model(hidden_size=32, num_layers=2, num_heads=2)
+    model, tokenizer = models.build_tiny_model(hidden_size=32, num_layers=2, num_heads=2)
     vocab, hidden = model.config.vocab_size, model.config.hidden_size
-    ids, cm = training.pack([[5] * 41] * 3, [[7] * 60] * 3, 0, "cpu")   # 3 x 100 predicted positions
+    ids, cm = sequences.pack([[5] * 41] * 3, [[7] * 60] * 3, 0, "cpu")   # 3 x 100 predicted positions
     kept = []
     for chunk_size in (16, 64):
         widest = WidestLogits(vocab, hidden)
@@ -96,10 +96,10 @@ def test_logits_exist_one_chunk_at_a_time_forward_and_backward_and_nothing_vocab
 def test_sft_loss_equals_cross_entropy_over_response_tokens():
     import sft
 
-    model, tokenizer = training.build_tiny_model(hidden_size=32, num_layers=1, num_heads=2)
+    model, tokenizer = models.build_tiny_model(hidden_size=32, num_layers=1, num_heads=2)
     examples = [([5, 6, 7, 8, 9], [-100, -100, 7, 8, 9]), ([3, 4, 5], [-100, 4, 5])]
     input_ids, labels = sft.collate(examples, 0, "cpu")
-    logp = training.next_token_scores(model, input_ids, sft.log_softmax_at, 3)[0] * (labels[:, 1:] != -100)
+    logp = sequences.next_token_scores(model, input_ids, sft.log_softmax_at, 3)[0] * (labels[:, 1:] != -100)
     expected = torch.nn.functional.cross_entropy(model(input_ids).logits[:, :-1].flatten(0, 1),
                                                  labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
     assert (-logp.sum()).item() == pytest.approx(expected.item(), rel=1e-6)
@@ -109,7 +109,7 @@ def test_sft_loss_equals_cross_entropy_over_response_tokens():
 def two_ranks(tmp_path_factory):
     """One 2-rank torchrun of tests/memory_worker.py; each rank's record."""
     tmp = tmp_path_factory.mktemp("memory")
-    model, tokenizer = training.build_tiny_model(hidden_size=32, num_layers=2, num_heads=2, seed=0)
+    model, tokenizer = models.build_tiny_model(hidden_size=32, num_layers=2, num_heads=2, seed=0)
     model.save_pretrained(tmp / "model")
     tokenizer.save_pretrained(tmp / "model")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -140,8 +140,8 @@ def test_single_process_bf16_ratio_is_exactly_one_on_the_first_pass(monkeypatch)
     pi = pi_old, so rho = 1 exactly, and the KL to a reference with the same weights is exactly 0."""
     from grpo_update_worker import fixed_rollouts
 
-    policy, tokenizer = training.build_tiny_model(hidden_size=32, num_layers=2, num_heads=2, seed=0)
-    reference, _ = training.build_tiny_model(hidden_size=32, num_layers=2, num_heads=2, seed=0)
+    policy, tokenizer = models.build_tiny_model(hidden_size=32, num_layers=2, num_heads=2, seed=0)
+    reference, _ = models.build_tiny_model(hidden_size=32, num_layers=2, num_heads=2, seed=0)
     cfg = grpo.Config(micro_batch_size=4, num_iterations=2, beta=0.1, temperature=0.9, max_completion_length=16,
                       lr=1e-2, bf16=True, gradient_checkpointing=False, logprob_chunk_size=8)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
@@ -150,8 +150,8 @@ def test_single_process_bf16_ratio_is_exactly_one_on_the_first_pass(monkeypatch)
     monkeypatch.setattr(grpo, "clipped_objective", lambda logp, old, *a: seen["ratio"].append(
         torch.exp(logp - old).detach()) or objective(logp, old, *a))
     monkeypatch.setattr(grpo, "k3_kl", lambda logp, ref: seen["kl"].append(k3(logp, ref).detach()) or k3(logp, ref))
-    d = training.Dist(0, 1, 0, torch.device("cpu"))
-    grpo.policy_update(policy, reference.eval(), optimizer, training.cosine_schedule(optimizer, 2, 0.0, 1.0),
+    d = distributed.Dist(0, 1, 0, torch.device("cpu"))
+    grpo.policy_update(policy, reference.eval(), optimizer, fsdp.cosine_schedule(optimizer, 2, 0.0, 1.0),
                        fixed_rollouts(), cfg, d, tokenizer.pad_token_id)
     first_pass = len(seen["ratio"]) // 2
     assert first_pass == 3

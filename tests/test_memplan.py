@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import memplan
-import training
+from mathrl import memplan
+from mathrl import flags, models
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -42,7 +42,7 @@ def test_known_sizes():
 
 
 def test_tiny_and_local_config_shapes(tmp_path):
-    model, _ = training.build_tiny_model()
+    model, _ = models.build_tiny_model()
     assert memplan.model_shape("tiny").parameters() == sum(p.numel() for p in model.parameters())
     model.save_pretrained(tmp_path)  # a local folder's config.json
     assert memplan.model_shape(str(tmp_path)) == memplan.model_shape("tiny")
@@ -65,7 +65,7 @@ def test_weights_gradients_and_adam_per_rank_equal_what_fsdp_holds(ranks):
 
 def plan_of(trainer, argv):
     module = importlib.import_module(trainer)
-    cfg = training.parse_args(module.Config, module.PRESETS, argv)
+    cfg = flags.parse_args(module.Config, module.PRESETS, argv)
     return memplan.make_plan(trainer, cfg, cfg.plan_gpus, cfg.gpu_memory_gb)
 
 
@@ -129,7 +129,7 @@ def test_dry_run_of_an_unknown_model_says_so_in_one_line(tmp_path, capsys):
 
 
 def test_real_runs_print_the_summary_on_gpus_only(capsys):
-    cfg = training.parse_args(importlib.import_module("sft").Config, {}, ["--model", "tiny"])
+    cfg = flags.parse_args(importlib.import_module("sft").Config, {}, ["--model", "tiny"])
     on_gpu = SimpleNamespace(world_size=1, is_main=True, device=torch.device("cuda", 0))
     plan = memplan.report("sft", cfg, on_gpu)   # nothing touches the device: the plan is arithmetic
     out = capsys.readouterr().out

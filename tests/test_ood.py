@@ -14,7 +14,7 @@ import pytest
 
 import data
 import rewards
-from grader import extract_answer, is_equiv
+from mathrl.grader import extract_answer, is_equiv
 
 OPERATIONS = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y,
               "/": lambda x, y: x / y}  # true division: a line "7 / 2 = 3" would fail
@@ -99,7 +99,7 @@ def fake_run(tmp_path, commands, accuracy):
     import evaluate
     import grpo
     import sft
-    import training
+    from mathrl import flags
 
     def run(command):
         script, argv = command[1], command[2:]
@@ -116,7 +116,7 @@ def fake_run(tmp_path, commands, accuracy):
             open(args.out, "w").write(json.dumps(summaries))
             return
         module = {"sft.py": sft, "grpo.py": grpo}[script]
-        cfg = training.parse_args(module.Config, module.PRESETS, argv)
+        cfg = flags.parse_args(module.Config, module.PRESETS, argv)
         out = tmp_path / cfg.output_dir  # demo_ood passes absolute paths: this is cfg.output_dir
         out.mkdir(parents=True, exist_ok=True)
         (out / "model.safetensors").write_text("fake")

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from conftest import kill_after_first_checkpoint
 
 import ppo
-import training
+from mathrl import distributed, fsdp, models, sequences
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +76,7 @@ def test_gae_of_a_final_reward_alone():
 
 def test_whitening_is_over_all_masked_tokens_of_all_micro_batches():
     generator = torch.Generator().manual_seed(2)
-    d = training.Dist(0, 1, 0, torch.device("cpu"))
+    d = distributed.Dist(0, 1, 0, torch.device("cpu"))
     tensors = [torch.randn(3, 9, generator=generator) * 4 + 2, torch.randn(2, 5, generator=generator)]
     masks = [random_masks(3, 9, generator), random_masks(2, 5, generator)]
     whitened = ppo.whiten(tensors, masks, d)
@@ -107,11 +107,11 @@ def tiny_model_dir(tmp_path_factory):
 
 
 def test_critic_is_the_language_model_backbone_with_a_scalar_head(tiny_model_dir, tmp_path):
-    lm = training.load_model(str(tiny_model_dir))
+    lm = models.load_model(str(tiny_model_dir))
     critic = ppo.load_critic(str(tiny_model_dir))
     backbone = critic.model.state_dict()
     assert all(torch.equal(backbone[k], v) for k, v in lm.model.state_dict().items())
-    ids, _ = training.pack([[5, 6, 7]], [[8, 9, 10]], 0, "cpu")
+    ids, _ = sequences.pack([[5, 6, 7]], [[8, 9, 10]], 0, "cpu")
     critic.train()  # no dropout: a value is a function of the tokens
     values = ppo.critic_values(critic, ids)
     assert values.shape == (1, 5) and torch.equal(values, ppo.critic_values(critic, ids))
@@ -121,16 +121,16 @@ def test_critic_is_the_language_model_backbone_with_a_scalar_head(tiny_model_dir
 
 
 def test_experience_puts_the_score_on_the_last_token_and_the_kl_penalty_on_every_token(tiny_model_dir):
-    d = training.Dist(0, 1, 0, torch.device("cpu"))
-    actor, critic = training.load_model(str(tiny_model_dir)), ppo.load_critic(str(tiny_model_dir))
-    reference, _ = training.build_tiny_model(hidden_size=64, num_layers=2, num_heads=2, seed=1)
+    d = distributed.Dist(0, 1, 0, torch.device("cpu"))
+    actor, critic = models.load_model(str(tiny_model_dir)), ppo.load_critic(str(tiny_model_dir))
+    reference, _ = models.build_tiny_model(hidden_size=64, num_layers=2, num_heads=2, seed=1)
     # shortest first: make_experience orders a mini-batch's rows by length (less padding per micro-batch)
     rows = [ppo.Rollout([5, 6], [12], [-1.0], -0.5), ppo.Rollout([5, 6, 7], [8, 9, 10, 11], [-1.0] * 4, 1.0),
             ppo.Rollout([7] * 5, [8, 9], [-1.0] * 2, 0.0)]
     cfg = ppo.Config(train_batch_size=3, micro_batch_size=3, kl_coef=0.1, gamma=1.0, lam=1.0, temperature=1.0, bf16=False)
     experience, stats = ppo.make_experience(actor, critic, reference, rows, cfg, d, pad_id=0)
     (mb,), = experience
-    ids, completion = training.pack([r.prompt_ids for r in rows], [r.completion_ids for r in rows], 0, "cpu")
+    ids, completion = sequences.pack([r.prompt_ids for r in rows], [r.completion_ids for r in rows], 0, "cpu")
     old = ppo.token_logprobs(actor, ids, completion, 1.0, cfg.logprob_chunk_size)[0]
     ref = ppo.token_logprobs(reference, ids, completion, 1.0, cfg.logprob_chunk_size)[0]
     kl_penalty = -0.1 * (old - ref) * completion[:, 1:]
@@ -152,13 +152,13 @@ def test_experience_puts_the_score_on_the_last_token_and_the_kl_penalty_on_every
 
 
 def test_critic_warm_up_moves_the_critic_only(tiny_model_dir):
-    d = training.Dist(0, 1, 0, torch.device("cpu"))
-    actor, critic = training.load_model(str(tiny_model_dir)), ppo.load_critic(str(tiny_model_dir))
+    d = distributed.Dist(0, 1, 0, torch.device("cpu"))
+    actor, critic = models.load_model(str(tiny_model_dir)), ppo.load_critic(str(tiny_model_dir))
     rows = [ppo.Rollout([5, 6, 7], [8, 9, 10], [-1.0] * 3, 1.0), ppo.Rollout([5, 6], [12, 13], [-1.0] * 2, 0.0)]
     cfg = ppo.Config(train_batch_size=2, micro_batch_size=1, kl_coef=0.0, bf16=False, gradient_checkpointing=False)
     optimizers = {"actor": (actor, torch.optim.AdamW(actor.parameters(), lr=1e-3)),
                   "critic": (critic, torch.optim.AdamW(critic.parameters(), lr=1e-3))}
-    schedulers = {name: training.cosine_schedule(optimizer, 4, 0.0, 1.0) for name, (_, optimizer) in optimizers.items()}
+    schedulers = {name: fsdp.cosine_schedule(optimizer, 4, 0.0, 1.0) for name, (_, optimizer) in optimizers.items()}
     before = {name: {k: v.clone() for k, v in model.state_dict().items()} for name, (model, _) in optimizers.items()}
     experience, _ = ppo.make_experience(actor, critic, None, rows, cfg, d, pad_id=0)
     stats = ppo.ppo_update(experience, optimizers, schedulers, cfg, d, train_actor=False)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from grader import Grader
+from mathrl.grader import Grader
 from rewards import (CosineShape, accuracy_reward, compute_rewards, cosine_reward, format_reward,
                      limr_reward)
 

@@ -8,8 +8,8 @@ import torch
 
 import grpo
 import rewards
-import training
-from engine import Completion
+from mathrl import distributed, sequences
+from mathrl.engine import Completion
 
 G = 4
 PROBLEMS = [{"id": f"p{i}", "answer": "7"} for i in range(40)]
@@ -53,12 +53,12 @@ def run_ranks(world_size: int, step: int = 0, **flags):
         return gathered
 
     def rank(r):
-        d = training.Dist(r, world_size, 0, torch.device("cpu"))
+        d = distributed.Dist(r, world_size, 0, torch.device("cpu"))
         results[r] = grpo.rollout(step, ScriptedEngine(), PROBLEMS, PROMPTS, [[1, 2]] * len(PROBLEMS),
                                   {"accuracy": 1.0}, None, rewards.CosineShape(), cfg, d)
 
-    original = training.all_gather_objects
-    training.all_gather_objects = all_gather
+    original = distributed.all_gather_objects
+    distributed.all_gather_objects = all_gather
     try:
         threads = [threading.Thread(target=rank, args=(r,)) for r in range(world_size)]
         for t in threads:
@@ -66,7 +66,7 @@ def run_ranks(world_size: int, step: int = 0, **flags):
         for t in threads:
             t.join(timeout=60)
     finally:
-        training.all_gather_objects = original
+        distributed.all_gather_objects = original
     assert all(r is not None for r in results), "a simulated rank failed"
     return results
 
@@ -81,7 +81,7 @@ def test_the_batch_is_the_steps_prompts_at_their_stream_positions_on_any_number_
     step = 7   # 6 prompts a step over 40 problems: positions 42-47 are in epoch 1
     for world_size in (1, 2, 3):
         results = run_ranks(world_size, step=step)
-        expected = training.batch_indices(step, 6, len(PROBLEMS), seed=3)
+        expected = sequences.batch_indices(step, 6, len(PROBLEMS), seed=3)
         for _, batch, _ in results:   # every rank holds the whole batch, in order
             assert [g.problem for g in batch] == expected
             assert [g.position for g in batch] == list(range(42, 48))

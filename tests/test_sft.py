@@ -40,9 +40,9 @@ def test_two_ranks_reach_the_same_weights_as_one_process(tmp_path):
 
 
 def weights_of_fresh_tiny_model():
-    import training
+    from mathrl import models
 
-    model, _ = training.build_tiny_model(seed=0)
+    model, _ = models.build_tiny_model(seed=0)
     return dict(model.state_dict())
 
 

@@ -1140,7 +1140,7 @@ class Grader:
         self.num_workers = num_workers
         self.timeout = timeout
         self._pool = self._new_pool()
-        # A run that stops on an error (training._stop's SystemExit) never reaches close(); at exit,
+        # A run that stops on an error (distributed.stop's SystemExit) never reaches close(); at exit,
         # concurrent.futures then wakes the pool's manager thread through a pipe that may already be
         # closed ("OSError: Bad file descriptor" after the one-line error). Hooks registered here run
         # before concurrent.futures' own (threading runs them last registered, first run).

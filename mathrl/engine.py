@@ -7,7 +7,7 @@ Two backends share one interface and one set of sampling semantics:
 - VLLMEngine runs a vLLM engine in the same process (one per rank under torchrun). It is fast,
   but holds its own copy of the weights: after every optimizer step the trainer must call
   push_weights, or it keeps sampling from the old policy. On a GPU, sleep() hands all its memory
-  to the update, and close() shuts it down before the process group goes (training.shutdown).
+  to the update, and close() shuts it down before the process group goes (distributed.shutdown).
 
 Sampling semantics, identical on both backends:
 - A prompt is a string already formatted for the model (data.format_prompt). It is tokenized
@@ -23,7 +23,7 @@ Sampling semantics, identical on both backends:
   exactly what a trainer recomputes with a teacher-forced forward pass.
 - Randomness comes from torch's global generators in this process, so a run that restores the
   RNG state from a checkpoint samples the same tokens again. Sampling has no seed of its own:
-  seeding is the caller's job (training.seed_everything, then training.seed_per_rank), and a
+  seeding is the caller's job (distributed.seed_everything, then distributed.seed_per_rank), and a
   fixed per-call seed would replay the same random stream at every training step. HFEngine
   samples with torch on the model's device. vLLM's sampler draws from torch's CPU generator on
   CPU only: on CUDA its V2 model runner seeds each request from numpy's global state, the V1
@@ -40,9 +40,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 
-from training import Dist, rng_state, set_rng_state
+from mathrl.distributed import Dist, rng_state, set_rng_state
 
 
 @dataclass
@@ -135,8 +135,8 @@ def sample_next_token(logits: torch.Tensor, sampling: Sampling) -> tuple[torch.T
 
 
 class HFEngine:
-    def __init__(self, model, tokenizer, d: Dist, batch_size: int = 64):
-        self.model, self.tokenizer, self.d, self.batch_size = model, tokenizer, d, batch_size
+    def __init__(self, model, tokenizer, dist: Dist, batch_size: int = 64):
+        self.model, self.tokenizer, self.dist, self.batch_size = model, tokenizer, dist, batch_size
         self.stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         from torch.distributed.fsdp import FSDPModule
@@ -144,7 +144,7 @@ class HFEngine:
         # Under FSDP every forward pass is a collective: ranks must run the same number of batches
         # and steps, even a rank with fewer (or no) prompts. An unsharded model (evaluate.py) needs
         # no such lock-step, and its ranks may skip generate() altogether.
-        self.lock_step = d.enabled and isinstance(model, FSDPModule)
+        self.lock_step = dist.enabled and isinstance(model, FSDPModule)
 
     def push_weights(self, model) -> None:
         """Nothing to do: this engine samples from the training model itself."""
@@ -164,8 +164,8 @@ class HFEngine:
         rows = [ids for ids in prompt_ids for _ in range(sampling.n)]  # n samples = n rows
         num_batches = math.ceil(len(rows) / self.batch_size)
         if self.lock_step:  # a rank that runs out of prompts runs idle batches until the others finish
-            count = torch.tensor(num_batches, device=self.d.device)
-            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            count = torch.tensor(num_batches, device=self.dist.device)
+            torch_dist.all_reduce(count, op=torch_dist.ReduceOp.MAX)
             num_batches = int(count)
         was_training = self.model.training
         # eval: no dropout; and gradient checkpointing (train mode only) would disable the KV cache
@@ -188,7 +188,7 @@ class HFEngine:
     def _generate_batch(self, rows: list[list[int]], sampling: Sampling):
         idle = not rows  # this rank has no work left but must keep pace with the other ranks
         rows = rows or [[self.pad_id]]
-        device, width = self.d.device, max(len(r) for r in rows)
+        device, width = self.dist.device, max(len(r) for r in rows)
         # Left padding puts every prompt's last token in the final column, so one new column per
         # step serves the whole batch; the attention mask hides the padding.
         input_ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], device=device)
@@ -207,7 +207,7 @@ class HFEngine:
             finished |= torch.isin(next_tokens, torch.tensor(self.stop_ids, device=device))
             all_done = finished.all().to(torch.int32)
             if self.lock_step:  # done when every row on every rank is (model.generate's synced_gpus rule)
-                dist.all_reduce(all_done, op=dist.ReduceOp.MIN)
+                torch_dist.all_reduce(all_done, op=torch_dist.ReduceOp.MIN)
             if all_done:
                 break
             input_ids = next_tokens[:, None]
@@ -282,7 +282,7 @@ CPU_KV_CACHE_GIB = 0.5
 
 
 class VLLMEngine:
-    def __init__(self, model_path: str, tokenizer, d: Dist, gpu_memory_utilization: float = 0.3,
+    def __init__(self, model_path: str, tokenizer, dist: Dist, gpu_memory_utilization: float = 0.3,
                  max_model_len: int = 4096, dtype: str = "auto", enable_sleep_mode: bool = False,
                  kv_cache_memory_bytes: int | None = None, tensor_parallel_size: int = 1,
                  max_num_batched_tokens: int | None = None):
@@ -296,8 +296,8 @@ class VLLMEngine:
         from vllm import LLM
         from transformers import GenerationConfig
 
-        self.tokenizer, self.d = tokenizer, d
-        self.on_gpu = d.device.type == "cuda"
+        self.tokenizer, self.dist = tokenizer, dist
+        self.on_gpu = dist.device.type == "cuda"
         self.sleep_enabled = enable_sleep_mode and self.on_gpu
         self.resident = {"weights", "kv_cache"}  # what vLLM holds on the GPU now (sleep releases both)
         self.weights_valid = True  # False from sleep() until push_weights: the released weights are lost
@@ -321,7 +321,7 @@ class VLLMEngine:
             kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes or int(CPU_KV_CACHE_GIB * 2**30)
         if tensor_parallel_size > 1:  # evaluate.py allows it in one process only
             kwargs["tensor_parallel_size"] = tensor_parallel_size
-        if d.enabled:
+        if dist.enabled:
             # One independent engine per rank: torchrun already set up the processes, and each
             # rank samples its own prompts (tensor_parallel_size stays 1).
             kwargs["distributed_executor_backend"] = "external_launcher"
@@ -341,7 +341,7 @@ class VLLMEngine:
             stop_token_ids=self.stop_ids, logprobs=0,  # 0 = the sampled token's log-prob only
             detokenize=False)  # text is decoded by make_completion, as in HFEngine
         requests = [{"prompt_token_ids": ids} for ids in prompt_ids]
-        with rank_stream(self.d.rank):  # see the module docstring
+        with rank_stream(self.dist.rank):  # see the module docstring
             outputs = self.llm.generate(requests, params, use_tqdm=False)
         logprobs = lambda s: [step[token].logprob for step, token in zip(s.logprobs, s.token_ids)]
         return [[make_completion(list(sample.token_ids), logprobs(sample), self.stop_ids, self.tokenizer)
@@ -396,32 +396,32 @@ class VLLMEngine:
     def close(self) -> None:
         """Shut vLLM down while torchrun's process group is alive. vLLM's teardown destroys the
         groups it built on that group, then the group itself; left to run at interpreter exit,
-        after training.shutdown destroyed the group, it fails on every rank ("Invalid process
-        group specified"). So the ranks meet here first, as training.shutdown would have."""
+        after distributed.shutdown destroyed the group, it fails on every rank ("Invalid process
+        group specified"). So the ranks meet here first, as distributed.shutdown would have."""
         if self.llm is None:
             return
-        if self.d.enabled and dist.is_initialized():
-            dist.barrier()
+        if self.dist.enabled and torch_dist.is_initialized():
+            torch_dist.barrier()
         self.llm.llm_engine.engine_core.shutdown()
         self.llm = None
 
 
-def make_engine(kind: str, model, tokenizer, model_path: str, d: Dist, **kwargs) -> HFEngine | VLLMEngine:
+def make_engine(kind: str, model, tokenizer, model_path: str, dist: Dist, **kwargs) -> HFEngine | VLLMEngine:
     """kind "hf": generate with `model`; kind "vllm": a vLLM engine loaded from `model_path`
     (a save_pretrained folder or hub id holding the same weights as `model`)."""
     if kind == "hf":
         # vLLM's options (memory, max_model_len, dtype...) do not apply to the training model.
-        return HFEngine(model, tokenizer, d, batch_size=kwargs.get("batch_size", 64))
+        return HFEngine(model, tokenizer, dist, batch_size=kwargs.get("batch_size", 64))
     if kind == "vllm":
         kwargs.pop("batch_size", None)  # vLLM schedules its own batches
-        return VLLMEngine(model_path, tokenizer, d, **kwargs)
+        return VLLMEngine(model_path, tokenizer, dist, **kwargs)
     raise ValueError(f"unknown engine {kind!r}: expected 'hf' or 'vllm'")
 
 
-def trainer_engine(cfg, model, tokenizer, model_path: str, d: Dist) -> HFEngine | VLLMEngine:
-    """The engine of an RL trainer, from its Config (training.RLFlags): colocated with training, it
+def trainer_engine(cfg, model, tokenizer, model_path: str, dist: Dist) -> HFEngine | VLLMEngine:
+    """The engine of an RL trainer, from its Config (flags.RLFlags): colocated with training, it
     sleeps while the weights are updated; sequences fit prompt + completion."""
-    return make_engine(cfg.engine, model, tokenizer, model_path, d, batch_size=cfg.micro_batch_size * 4,
+    return make_engine(cfg.engine, model, tokenizer, model_path, dist, batch_size=cfg.micro_batch_size * 4,
                        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                        dtype="bfloat16" if cfg.bf16 else "float32",
                        max_model_len=cfg.max_prompt_length + cfg.max_completion_length,

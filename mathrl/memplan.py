@@ -31,6 +31,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from mathrl import distributed, models
+
 GiB = 1 << 30
 # Allowance, not a measurement: CUDA context ~0.5 GiB per process, NCCL buffers ~1 GiB, vLLM asleep
 # (CUDA graphs, its own context) ~1 GiB, and allocator fragmentation.
@@ -101,10 +103,8 @@ def model_shape(name_or_path: str) -> Shape | None:
     """The shape of --model without loading it: the table, `tiny`, a local config.json, the HF cache."""
     if name_or_path in KNOWN_MODELS:
         return KNOWN_MODELS[name_or_path]
-    if name_or_path == "tiny":  # training.build_tiny_model's defaults
-        import training
-
-        return Shape(128, 4, 4, 2, 512, len(training.build_tiny_tokenizer()), tied=True)
+    if name_or_path == "tiny":  # models.build_tiny_model's defaults
+        return Shape(128, 4, 4, 2, 512, len(models.build_tiny_tokenizer()), tied=True)
     path = Path(os.path.expanduser(name_or_path))
     config = path / "config.json"
     if not config.exists() and not path.exists():
@@ -170,7 +170,7 @@ def activation_bytes(shape: Shape, tokens: int, compute_bytes: int, checkpointin
 
 def logprob_bytes(shape: Shape, tokens: int, chunk: int | None, compute_bytes: int) -> float:
     """One chunk's logits: compute dtype, the fp32 copy over the temperature, the logsumexp/softmax
-    temporary, and in backward the fp32 gradient of the logits (see training.next_token_scores).
+    temporary, and in backward the fp32 gradient of the logits (see sequences.next_token_scores).
     Without chunking (chunk None) the whole micro-batch is one chunk."""
     chunk = tokens if not chunk else min(chunk, tokens)
     return chunk * shape.vocab * (compute_bytes + 4 + 4 + 4)
@@ -293,27 +293,25 @@ def make_plan(trainer: str, cfg, world_size: int, gpu_memory_gb: float) -> Plan 
     return Plan(header, rows, update, generation, gpu, notes, advice)
 
 
-def report(trainer: str, cfg, d):
+def report(trainer: str, cfg, dist):
     """Print the plan on rank 0 (the whole table under --dry-run, then exit: 0 if it fits, 1 if not)."""
-    import training
-
-    # the flags' ranges were checked by training.check_flags (FLAG_BOUNDS) when they were parsed
-    if not cfg.dry_run and d.device.type != "cuda":
+    # the flags' ranges were checked by flags.check_flags when they were parsed
+    if not cfg.dry_run and dist.device.type != "cuda":
         return None  # a GPU budget means nothing to a CPU run (--dry-run still prints it anywhere)
-    plan = make_plan(trainer, cfg, cfg.plan_gpus or d.world_size, cfg.gpu_memory_gb)
+    plan = make_plan(trainer, cfg, cfg.plan_gpus or dist.world_size, cfg.gpu_memory_gb)
     if plan is None:
         critic = f" or --critic {cfg.critic!r}" if getattr(cfg, "critic", "") else ""
         message = (f"the shape of --model {cfg.model!r}{critic} is unknown offline "
                    f"(not in memplan.KNOWN_MODELS, no config.json found)")
         if cfg.dry_run:
-            training.shutdown(d)
+            distributed.shutdown(dist)
             raise SystemExit(f"error: --dry-run: {message}")
-        if d.is_main:
+        if dist.is_main:
             print(f"memory plan: skipped, {message}")
         return None
-    if d.is_main:
+    if dist.is_main:
         print(plan.table() if cfg.dry_run else plan.summary() + " (--dry-run for the breakdown)")
     if cfg.dry_run:
-        training.shutdown(d)
+        distributed.shutdown(dist)
         raise SystemExit(0 if plan.fits else 1)
     return plan

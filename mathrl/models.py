@@ -1,0 +1,108 @@
+"""Models and tokenizers: a hub id, a local save_pretrained folder, a GGUF file, or `tiny` (a ~1M-parameter
+Qwen2 with a character tokenizer, for CPU runs). check_model_path says in one line, before anything
+loads, why a --model cannot load.
+"""
+import os
+from pathlib import Path
+
+import torch
+
+
+def build_tiny_tokenizer():
+    """A character-level tokenizer for the synthetic tasks: one token per printable ASCII char.
+
+    It is a byte-level BPE with no merges, the same kind of tokenizer as Qwen2's. That matters:
+    `AutoTokenizer` reloads any tokenizer saved beside a Qwen2 config as `Qwen2Tokenizer`, whose
+    byte-level pre-tokenizer silently drops spaces and newlines from a plain character vocabulary.
+    Written in byte-level form (space = "Ġ", newline = "Ċ"), the round trip is exact.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    symbols = [byte_level.pre_tokenize_str(chr(b))[0][0] for b in [10, *range(32, 127)]]
+    backend = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(symbols)}, merges=[]))
+    backend.pre_tokenizer = byte_level
+    backend.decoder = decoders.ByteLevel()
+    eos, *extra = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, pad_token=eos,
+                                   additional_special_tokens=extra)
+
+
+def build_tiny_model(hidden_size=128, num_layers=4, num_heads=4, max_positions=1024, seed=0):
+    """A Qwen2-architecture model small enough to train on a laptop CPU in minutes."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        num_key_value_heads=max(1, num_heads // 2), max_position_embeddings=max_positions,
+        tie_word_embeddings=True, bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config), tokenizer
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    path, gguf_file = _split_gguf(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
+    if tokenizer.pad_token is None:  # batching needs a pad token; it is always masked out
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name_or_path: str, dtype=torch.float32):
+    """Loads a causal LM in the dtype its master weights are kept in (fp32; bf16 compute comes from FSDP)."""
+    from transformers import AutoModelForCausalLM
+
+    path, gguf_file = _split_gguf(name_or_path)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+
+
+def _split_gguf(name_or_path: str):
+    """`dir/model.gguf` loads through transformers' GGUF reader (e.g. the SmolLM2 test model)."""
+    if name_or_path.endswith(".gguf"):
+        return str(Path(name_or_path).parent), Path(name_or_path).name
+    return name_or_path, None
+
+
+def check_model_path(name_or_path: str, flag: str = "--model"):
+    """Fail in a second, naming the flag, when a model cannot load: a missing path, a folder that is
+    not a model, a hub id that is neither in the local cache nor on a reachable hub. Never minutes of
+    download retries: with HF_HUB_OFFLINE set the hub is not asked, otherwise asked once, briefly."""
+    path = os.path.expanduser(name_or_path)
+    if path.endswith(".gguf") or os.path.exists(path):
+        if path.endswith(".gguf") and not os.path.isfile(path):
+            raise SystemExit(f"error: {flag} {name_or_path!r}: no such GGUF file")
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+            raise SystemExit(f"error: {flag} {name_or_path!r} is a folder without config.json, "
+                             f"not a saved model")
+        if os.path.isfile(path) and not path.endswith(".gguf"):
+            raise SystemExit(f"error: {flag} {name_or_path!r} is a file; expected a model folder, "
+                             f".gguf file or hub id")
+        return
+    if len(path.split("/")) != 2 or path.startswith((".", "/")):
+        raise SystemExit(f"error: {flag} {name_or_path!r} is neither a local path nor a hub id (org/name)")
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(path, "config.json"), str):
+        return
+    missing = f"error: {flag} {name_or_path!r}: no such local folder, and not in the Hugging Face cache"
+    if constants.HF_HUB_OFFLINE:
+        raise SystemExit(f"{missing} (HF_HUB_OFFLINE is set: nothing is downloaded); "
+                         f"pass a local model folder")
+    try:
+        HfApi().model_info(path, timeout=10)
+    except GatedRepoError:
+        pass  # it exists; the download says whether this login may read it
+    except RepositoryNotFoundError:
+        raise SystemExit(f"{missing} or on the hub") from None
+    except Exception as error:  # no network, DNS, timeout: say so now rather than after the loader's retries
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise SystemExit(f"{missing}, and the hub cannot be reached ({reason})") from None
