@@ -140,7 +140,8 @@ def test_a_data_file_whose_name_holds_a_comma_is_a_file_not_a_mixture(tmp_path):
 # weights overflow the next forward pass. grpo, ppo: the policy's log-probs turn NaN in the update's
 # forward pass (an untrained model's rewards are all equal, so its advantages, and its gradients, are 0).
 NAN_IN_UPDATE = """
-import runpy, sys, torch, training
+import runpy, sys, torch
+from mathrl import sequences
 real = sequences.next_token_scores
 def nan_when_training(*args, **kwargs):
     logp, entropy = real(*args, **kwargs)
