@@ -277,7 +277,7 @@ def load_problems(spec: str, split: str = "train", *, fields: dict | None = None
     exists = Path(spec.split("=", 1)[1] if named else spec).expanduser().exists()
     if not exists and ("," in spec or re.fullmatch(r".+:\d+", spec)):  # a file's name may hold a comma
         problems = _mixture(spec, split, fields, seed)
-    elif spec in ("linear", "arith"):  # arith: task B of demo_ood.py, arithmetic word problems
+    elif spec in ("linear", "arith"):  # arith: task B of experiments/ood.py, arithmetic word problems
         if split not in SYNTHETIC_SIZES:
             raise DataError(f"{spec} has no {split!r} split (it has 'train', 'test')")
         make = make_linear_problems if spec == "linear" else make_arith_problems
@@ -481,7 +481,7 @@ def make_linear_problems(n: int, seed: int = 0, split: str = "train", *, unknown
 
 # ----------------------------------------------------------------------------------------------
 # Synthetic task B, `arith`: two- and three-step arithmetic word problems, GSM8K's surface form in
-# miniature, the out-of-domain task of demo_ood.py. Words instead of equations, but the same kind of
+# miniature, the out-of-domain task of experiments/ood.py. Words instead of equations, but the same kind of
 # worked solution as `linear`'s (one operation a line, about as long) so the tiny model can learn both:
 #
 #   Ann has 7 pens. Ann buys 3 boxes of 4 pens each,      3 * 4 = 12

@@ -33,7 +33,7 @@ Which equation each function implements:
   whiten              advantage normalisation over the global batch (as OpenRLHF's replay buffer does)
   clipped_objective   L_actor: PPO's clipped surrogate (Schulman et al., 2017, eq. 7)
   clipped_value_loss  L_critic: the value clipping of OpenRLHF's ValueLoss (openrlhf/models/loss.py; its
-                      per-sequence mean is not ours: README, "Deviations")
+                      per-sequence mean is not ours: docs/fidelity.md, "Deviations")
   rollout             steps 1-2
   make_experience     step 3; r_t is the KL-penalised reward of Ouyang et al., 2022 (sec. 3.5, eq. 2),
                       spread over the tokens as OpenRLHF does (k1 per token, the score on the last)

@@ -23,7 +23,7 @@ The arithmetic, per GPU, with W ranks sharing each model (FSDP2) and P parameter
 
 The weights, gradient and Adam terms are exact counts (tests/test_memplan.py checks them against
 the tensors FSDP holds on 1 and 2 ranks); activations are an estimate of what one decoder layer
-saves for backward. Against bench/memory.py's CPU measurements (52M and 134M models, 1-4 ranks,
+saves for backward. Against tools/bench/memory.py's CPU measurements (52M and 134M models, 1-4 ranks,
 512-4096 tokens) the predicted update peak came within -8% to +34% of the measured one.
 """
 import json

@@ -10,7 +10,7 @@ import pytest
 import data
 import rewards
 import sft
-from mathrl import flags, models, sequences
+from mathrl import flags, models
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--model", "{dir}/tiny"]

@@ -1,4 +1,4 @@
-"""demo_dynamic.py (DAPO's dynamic sampling) and demo_length.py (Open-RS's cosine reward), end to end.
+"""experiments/dynamic_sampling.py (DAPO's dynamic sampling) and experiments/cosine_length.py (Open-RS's cosine reward), end to end.
 
 Each smoke test runs the real pipeline with --smoke (a few steps of 2 prompts x 2 completions, 4 test
 problems) from a random tiny model (conftest.save_tiny_model, not a trained SFT model), so its numbers
@@ -33,9 +33,9 @@ def is_fraction(x):
 
 
 def test_demo_dynamic_smoke(tmp_path, monkeypatch):
-    import demo_dynamic
+    import dynamic_sampling
 
-    results, out = smoke(demo_dynamic, tmp_path, monkeypatch)
+    results, out = smoke(dynamic_sampling, tmp_path, monkeypatch)
     seed = results["seeds"]["0"]
     assert set(seed) == {"pool", "all", "dynamic", "matched"}
     for arm, figures in seed.items():
@@ -51,9 +51,9 @@ def test_demo_dynamic_smoke(tmp_path, monkeypatch):
 
 
 def test_demo_length_smoke(tmp_path, monkeypatch):
-    import demo_length
+    import cosine_length
 
-    results, out = smoke(demo_length, tmp_path, monkeypatch)
+    results, out = smoke(cosine_length, tmp_path, monkeypatch)
     assert set(results["sft_lengths"]) == {"one-unknown", "two-unknown"}
     for kind in results["sft_lengths"].values():
         assert kind["mean_length"] > 0
@@ -73,25 +73,25 @@ def test_demo_length_smoke(tmp_path, monkeypatch):
 
 
 def test_demo_dynamic_matched_step_stays_within_the_budget(tmp_path):
-    import demo_dynamic
+    import dynamic_sampling
 
     rows = [{"step": k, "generated_tokens": 100 * k, "accuracy": 0.5, "response_length_mean": 1.0,
              "groups_with_signal": 3} for k in range(1, 9)]  # cumulative: 100, 300, 600, 1000, 1500, ...
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert demo_dynamic.matched_step(tmp_path, 1499, 8, 2) == 4  # 1000 <= 1499 < 2100 (step 6)
-    assert demo_dynamic.matched_step(tmp_path, 3600, 8, 2) == 8  # the final model, not a checkpoint
-    assert demo_dynamic.matched_step(tmp_path, 100, 8, 2) == 2  # every one above: the closest
-    summary = demo_dynamic.summary(tmp_path, 4)
+    assert dynamic_sampling.matched_step(tmp_path, 1499, 8, 2) == 4  # 1000 <= 1499 < 2100 (step 6)
+    assert dynamic_sampling.matched_step(tmp_path, 3600, 8, 2) == 8  # the final model, not a checkpoint
+    assert dynamic_sampling.matched_step(tmp_path, 100, 8, 2) == 2  # every one above: the closest
+    summary = dynamic_sampling.summary(tmp_path, 4)
     assert summary["generated_tokens"] == 1000 and summary["groups_with_signal"] == 3
     assert summary["steps"] == 4 and math.isclose(summary["train_accuracy_last10"], 0.5)
 
 
 @pytest.mark.parametrize("script, argv, flag", [
-    ("demo_dynamic", ["--seeds", "0,x"], "--seeds"), ("demo_dynamic", ["--arms", "pool,bogus"], "--arms"),
-    ("demo_dynamic", ["--save-every", "0"], "--save-every"),
-    ("demo_length", ["--max-len", "4"], "--max-len"),
-    ("demo_length", ["--cosine-wrong", "a:b"], "--cosine-wrong"),
-    ("demo_length", ["--threads", "0"], "--threads")])
+    ("dynamic_sampling", ["--seeds", "0,x"], "--seeds"), ("dynamic_sampling", ["--arms", "pool,bogus"], "--arms"),
+    ("dynamic_sampling", ["--save-every", "0"], "--save-every"),
+    ("cosine_length", ["--max-len", "4"], "--max-len"),
+    ("cosine_length", ["--cosine-wrong", "a:b"], "--cosine-wrong"),
+    ("cosine_length", ["--threads", "0"], "--threads")])
 def test_demos_reject_bad_flags_in_one_line(tmp_path, script, argv, flag):
     module = __import__(script)
     with pytest.raises(SystemExit) as error:
@@ -101,7 +101,7 @@ def test_demos_reject_bad_flags_in_one_line(tmp_path, script, argv, flag):
 
 
 def test_demo_paired_comparison_counts_changes_and_sign_test(tmp_path):
-    """demo.py's lines under its table: problems that changed each way against SFT, the sign test, and
+    """experiments/demo.py's lines under its table: problems that changed each way against SFT, the sign test, and
     one-unknown pass@1, from the greedy samples files evaluate.py writes."""
     import itertools
 
@@ -130,7 +130,7 @@ def test_demo_paired_comparison_counts_changes_and_sign_test(tmp_path):
 
 
 def test_a_terminated_demo_stops_the_step_it_runs(tmp_path):
-    """demo.run (every demo script's steps): SIGTERM to the demo ends the running step too, so no trainer
+    """common.run (every demo script's steps): SIGTERM to the demo ends the running step too, so no trainer
     is left writing into the run folder after the demo is gone."""
     import os
     import signal
@@ -141,7 +141,8 @@ def test_a_terminated_demo_stops_the_step_it_runs(tmp_path):
     pid_file = tmp_path / "step.pid"
     step = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
     demo_process = subprocess.Popen(
-        [sys.executable, "-c", f"import demo; demo.run([{sys.executable!r}, '-c', {step!r}])"], cwd=ROOT)
+        [sys.executable, "-c", f"import common; common.run([{sys.executable!r}, '-c', {step!r}])"], 
+        cwd=ROOT / "experiments")
     deadline = time.time() + 60
     while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
         time.sleep(0.1)

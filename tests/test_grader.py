@@ -138,7 +138,7 @@ def test_not_equivalent(pred, gold):
     assert not is_equiv(gold, pred)
 
 
-# Cases from bench/grader_vs_math_verify.py where math-verify 0.9.0 and grader.py disagree; the
+# Cases from tools/bench/grader_vs_math_verify.py where math-verify 0.9.0 and grader.py disagree; the
 # verdicts are decided by the mathematics (math-verify is not imported here).
 @pytest.mark.parametrize("completion, gold, correct", [
     ("$\\boxed{52_9}$", "52_8", False),  # different bases are different numbers

@@ -138,10 +138,9 @@ def test_two_rank_update_on_fixed_rollouts_equals_one_process(tmp_path):
 
 
 def test_killed_grpo_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
-        
     from safetensors.torch import load_file
 
-    from mathrl import models, sequences
+    from mathrl import models
 
     start = tmp_path / "start"
     model, tokenizer = models.build_tiny_model(hidden_size=64, num_layers=2, num_heads=2, seed=1)

@@ -216,11 +216,11 @@ def test_limr_published_scores_select_exactly_the_limr_training_set(tmp_path, ca
 
 
 def test_the_rl_pool_of_the_demos_is_one_unknown_train_problems_that_grpo_can_load(tmp_path):
-    """demo.py and demo_lim.py train RL on this pool: it must hold only one-unknown systems (integer
+    """experiments/demo.py and experiments/lim_selection.py train RL on this pool: it must hold only one-unknown systems (integer
     answers), none of the held-out test problems, and load back unchanged through --data."""
-    import demo
+    import common
 
-    path = demo.write_rl_pool(tmp_path / "pool.jsonl", size=64)
+    path = common.write_rl_pool(tmp_path / "pool.jsonl", size=64)
     pool = data.load_problems(str(path), split="train")
     assert len(pool) == 64
     assert all(int(p["answer"]) == float(p["answer"]) for p in pool)  # "-3", never "(3, -2)"
@@ -231,9 +231,9 @@ def test_the_rl_pool_of_the_demos_is_one_unknown_train_problems_that_grpo_can_lo
 
 
 def test_demo_lim_prints_the_curves_of_what_each_selection_kept_and_paired_differences(tmp_path):
-    """demo_lim.py's lines under its table come from lim.py's scores files (one row per problem with
+    """experiments/lim_selection.py's lines under its table come from lim.py's scores files (one row per problem with
     its score, whether kept, and its per-epoch accuracy) and from the arms' pass@1 per seed."""
-    import demo_lim
+    import lim_selection
 
     rng = np.random.default_rng(0)
     trajectories = rng.integers(0, 9, size=(12, 3)) / 8
@@ -243,7 +243,7 @@ def test_demo_lim_prints_the_curves_of_what_each_selection_kept_and_paired_diffe
         lim.write_rows(tmp_path / f"{name}-scores.jsonl",
                        [{"id": str(i), "score": float(s), "kept": bool(k), "trajectory": row.tolist()}
                         for i, (s, k, row) in enumerate(zip(scores, kept, trajectories))])
-    curves = demo_lim.selection_curves(tmp_path)
+    curves = lim_selection.selection_curves(tmp_path)
     assert np.allclose(curves["pool"], lim.average_curve(trajectories))
     assert np.allclose(curves["lim-top"], trajectories[scores >= np.sort(scores)[-3]].mean(axis=0))
     assert np.allclose(curves["rand"], trajectories[::4].mean(axis=0))
@@ -251,7 +251,7 @@ def test_demo_lim_prints_the_curves_of_what_each_selection_kept_and_paired_diffe
     assert curves["lim_score_at_least_0.8"] == np.mean(scores >= 0.8)
 
     runs = [{"LIM": {"greedy": g}, "RAND": {"greedy": 0.15}} for g in (0.20, 0.14, 0.18)]  # 5, -1, 3 points
-    assert demo_lim.paired(runs, "LIM", "RAND", "greedy") == "greedy 2.3 ± 1.8 (ahead in 2 of 3)"
+    assert lim_selection.paired(runs, "LIM", "RAND", "greedy") == "greedy 2.3 ± 1.8 (ahead in 2 of 3)"
 
 
 # ---- LIMR's own rule (--gaps limr, the default), against a step-by-step re-implementation of

@@ -1,5 +1,5 @@
 """memplan.py: the parameter counts are exact, the per-rank weight / gradient / Adam bytes equal what
-FSDP holds on 1 and 2 ranks (measured by bench/memory.py), and --dry-run's verdicts name the flag."""
+FSDP holds on 1 and 2 ranks (measured by tools/bench/memory.py), and --dry-run's verdicts name the flag."""
 import importlib
 import sys
 from pathlib import Path
@@ -8,11 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mathrl import memplan
-from mathrl import flags, models
+from mathrl import flags, memplan, models
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tools" / "bench"))
 memory_bench = importlib.import_module("memory")
 
 
@@ -54,8 +53,8 @@ TINY = "[64, 2, 4, 2, 128]"  # hidden, layers, heads, kv heads, intermediate: ev
 
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_weights_gradients_and_adam_per_rank_equal_what_fsdp_holds(ranks):
-    measured = memory_bench.run(str(ROOT), TINY, ranks, micro_batches=2, seq=64, vocab=1000)
-    plan = memory_bench.planned(TINY, ranks, 2, 64, chunked=True, vocab=1000)
+    measured = memory_bench.run(TINY, ranks, micro_batches=2, seq=64, vocab=1000)
+    plan = memory_bench.planned(TINY, ranks, 2, 64, vocab=1000)
     assert len(measured) == ranks
     for rank in measured:
         assert rank["parameters"] == plan["parameters"]

@@ -1,7 +1,7 @@
-"""Task B (`arith`, data.py) and demo_ood.py's pipeline (GRPO vs SFT out of domain, in miniature).
+"""Task B (`arith`, data.py) and experiments/ood.py's pipeline (GRPO vs SFT out of domain, in miniature).
 
 The real pipeline starts about a dozen processes (each imports torch and transformers): even with a
-few steps of everything (`demo_ood.py --smoke`) it took 10 minutes on the shared 2-core VM. So its
+few steps of everything (`experiments/ood.py --smoke`) it took 10 minutes on the shared 2-core VM. So its
 orchestration is tested here with `run` replaced by a fake that writes what each real command
 writes, and every command it issues is checked against the real CLI's own argument parser.
 """
@@ -86,16 +86,16 @@ def test_the_demo_start_mixture_holds_both_tasks():
 
 
 def test_mean_and_standard_error():
-    import demo_ood
+    import common
 
-    mean, se = demo_ood.mean_se([1.0, 2.0, 6.0])
+    mean, se = common.mean_se([1.0, 2.0, 6.0])
     assert mean == 3.0 and se == pytest.approx(math.sqrt(7 / 3))  # sample sd sqrt(7), over sqrt(3)
-    assert math.isnan(demo_ood.mean_se([0.25])[1])
-    assert demo_ood.cell([0.1, 0.2, 0.3]) == "20.0 ± 5.8" and demo_ood.cell([0.125]) == "12.5"
+    assert math.isnan(common.mean_se([0.25])[1])
+    assert common.cell([0.1, 0.2, 0.3]) == "20.0 ± 5.8" and common.cell([0.125]) == "12.5"
 
 
 def fake_run(tmp_path, commands, accuracy):
-    """Stands in for demo.run: checks the command with the real CLI's parser, then writes what it writes."""
+    """Stands in for common.run: checks the command with the real CLI's parser, then writes what it writes."""
     import evaluate
     import grpo
     import sft
@@ -104,7 +104,7 @@ def fake_run(tmp_path, commands, accuracy):
     def run(command):
         script, argv = command[1], command[2:]
         commands.append((script, argv))
-        if script == "plot.py":  # the figure: checked by plot.py's own parser, drawn by tests/test_plot.py
+        if script == "tools/plot.py":  # the figure: checked by tools/plot.py's own parser, drawn by tests/test_plot.py
             import plot
 
             plot.parse_args(argv)
@@ -117,7 +117,7 @@ def fake_run(tmp_path, commands, accuracy):
             return
         module = {"sft.py": sft, "grpo.py": grpo}[script]
         cfg = flags.parse_args(module.Config, module.PRESETS, argv)
-        out = tmp_path / cfg.output_dir  # demo_ood passes absolute paths: this is cfg.output_dir
+        out = tmp_path / cfg.output_dir  # ood passes absolute paths: this is cfg.output_dir
         out.mkdir(parents=True, exist_ok=True)
         (out / "model.safetensors").write_text("fake")
         rows = [{"tokens_per_s": 100.0, "step_s": 2.0} if script == "sft.py" else {"response_length_mean": 10.0}
@@ -127,7 +127,7 @@ def fake_run(tmp_path, commands, accuracy):
 
 
 def test_demo_ood_pipeline_commands_table_and_resume(tmp_path, monkeypatch, capsys):
-    import demo_ood
+    import ood
 
     def accuracy(model, bench, n):  # made-up figures the table must average: SFT forgets arith, GRPO keeps it
         arm = "start" if model.endswith("start") else model.rsplit("/", 1)[-1].split("-")[0]
@@ -137,9 +137,13 @@ def test_demo_ood_pipeline_commands_table_and_resume(tmp_path, monkeypatch, caps
                 ("grpo", "arith"): 0.38 + 0.01 * seed}[arm, bench]
 
     commands = []
-    monkeypatch.setattr(demo_ood, "run", fake_run(tmp_path, commands, accuracy))
+    import common
+
+    fake = fake_run(tmp_path, commands, accuracy)
+    monkeypatch.setattr(ood, "run", fake)  # the steps ood.py runs itself
+    monkeypatch.setattr(common, "run", fake)  # those it runs through common.timed
     out = tmp_path / "ood"
-    results = demo_ood.main(["--seeds", "0,1", "--out-dir", str(out), "--threads", "1", "--figure",
+    results = ood.main(["--seeds", "0,1", "--out-dir", str(out), "--threads", "1", "--figure",
                              str(tmp_path / "ood.png")])
 
     scripts = [script for script, _ in commands]
@@ -173,17 +177,17 @@ def test_demo_ood_pipeline_commands_table_and_resume(tmp_path, monkeypatch, caps
     assert "| start (SFT on linear + arith) | - | 10.0 | 10.0 | 40.0 | 40.0 | - | - |" in table
 
     commands.clear()  # a second call finds everything done and runs nothing
-    again = demo_ood.main(["--seeds", "0,1", "--out-dir", str(out), "--threads", "1", "--figure",
+    again = ood.main(["--seeds", "0,1", "--out-dir", str(out), "--threads", "1", "--figure",
                            str(tmp_path / "ood.png")])
-    assert [script for script, _ in commands] == ["plot.py"] and again["seeds"] == results["seeds"]
+    assert [script for script, _ in commands] == ["tools/plot.py"] and again["seeds"] == results["seeds"]
 
 
 def test_demo_ood_rejects_bad_flags_in_one_line(tmp_path, capsys):
-    import demo_ood
+    import ood
 
     for argv, flag in ((["--seeds", "0,x"], "--seeds"), (["--threads", "0"], "--threads"),
                        (["--sft-lr", "-1"], "--sft-lr")):
         with pytest.raises(SystemExit):
-            demo_ood.main([*argv, "--out-dir", str(tmp_path / "never")])
+            ood.main([*argv, "--out-dir", str(tmp_path / "never")])
         assert flag in capsys.readouterr().err
     assert not (tmp_path / "never").exists()  # checked before anything is written

@@ -1,4 +1,4 @@
-"""plot.py: the panels asked for, only those with data, a real PNG; LIM's figure from lim.py's files."""
+"""tools/plot.py: the panels asked for, only those with data, a real PNG; LIM's figure from lim.py's files."""
 import json
 
 import numpy as np

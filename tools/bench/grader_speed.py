@@ -7,7 +7,7 @@ Prints answers per second for three workloads on the 500 MATH-500 gold answers:
 and the seconds taken by each of a list of pathological inputs (all must be False within the
 time limit), and of pathological whole completions graded with extraction included.
 
-Run from the project root:  .venv/bin/python bench/grader_speed.py [--data PATH] [--timeout S]
+Run from the project root:  .venv/bin/python tools/bench/grader_speed.py [--data PATH] [--timeout S]
 """
 
 import argparse
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from mathrl import grader  # noqa: E402

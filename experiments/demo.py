@@ -1,18 +1,18 @@
 """The CPU experiment, end to end: does RL improve on SFT for a tiny model on linear equations?
 
-    .venv/bin/python demo.py           # 10 minutes on 2 idle CPU cores (measured; 11 with --with-ppo)
+    .venv/bin/python experiments/demo.py           # 10 minutes on 2 idle CPU cores (measured; 11 with --with-ppo)
 
 1. baseline: a fresh ~1M-parameter Qwen2 model with a character tokenizer (it knows nothing)
 2. sft.py --preset tiny: supervised fine-tuning on worked solutions of `linear` train problems
 3. grpo.py --preset tiny: GRPO from the SFT model, rewarded only for the right final answer, on
    the RL pool: 512 one-unknown train problems (and with --with-ppo, ppo.py --preset tiny from the
    same SFT model on the same pool: about 2 more minutes). The SFT model solves 1-2% of the
-   two-unknown systems, so their groups are almost all-wrong and carry no advantage; demo_dynamic.py
-   measures GRPO over all train problems against this pool (README, "DAPO's dynamic sampling").
+   two-unknown systems, so their groups are almost all-wrong and carry no advantage; experiments/dynamic_sampling.py
+   measures GRPO over all train problems against this pool (docs/experiments.md, "DAPO's dynamic sampling").
 4. evaluate.py on the 200 held-out `linear` test problems: greedy pass@1, and pass@1 / pass@8
    from 8 samples at temperature 1; under the table, each RL model against SFT problem by problem
    (greedy: how many changed each way, the sign test, one- and two-unknown systems apart)
-5. plot.py: the RL runs' training curves, written to --figure (docs/figures/demo.png)
+5. tools/plot.py: the RL runs' training curves, written to --figure (docs/figures/demo.png)
 
 Every step is an ordinary command, printed before it runs; rerunning skips finished steps, and
 the trainers resume from their last checkpoint if a step was interrupted.
@@ -21,39 +21,10 @@ import argparse
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
-
-def write_rl_pool(path: Path, size: int = 512) -> Path:
-    """The first `size` one-unknown `linear` train problems, as a file grpo.py and ppo.py take as --data."""
-    if not path.exists():
-        import data
-        import lim
-
-        one_unknown = [p for p in data.load_problems("linear", split="train") if "(" not in p["answer"]]
-        lim.write_rows(path, one_unknown[:size])
-    return path
-
-
-def run(command: list[str]):
-    """Run one step. A demo stopped with SIGTERM (or Ctrl-C) stops the step it is running too, and waits
-    for it: a trainer left behind would go on writing into the run folder."""
-    print("+ " + " ".join(command), flush=True)
-    step = subprocess.Popen(command)
-    previous = signal.signal(signal.SIGTERM, lambda *_: step.terminate())
-    try:
-        code = step.wait()
-    except BaseException:  # Ctrl-C: the step got SIGINT from the terminal as well; make sure it ends
-        step.terminate()
-        step.wait()
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    if code:
-        raise subprocess.CalledProcessError(code, command)
+from common import run, write_rl_pool  # first: it puts the repository root on sys.path
 
 
 def evaluate(model_dir: Path, out: Path, sampled: bool):
@@ -103,14 +74,14 @@ def main():
     parser.add_argument("--with-ppo", action="store_true",
                         help="also run PPO with a critic from the same SFT model")
     parser.add_argument("--figure", default="docs/figures/demo.png",
-                        help="training curves of the RL runs (plot.py curves), as a PNG")
+                        help="training curves of the RL runs (tools/plot.py curves), as a PNG")
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     out = Path(args.out_dir)
 
     base, sft, grpo, ppo = out / "base", out / "sft", out / "grpo", out / "ppo"
     if not (base / "model.safetensors").exists():
-        run([sys.executable, "-c", "import training, sys; m, t = models.build_tiny_model(seed=0); "
+        run([sys.executable, "-c", "from mathrl import models; m, t = models.build_tiny_model(seed=0); "
              f"m.save_pretrained({str(base)!r}); t.save_pretrained({str(base)!r})"])
     if not (sft / "model.safetensors").exists():
         run([sys.executable, "sft.py", "--preset", "tiny", "--output-dir", str(sft)])
@@ -126,7 +97,7 @@ def main():
         models.append(("SFT + PPO", ppo))
 
     rl_runs = [(name, model_dir) for name, model_dir in models if "+" in name]
-    run([sys.executable, "plot.py", "curves", *(str(m) for _, m in rl_runs), "--labels",
+    run([sys.executable, "tools/plot.py", "curves", *(str(m) for _, m in rl_runs), "--labels",
          *(name.split("+ ")[1] for name, _ in rl_runs), "--panels", "reward", "accuracy", "length", "entropy",
          "grad_norm", "logprob_gap", "--smooth", "10", "--out", args.figure])
     rows = []

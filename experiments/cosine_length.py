@@ -1,6 +1,6 @@
 """Open-RS's "cosine rewards stabilize completion lengths", in miniature, at a tight completion limit.
 
-    .venv/bin/python demo_length.py --seeds 0,1,2 --threads 1   # 2 GRPO runs + 4 evaluations a seed, untimed
+    .venv/bin/python experiments/cosine_length.py --seeds 0,1,2 --threads 1   # 2 GRPO runs + 4 evaluations a seed, untimed
 
 Open-RS (Dang & Ngo, 2025) replaced the accuracy reward by a cosine of the completion's length:
 a right answer earns 1.0 at length 0 down to 0.5 at --cosine-max-len, a wrong one 0.0 down to
@@ -13,7 +13,7 @@ of each kind, at most 192 tokens) are 16-27 tokens (mean 24.1, none over 64, pas
 (mean 77.6, median 75, 76% over 64, pass@1 2%). So at 64 every one-unknown problem fits and three
 quarters of the two-unknown solutions are cut off, about 43% of the 4,000: truncation matters.
 
-1. the tiny SFT model of demo.py (sft.py --preset tiny, trained here if absent)
+1. the tiny SFT model of experiments/demo.py (sft.py --preset tiny, trained here if absent)
 2. its greedy completions of the first 100 one- and 100 two-unknown train problems (evaluate.py,
    --max-tokens 192): mean length, and the fraction longer than --max-len
 3. per seed, GRPO (grpo.py --preset tiny: 32 prompts x 8, constant lr 5e-5) on all 4,000 `linear`
@@ -23,7 +23,7 @@ quarters of the two-unknown solutions are cut off, about 43% of the 4,000: trunc
      START:END values (--cosine-correct 1.0:0.5, --cosine-wrong 0.0:-0.5)
 4. evaluate.py on the 200 held-out `linear` problems at --max-tokens MAX_LEN: greedy pass@1 and
    sampled pass@1 (4 samples per problem at temperature 1)
-5. plot.py curves of every run: length, truncation, accuracy, reward (docs/figures/length-demo.png)
+5. tools/plot.py curves of every run: length, truncation, accuracy, reward (docs/figures/length-demo.png)
 
 Under the accuracy reward a group of cut-off completions is all wrong and carries no signal; under
 the cosine reward a shorter wrong answer still earns more than a longer one. The claim holds here
@@ -39,9 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from demo import run
-from demo_dynamic import metrics, pass_at_1
-from demo_ood import cell, peak_rss_gb, timed
+from common import cell, metrics, pass_at_1, peak_rss_gb, run, timed  # first: it puts the repository root on sys.path
 
 ARMS = ("accuracy", "cosine")
 
@@ -102,7 +100,7 @@ def main(argv=None):
     parser.add_argument("--cosine-correct", default="1.0:0.5", help="START:END, right answers (Open-RS's)")
     parser.add_argument("--cosine-wrong", default="0.0:-0.5", help="START:END, wrong answers (Open-RS's)")
     parser.add_argument("--figure", default="docs/figures/length-demo.png",
-                        help="every run's curves (plot.py curves), as a PNG")
+                        help="every run's curves (tools/plot.py curves), as a PNG")
     parser.add_argument("--smoke", action="store_true",
                         help="a few tiny steps of everything, 4 test problems: checks the pipeline only")
     args = parser.parse_args(argv)
@@ -147,7 +145,7 @@ def main(argv=None):
                        "--seed", str(seed), *common, *rewards[arm], "--output-dir", str(run_dir)])
             results["seeds"][seed][arm] = {**windows(run_dir), **evaluate(run_dir, run_dir)}
     run_dirs = [(seed, arm) for seed in seeds for arm in ARMS]
-    run([sys.executable, "plot.py", "curves", *(str(out / f"seed{s}" / arm) for s, arm in run_dirs),
+    run([sys.executable, "tools/plot.py", "curves", *(str(out / f"seed{s}" / arm) for s, arm in run_dirs),
          "--labels", *(f"{arm} reward, seed {s}" for s, arm in run_dirs),
          "--panels", "length", "truncation", "accuracy", "reward", "--smooth", "5", "--columns", "2",
          "--out", args.figure])

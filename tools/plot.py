@@ -1,9 +1,9 @@
 """Pictures of runs: training curves from metrics.jsonl, and LIM's trajectories.
 
-    python plot.py curves runs/grpo runs/ppo --out docs/curves.png            # runs overlaid, panel by panel
-    python plot.py curves runs/grpo --panels reward accuracy kl --smooth 20 --out docs/grpo.png
-    python plot.py lim --trajectories runs/full/trajectories.jsonl --out docs/lim.png
-    python plot.py lim --scores runs/lim-demo/lim-scores.jsonl --out docs/lim.png     # as lim.py scored it
+    python tools/plot.py curves runs/grpo runs/ppo --out docs/curves.png            # runs overlaid, panel by panel
+    python tools/plot.py curves runs/grpo --panels reward accuracy kl --smooth 20 --out docs/grpo.png
+    python tools/plot.py lim --trajectories runs/full/trajectories.jsonl --out docs/lim.png
+    python tools/plot.py lim --scores runs/lim-demo/lim-scores.jsonl --out docs/lim.png     # as lim.py scored it
 
 `curves` reads the metrics.jsonl that grpo.py, ppo.py and sft.py write (one JSON object a step) and
 draws one panel per metric group, every run in its own colour: the raw values thin and faint, a
@@ -20,6 +20,7 @@ Figures are drawn with matplotlib's Agg backend (no display needed) and written 
 """
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -28,6 +29,7 @@ matplotlib.use("Agg")  # files only: works on a headless machine
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data.py and lim.py, run as `python tools/plot.py`
 import data  # noqa: E402
 import lim  # noqa: E402
 

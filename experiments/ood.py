@@ -1,6 +1,6 @@
 """Out of domain, in miniature: after SFT or GRPO on one task, what is left of another?
 
-    .venv/bin/python demo_ood.py --seeds 0,1,2     # about 30 min on an idle 2-core VM (estimated, not measured)
+    .venv/bin/python experiments/ood.py --seeds 0,1,2     # about 30 min on an idle 2-core VM (estimated, not measured)
 
 The GRPO-vs-SFT study trained Qwen2.5-1.5B-Instruct on linear equations: in domain SFT and GRPO both
 rose (4.2 -> 71.6 and 74.0), but on GSM8K SFT fell from 55.19 to 0.73 while GRPO rose to 64.44. Here:
@@ -10,14 +10,14 @@ rose (4.2 -> 71.6 and 74.0), but on GSM8K SFT fell from 55.19 to 0.73 while GRPO
    solves some of both. One start, shared by every seed.
 2. per seed, from that start, on `linear` only:
    - GRPO: grpo.py --preset tiny (80 steps of 32 prompts x 8 completions, accuracy reward) on the
-     RL pool of demo.py (512 one-unknown problems: groups of two-unknown ones are almost always all
+     RL pool of experiments/demo.py (512 one-unknown problems: groups of two-unknown ones are almost always all
      wrong and carry no advantage);
    - SFT: sft.py on the worked solutions of all 4,000 `linear` train problems, for as many sequences
      through forward and backward as GRPO's (80 x 32 x 8 = 20,480 = 640 steps of 32; GRPO's
      generation comes on top); both runs' trained response tokens and wall times are in the table.
 3. evaluate.py on the 200 held-out problems of each task: greedy pass@1 and sampled pass@1 (4
    samples per problem at temperature 1), before (the start) and after.
-4. plot.py: the first seed's two training runs, written to --figure (docs/figures/ood-demo.png).
+4. tools/plot.py: the first seed's two training runs, written to --figure (docs/figures/ood-demo.png).
 
 The claim holds here if SFT loses more on `arith` than GRPO does. The script prints a table of
 means +- standard errors over seeds, and writes every number to OUT_DIR/results.json. Every step is
@@ -26,36 +26,15 @@ are kept in OUT_DIR/timings.json), and the trainers resume from their last check
 """
 import argparse
 import json
-import math
 import os
-import resource
 import sys
 import time
 from pathlib import Path
 
-from demo import run, write_rl_pool
+from common import cell, peak_rss_gb, run, timed, write_rl_pool  # first: it puts the repository root on sys.path
 
 TASKS = ("linear", "arith")  # in domain, out of domain
 SFT_BATCH = 32  # sft.py's tiny preset
-
-
-def timed(name: str, out: Path, command: list[str]):
-    """Run a step; keep its wall time in timings.json and the peak RSS of the largest step so far in
-    peak_rss_gb.json (ru_maxrss of the children: the largest one), so a resumed run still reports them."""
-    started = time.time()
-    run(command)
-    timings_file = out / "timings.json"
-    timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
-    timings[name] = time.time() - started
-    timings_file.write_text(json.dumps(timings, indent=1))
-    (out / "peak_rss_gb.json").write_text(json.dumps(peak_rss_gb(out)))
-
-
-def peak_rss_gb(out: Path) -> float:
-    """The largest step's peak RSS over every call that ran steps in `out` (0 if none has)."""
-    peak_file = out / "peak_rss_gb.json"
-    earlier = json.loads(peak_file.read_text()) if peak_file.exists() else 0.0
-    return max(earlier, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20)  # KiB on Linux
 
 
 def evaluate(model: Path, out: Path, limit: int | None, max_tokens: int, samples: int) -> dict:
@@ -81,19 +60,6 @@ def trained_tokens(run_dir: Path, sequences_per_step: int | None) -> float:
     return sum(row["response_length_mean"] for row in rows) * sequences_per_step
 
 
-def mean_se(values: list[float]) -> tuple[float, float]:
-    """Mean and its standard error (sample standard deviation / sqrt(n)); nan with one value."""
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, math.nan
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
-
-
-def cell(values: list[float], scale: float = 100.0) -> str:
-    mean, se = mean_se([scale * v for v in values])
-    return f"{mean:.1f}" if math.isnan(se) else f"{mean:.1f} ± {se:.1f}"
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the runs on `linear`")
@@ -102,7 +68,7 @@ def main(argv=None):
     parser.add_argument("--sft-lr", type=float, default=1e-3,
                         help="peak learning rate of SFT on `linear` (the start: the tiny preset's 3e-3)")
     parser.add_argument("--figure", default="docs/figures/ood-demo.png",
-                        help="the first seed's SFT and GRPO runs on `linear` (plot.py curves), as a PNG")
+                        help="the first seed's SFT and GRPO runs on `linear` (tools/plot.py curves), as a PNG")
     parser.add_argument("--smoke", action="store_true",
                         help="a few steps of everything, 4 test problems per task: checks the pipeline, "
                              "its numbers mean nothing")
@@ -157,7 +123,7 @@ def main(argv=None):
                      "response_tokens": trained_tokens(grpo_dir, grpo["prompts"] * grpo["generations"])}}
 
     first = out / f"seed{seeds[0]}"
-    run([sys.executable, "plot.py", "curves", str(first / "sft-linear"), str(first / "grpo-linear"), "--labels",
+    run([sys.executable, "tools/plot.py", "curves", str(first / "sft-linear"), str(first / "grpo-linear"), "--labels",
          "SFT on linear", "GRPO on linear", "--panels", "loss", "grad_norm", "accuracy", "reward", "length",
          "--out", args.figure])
     timings = json.loads((out / "timings.json").read_text())

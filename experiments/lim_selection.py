@@ -1,10 +1,10 @@
 """LIMR's experiment in miniature: does training on LIM-selected samples match training on all?
 
-    .venv/bin/python demo_lim.py --seeds 0,1,2,3,4 --threads 1   # ~13 min a seed on one core, +5 to train SFT
-    .venv/bin/python demo_lim.py --seeds 0,1,2 --epochs 8 --out-dir runs/lim-demo-8ep \
-        --figure docs/figures/lim-demo-8ep.png                    # a longer full run (README)
+    .venv/bin/python experiments/lim_selection.py --seeds 0,1,2,3,4 --threads 1   # ~13 min a seed on one core, +5 to train SFT
+    .venv/bin/python experiments/lim_selection.py --seeds 0,1,2 --epochs 8 --out-dir runs/lim-demo-8ep \
+        --figure docs/figures/lim-demo-8ep.png                    # a longer full run (docs/experiments.md)
 
-1. start from the tiny SFT model of demo.py (trained here if it is not there yet)
+1. start from the tiny SFT model of experiments/demo.py (trained here if it is not there yet)
 2. the pool: 512 one-unknown `linear` training problems, which the tiny model solves anywhere from
    never to always. Two-unknown systems are left out on purpose: the model solves 1-2% of them, and
    with half the pool near 0 the average curve stays near 0.15, where a never-solved problem sits
@@ -22,7 +22,7 @@
 Every step is an ordinary command, printed before it runs; rerunning skips what is finished (and
 keeps the measured times in OUT_DIR/timings.json). Differences of a few points are within run-to-run
 noise, so the script prints means ± standard errors over seeds, writes every number to
-OUT_DIR/results.json and the first seed's LIM trajectories to --figure (plot.py lim).
+OUT_DIR/results.json and the first seed's LIM trajectories to --figure (tools/plot.py lim).
 """
 import argparse
 import json
@@ -32,11 +32,9 @@ import sys
 import time
 from pathlib import Path
 
-import lim
-from demo import run, write_rl_pool
-from demo_dynamic import pass_at_1
-from demo_ood import cell, peak_rss_gb, timed
-from grpo import PRESETS
+from common import cell, pass_at_1, peak_rss_gb, run, timed, write_rl_pool  # first: it puts the repository root on sys.path
+import lim  # noqa: E402
+from grpo import PRESETS  # noqa: E402
 
 LIMR_KEEP_RATIO = 1389 / 8523
 ARMS = {"lim": "LIM", "lim-top": "LIM, top 16%", "rand": "RAND", "linear": "LINEAR"}  # --arms name: label
@@ -129,7 +127,7 @@ def main(argv=None):
     parser.add_argument("--arms", default=",".join(ARMS),
                         help=f"comma-separated selections trained beside the full pool, of {', '.join(ARMS)}")
     parser.add_argument("--figure", default="docs/figures/lim-demo.png",
-                        help="the first seed's LIM trajectories and score histogram (plot.py lim), as a PNG")
+                        help="the first seed's LIM trajectories and score histogram (tools/plot.py lim), as a PNG")
     args = parser.parse_args(argv)
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
@@ -153,7 +151,7 @@ def main(argv=None):
     results = {"seeds": {seed: one_seed(out, sft, pool, steps, args.threshold, seed, wanted)
                          for seed in seeds},
                "curves": {seed: selection_curves(out / f"seed{seed}") for seed in seeds}}
-    run([sys.executable, "plot.py", "lim", "--scores", str(out / f"seed{seeds[0]}" / "lim-scores.jsonl"),
+    run([sys.executable, "tools/plot.py", "lim", "--scores", str(out / f"seed{seeds[0]}" / "lim-scores.jsonl"),
          "--threshold", str(args.threshold), "--out", args.figure])
     timings = json.loads((out / "timings.json").read_text())
     results |= {"start": {"greedy": start[0], "sampled": start[1]}, "steps": steps, "timings_s": timings,

@@ -1,17 +1,17 @@
 """DAPO's dynamic sampling in miniature: does it rescue GRPO on all 4,000 `linear` problems?
 
-    .venv/bin/python demo_dynamic.py --seeds 0,1,2 --threads 1 # 3 GRPO runs + 8 evaluations a seed, untimed
+    .venv/bin/python experiments/dynamic_sampling.py --seeds 0,1,2 --threads 1 # 3 GRPO runs + 8 evaluations a seed, untimed
 
-GRPO from the tiny SFT model over all 4,000 `linear` train problems stayed flat (demo.py: training
+GRPO from the tiny SFT model over all 4,000 `linear` train problems stayed flat (experiments/demo.py: training
 accuracy 0.11 for 80 steps): the model solves 1-2% of the two-unknown systems, so most groups are
-all wrong, every advantage in them is 0, and a step learns from a handful of groups. demo.py moved
+all wrong, every advantage in them is 0, and a step learns from a handful of groups. experiments/demo.py moved
 to a hand-picked pool instead. DAPO (Yu et al., 2025) keeps the data and drops the groups whose
 rewards are all equal, sampling more prompts until the batch holds prompts_per_step groups with
 signal (here at most --max-rounds rounds of prompts_per_step prompts a step). Per seed, all from
 the same tiny SFT model (grpo.py --preset tiny: 32 prompts x 8 completions, constant lr 5e-5):
 
-1. the tiny SFT model of demo.py (sft.py --preset tiny, trained here if absent)
-2. pool: GRPO on demo.py's RL pool (demo.write_rl_pool: 512 one-unknown problems), --steps steps
+1. the tiny SFT model of experiments/demo.py (sft.py --preset tiny, trained here if absent)
+2. pool: GRPO on experiments/demo.py's RL pool (common.write_rl_pool: 512 one-unknown problems), --steps steps
 3. all: GRPO on all 4,000 `linear` train problems, --steps steps
 4. all + dynamic: as 3 with --dynamic-sampling --max-sampling-rounds R, a checkpoint every
    --save-every steps. It generates more per step, so it is also compared at a matched budget:
@@ -20,7 +20,7 @@ the same tiny SFT model (grpo.py --preset tiny: 32 prompts x 8 completions, cons
    constant, so a run stopped at step k is the same as a k-step run.
 5. evaluate.py on the 200 held-out `linear` problems (--max-tokens 192): greedy pass@1 and
    sampled pass@1 (4 samples per problem at temperature 1), for every final model and the match
-6. plot.py curves of the first seed's three runs (docs/figures/dynamic-demo.png)
+6. tools/plot.py curves of the first seed's three runs (docs/figures/dynamic-demo.png)
 
 The claim holds here if arm 4 beats arm 3 at the matched budget, and the table shows how close it
 comes to the hand-picked pool. Means ± standard errors over seeds are printed; every number goes
@@ -34,14 +34,9 @@ import sys
 import time
 from pathlib import Path
 
-from demo import run, write_rl_pool
-from demo_ood import cell, peak_rss_gb, timed
+from common import cell, metrics, pass_at_1, peak_rss_gb, run, timed, write_rl_pool  # first: it puts the repository root on sys.path
 
 ARMS = {"pool": "pool (512 one-unknown)", "all": "all 4,000", "dynamic": "all 4,000 + dynamic sampling"}
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
 
 
 def summary(run_dir: Path, steps: int) -> dict:
@@ -65,27 +60,6 @@ def matched_step(dynamic_dir: Path, budget: float, steps: int, save_every: int) 
     return max(below) if below else min(saved, key=lambda k: cumulative[k] - budget)
 
 
-def pass_at_1(model: Path, where: Path, out: Path, max_tokens: int, limit: int | None,
-              samples: int) -> dict:
-    """{"greedy", "sampled", "greedy_length", "greedy_truncated"} on the held-out `linear` problems;
-    the evaluation files go to `where`."""
-    where.mkdir(parents=True, exist_ok=True)
-    figures = {}
-    for name, extra in (("greedy", []), ("sampled", ["--n", str(samples), "--temperature", "1.0"])):
-        result = where / f"eval-{name}.json"
-        if not result.exists():
-            timed(f"{where.relative_to(out)} eval {name}", out,
-                  [sys.executable, "evaluate.py", "--model", str(model), "--bench", "linear", "--template",
-                   "plain", "--max-tokens", str(max_tokens), "--out", str(result), *extra,
-                   *(["--limit", str(limit)] if limit else [])])
-        summary_ = json.loads(result.read_text())[0]
-        figures[name] = summary_["pass@1"]
-        if name == "greedy":
-            figures |= {"greedy_length": summary_["mean_response_tokens"],
-                        "greedy_truncated": summary_["truncated_frac"]}
-    return figures
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (data order, sampling)")
@@ -98,7 +72,7 @@ def main(argv=None):
     parser.add_argument("--max-rounds", type=int, default=4, help="--max-sampling-rounds of the dynamic arm")
     parser.add_argument("--arms", default="pool,all,dynamic", help=f"comma-separated, of {','.join(ARMS)}")
     parser.add_argument("--figure", default="docs/figures/dynamic-demo.png",
-                        help="the first seed's curves (plot.py curves), as a PNG")
+                        help="the first seed's curves (tools/plot.py curves), as a PNG")
     parser.add_argument("--smoke", action="store_true",
                         help="a few tiny steps of everything, 4 test problems: checks the pipeline only")
     args = parser.parse_args(argv)
@@ -154,7 +128,7 @@ def main(argv=None):
             where = seed_dir / f"dynamic-matched-{k}" if k < steps else model  # the final model: done
             figures["matched"] = {**summary(seed_dir / "dynamic", k), **evaluate(model, where)}
         results["seeds"][seed] = figures
-    run([sys.executable, "plot.py", "curves", *(str(out / f"seed{seeds[0]}" / arm) for arm in arms),
+    run([sys.executable, "tools/plot.py", "curves", *(str(out / f"seed{seeds[0]}" / arm) for arm in arms),
          "--labels", *(ARMS[arm] for arm in arms), "--panels", "accuracy", "length", "reward", "truncation",
          "--smooth", "5", "--columns", "2", "--out", args.figure])
 

@@ -9,7 +9,7 @@ The script prints how often each grader matches the intended verdict, where they
 every case where a grader calls a wrong answer right.
 
 math-verify is a development dependency: this script is the only file that imports it.
-Run from the project root:  .venv/bin/python bench/grader_vs_math_verify.py [--limit N]
+Run from the project root:  .venv/bin/python tools/bench/grader_vs_math_verify.py [--limit N]
 """
 
 import argparse
@@ -22,7 +22,7 @@ from collections import Counter
 from fractions import Fraction
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from mathrl import grader  # noqa: E402

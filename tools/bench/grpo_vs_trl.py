@@ -1,7 +1,7 @@
 """grpo.py against TRL's GRPOTrainer on the same work: seconds per step, memory, what is learned.
 
-    bash install_cpu.sh && .venv/bin/pip install -r bench/requirements.txt
-    .venv/bin/python bench/grpo_vs_trl.py --model runs/demo/sft --json bench/grpo_vs_trl.json
+    bash install_cpu.sh && .venv/bin/pip install -r tools/bench/requirements.txt
+    .venv/bin/python tools/bench/grpo_vs_trl.py --model runs/demo/sft --json tools/bench/grpo_vs_trl.json
 
 TRL is what a researcher would otherwise use for this (open-r1 and Open-RS trained with it), so it
 is the bar: the same starting checkpoint, `linear` prompts, group size, completion length, batch,
@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 # The work per step (grpo.py's tiny preset); TRL gets the same numbers through GRPOConfig.
@@ -239,7 +239,7 @@ def main():
         return trl_worker(args.trl_worker)
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    if not (Path(args.model) / "model.safetensors").exists():  # a fresh machine: make demo.py's SFT model (~6 min)
+    if not (Path(args.model) / "model.safetensors").exists():  # a fresh machine: make experiments/demo.py's SFT model (~6 min)
         print(f"no model at {args.model}: training it with sft.py --preset tiny", flush=True)
         run_measured([sys.executable, "sft.py", "--preset", "tiny", "--output-dir", args.model], args.threads,
                      work_dir / "sft.log")
