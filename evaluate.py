@@ -323,6 +323,9 @@ def bench_settings(args, spec: str, p) -> dict:
                 f"got {settings['temperature']} and {settings['top_p']}")
     if any(not 1 <= k <= settings["n"] for k in args.k):
         p.error(f"every k in --k must be between 1 and n ({settings['n']} for {spec}), got {args.k}")
+    if settings["n"] > 1 and settings["temperature"] == 0:  # n greedy copies of one completion; vLLM refuses it
+        p.error(f"--n {settings['n']} at temperature 0 ({spec}) would repeat one greedy completion: "
+                f"give --temperature > 0, or --n 1")
     return settings
 
 

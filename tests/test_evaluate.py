@@ -204,6 +204,7 @@ BAD_INPUTS = [
     (["--bench", "linear", "--template", "chatml"], "--template"),
     (["--bench", "linear", "--limit", "0"], "--limit 0"),
     (["--bench", "linear", "--n", "0"], "--n"),
+    (["--bench", "linear", "--n", "8"], "--temperature"),  # greedy n > 1: vLLM would fail after loading
     (["--bench", "linear", "--top-p", "0"], "--top-p"),
     (["--bench", "linear", "--temperature", "-1"], "--temperature"),
     (["--bench", "linear", "--temperature", "nan"], "--temperature"),
