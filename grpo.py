@@ -1,7 +1,7 @@
 """Group Relative Policy Optimization (GRPO) for math reasoning.
 
     torchrun --nproc_per_node 8 grpo.py --data limo --output-dir runs/grpo-limo     # GPUs, vLLM
-    python grpo.py --preset tiny --model runs/sft-tiny --output-dir runs/grpo-tiny  # CPU demo
+    python grpo.py --preset tiny --model runs/demo/sft --output-dir runs/grpo-tiny  # CPU demo
 
 GRPO (Shao et al., 2024, DeepSeekMath) drops PPO's critic: for each prompt it samples a group of
 G completions, scores them, and uses each completion's reward relative to its own group as the
@@ -30,7 +30,7 @@ Which equation each function implements:
   policy_update       step 4; --tis-cap is truncated importance sampling (Yao et al., 2025)
 
 Left out, and why: no value model (that is the point of GRPO; ppo.py has one); no reward model (math
-answers are checked, grader.py); no overlong reward shaping or soft length penalty (DAPO sec. 3.4:
+answers are checked, mathrl/grader.py); no overlong reward shaping or soft length penalty (DAPO sec. 3.4:
 the cosine reward of rewards.py is this project's length control); no asynchronous or off-policy
 generation (each step samples with the weights it updates, so rho = 1 at mu = 1); no sequence
 packing across rows (right padding, sorted by length, costs ~30% less than unsorted and is simpler).
@@ -471,7 +471,7 @@ PRESETS = {
         weight_decay=0.0, grad_clip=1.0, adam_beta2=0.999,  # transformers TrainingArguments defaults
                                                            # (the yaml sets none of them)
         bf16=True, gradient_checkpointing=True,  # yaml:12, 20
-        # OURS, vLLM colocated on each of 3 GPUs (memplan.py's terms): training keeps 14 B x 1.78B / 3
+        # OURS, vLLM colocated on each of 3 GPUs (mathrl/memplan.py): training keeps 14 B x 1.78B / 3
         # = 7.7 GiB (fp32 weights + Adam, bf16 reference); vLLM's 0.2 of 80 GiB = 16 GiB holds bf16
         # weights 3.3 GiB, ~2 GiB activations and 10.7 GiB of KV cache = 98 sequences of 4096 tokens
         # at 28 KiB each, for the 24 per GPU (on the paper's 48 GB A40s 3.6 GiB, 32 sequences).
@@ -498,7 +498,7 @@ PRESETS = {
         max_prompt_length=1024, max_completion_length=3072,  # OURS: yaml:34, 38 ask 2048 and 32874, but the
                                                              # model has 4,096 positions, where vLLM stops
         bf16=True, gradient_checkpointing=True,  # yaml:16, 25
-        # OURS, vLLM colocated on each of 8 GPUs (memplan.py's terms): training keeps 14 B x 1.54B / 8
+        # OURS, vLLM colocated on each of 8 GPUs (mathrl/memplan.py): training keeps 14 B x 1.54B / 8
         # = 2.5 GiB (fp32 weights + Adam, bf16 reference); vLLM's 0.2 of 80 GiB = 16 GiB holds bf16
         # weights 2.9 GiB, ~2 GiB activations and 11.1 GiB of KV cache = 101 sequences of 4096 tokens
         # at 28 KiB each, for the 8 x 7 = 56 per GPU. 8192 tokens per pass: a GPU's 8 prompts

@@ -1,7 +1,7 @@
 """Proximal Policy Optimization (PPO) with a learned critic, as LIMR trained it.
 
     torchrun --nproc_per_node 8 ppo.py --preset limr --output-dir runs/ppo-limr    # GPUs, vLLM
-    python ppo.py --preset tiny --model runs/sft-tiny --output-dir runs/ppo-tiny   # CPU demo
+    python ppo.py --preset tiny --model runs/demo/sft --output-dir runs/ppo-tiny   # CPU demo
 
 PPO (Schulman et al., 2017), in the form LIMR (Li et al., 2025) used through OpenRLHF to match
 full-MATH training with 1,389 selected problems. Three models: the actor pi (the policy), a critic
@@ -39,7 +39,7 @@ Which equation each function implements:
                       spread over the tokens as OpenRLHF does (k1 per token, the score on the last)
   ppo_update          step 4
 
-Left out, and why: no reward model (math answers are checked, grader.py); no value-model class of
+Left out, and why: no reward model (math answers are checked, mathrl/grader.py); no value-model class of
 our own (the critic is transformers' token-classification model with one label, which FSDP shards
 and save_pretrained writes like the actor); no PPO-ptx (the pretraining term of Ouyang et al.'s eq. 2:
 there is no pretraining data here); no entropy bonus (entropy is reported, not optimised); a fixed
@@ -561,7 +561,7 @@ PRESETS = {
                  weight_decay=0.0, grad_clip=1.0, adam_beta2=0.95,  # ray:273, ray:272, ray:306
                  bf16=True, gradient_checkpointing=True, engine="vllm",  # sh:64, 76, 37
                  save_steps=10,  # OURS: they save every step (sh:40)
-                 # OURS, vLLM colocated on each of 8 GPUs (memplan.py's terms): training keeps 12 B x (7.62B
+                 # OURS, vLLM colocated on each of 8 GPUs (mathrl/memplan.py): training keeps 12 B x (7.62B
                  # actor + 7.07B critic) / 8 of fp32 weights + Adam and 2 B x 7.62B / 8 of bf16 reference
                  # = 22.3 GiB, plus 4 GiB reserve; vLLM's 0.55 of 80 GiB = 44 GiB (70.3 GiB in all) holds bf16
                  # weights 14.2 GiB, ~2 GiB activations and 27.8 GiB of KV cache = 127 sequences of 4096

@@ -20,7 +20,7 @@ After the steps each model is evaluated on the 200 held-out `linear` problems.
 Scaling: seconds per step as the group size and the completion length double, on a fresh tiny
 model whose end-of-text logit is pinned low, so that every completion runs to the length limit
 (the SFT model stops after ~50 tokens whatever the limit) and cost is measured at the stated length.
-TRL is a benchmark-only dependency: no file outside bench/ imports it.
+TRL is a benchmark-only dependency: no file outside tools/bench/ imports it.
 """
 import argparse
 import json
