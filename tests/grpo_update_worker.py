@@ -30,7 +30,7 @@ def fixed_rollouts():
 
 
 def main(out: str):
-    d = distributed.init_distributed()
+    dist = distributed.init_distributed()
     torch.manual_seed(0)
     policy, tokenizer = models.build_tiny_model(hidden_size=32, num_layers=2, num_heads=2, seed=0)
     reference, _ = models.build_tiny_model(hidden_size=32, num_layers=2, num_heads=2, seed=0)
@@ -38,18 +38,18 @@ def main(out: str):
     cfg = grpo.Config(micro_batch_size=2, num_iterations=2, beta=0.1, temperature=0.9, epsilon_low=0.2,
                       epsilon_high=0.28, max_completion_length=16, lr=1e-2, bf16=False, gradient_checkpointing=False,
                       logprob_chunk_size=16)  # micro-batches of 2 x 4 to 2 x 13 positions: 1 or 2 chunks
-    policy = fsdp.shard_model(policy, d, bf16=False, gradient_checkpointing=False)
-    reference = fsdp.shard_model(reference, d, bf16=False, gradient_checkpointing=False).eval()
+    policy = fsdp.shard_model(policy, dist, bf16=False, gradient_checkpointing=False)
+    reference = fsdp.shard_model(reference, dist, bf16=False, gradient_checkpointing=False).eval()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
     scheduler = fsdp.cosine_schedule(optimizer, 2, 0.0, 1.0)
     rows = fixed_rollouts()
-    mine = [row for p in range(d.rank, PROMPTS, d.world_size) for row in rows[p * G:(p + 1) * G]]
-    stats = grpo.policy_update(policy, reference, optimizer, scheduler, mine, cfg, d, tokenizer.pad_token_id)
-    weights = checkpoints.full_model_state(policy, d)
-    if d.is_main:
+    mine = [row for p in range(dist.rank, PROMPTS, dist.world_size) for row in rows[p * G:(p + 1) * G]]
+    stats = grpo.policy_update(policy, reference, optimizer, scheduler, mine, cfg, dist, tokenizer.pad_token_id)
+    weights = checkpoints.full_model_state(policy, dist)
+    if dist.is_main:
         Path(out).mkdir(parents=True, exist_ok=True)
         torch.save({"weights": weights, "start": start, "stats": stats}, Path(out) / "result.pt")
-    distributed.shutdown(d)
+    distributed.shutdown(dist)
 
 
 if __name__ == "__main__":

@@ -40,14 +40,14 @@ def fsdp_gradient_state(model) -> dict:
 
 
 def main(out: str, model_dir: str):
-    d = distributed.init_distributed()
+    dist = distributed.init_distributed()
     result = {}
 
     # 1. a GRPO update with 3 micro-batches per rank: look at the gradients as each next one starts
     policy, tokenizer = models.build_tiny_model(hidden_size=32, num_layers=2, num_heads=2, seed=0)
     cfg = grpo.Config(micro_batch_size=2, num_iterations=1, beta=0.0, temperature=0.9, max_completion_length=16,
                       lr=1e-2, bf16=False, gradient_checkpointing=False, logprob_chunk_size=8)
-    policy = fsdp.shard_model(policy, d, bf16=False, gradient_checkpointing=False)
+    policy = fsdp.shard_model(policy, dist, bf16=False, gradient_checkpointing=False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
     scheduler = fsdp.cosine_schedule(optimizer, 1, 0.0, 1.0)
     states, forward = [], policy.next_token_scores   # look before FSDP gathers any parameter for the pass
@@ -57,23 +57,23 @@ def main(out: str, model_dir: str):
         return forward(*args)
     policy.next_token_scores = recording_forward
     rows = fixed_rollouts()
-    mine = [row for p in range(d.rank, PROMPTS, d.world_size) for row in rows[p * G:(p + 1) * G]]
-    grpo.policy_update(policy, None, optimizer, scheduler, mine, cfg, d, tokenizer.pad_token_id)
+    mine = [row for p in range(dist.rank, PROMPTS, dist.world_size) for row in rows[p * G:(p + 1) * G]]
+    grpo.policy_update(policy, None, optimizer, scheduler, mine, cfg, dist, tokenizer.pad_token_id)
     result["grad_states"] = states
 
     # 2. models built as ppo.py builds them (seed, then models), then a per-rank stream, then sampling
     distributed.seed_everything(0)
     critic = ppo.load_critic(model_dir)
     result["critic_head"] = critic.score.weight.detach().clone()
-    actor = fsdp.shard_model(models.load_model(model_dir), d, bf16=False, gradient_checkpointing=False)
-    distributed.seed_per_rank(0, d)
-    engine = HFEngine(actor, models.load_tokenizer(model_dir), d, batch_size=8)
+    actor = fsdp.shard_model(models.load_model(model_dir), dist, bf16=False, gradient_checkpointing=False)
+    distributed.seed_per_rank(0, dist)
+    engine = HFEngine(actor, models.load_tokenizer(model_dir), dist, batch_size=8)
     completions = engine.generate(["3 + 4 ="], Sampling(n=8, temperature=1.0, max_new_tokens=12))[0]
     result["samples"] = [c.token_ids for c in completions]
 
     Path(out).mkdir(parents=True, exist_ok=True)
-    torch.save(result, Path(out) / f"rank-{d.rank}.pt")
-    distributed.shutdown(d)
+    torch.save(result, Path(out) / f"rank-{dist.rank}.pt")
+    distributed.shutdown(dist)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def fixed_rollouts():
 
 
 def main(model_dir: str, out: str):
-    d = distributed.init_distributed()
+    dist = distributed.init_distributed()
     torch.manual_seed(0)  # the critic's new value head: the same on every rank
     actor, reference, critic = models.load_model(model_dir), models.load_model(model_dir), ppo.load_critic(model_dir)
     with torch.no_grad():  # a reference that differs from the actor, so the KL penalty is not 0
@@ -44,7 +44,7 @@ def main(model_dir: str, out: str):
     cfg = ppo.Config(train_batch_size=6, ppo_epochs=2, micro_batch_size=2, temperature=0.9, kl_coef=0.1,
                      gamma=1.0, lam=0.95, clip_eps=0.2, value_clip=0.2, actor_lr=0.1, critic_lr=0.1,
                      bf16=False, gradient_checkpointing=False)
-    actor, critic, reference = (fsdp.shard_model(m, d, bf16=False, gradient_checkpointing=False)
+    actor, critic, reference = (fsdp.shard_model(m, dist, bf16=False, gradient_checkpointing=False)
                                 for m in (actor, critic, reference))
     # SGD, not AdamW: Adam's step ignores the scale of the loss, so it would hide a wrong normalisation
     # (a missing x world_size), and it blows float noise on near-zero gradients up to a fraction of lr.
@@ -52,14 +52,14 @@ def main(model_dir: str, out: str):
                   "critic": (critic, torch.optim.SGD(critic.parameters(), lr=cfg.critic_lr))}
     schedulers = {name: fsdp.cosine_schedule(optimizer, 4, 0.0, 1.0) for name, (_, optimizer) in optimizers.items()}
     rows = fixed_rollouts()
-    mine = [row for p in range(d.rank, PROMPTS, d.world_size) for row in rows[p * G:(p + 1) * G]]
-    experience, rollout_stats = ppo.make_experience(actor, critic, reference.eval(), mine, cfg, d, pad_id=0)
-    stats = ppo.ppo_update(experience, optimizers, schedulers, cfg, d, train_actor=True)
-    weights = {"actor": checkpoints.full_model_state(actor, d), "critic": checkpoints.full_model_state(critic, d)}
-    if d.is_main:
+    mine = [row for p in range(dist.rank, PROMPTS, dist.world_size) for row in rows[p * G:(p + 1) * G]]
+    experience, rollout_stats = ppo.make_experience(actor, critic, reference.eval(), mine, cfg, dist, pad_id=0)
+    stats = ppo.ppo_update(experience, optimizers, schedulers, cfg, dist, train_actor=True)
+    weights = {"actor": checkpoints.full_model_state(actor, dist), "critic": checkpoints.full_model_state(critic, dist)}
+    if dist.is_main:
         Path(out).mkdir(parents=True, exist_ok=True)
         torch.save({"weights": weights, "start": start, "stats": {**rollout_stats, **stats}}, Path(out) / "result.pt")
-    distributed.shutdown(d)
+    distributed.shutdown(dist)
 
 
 if __name__ == "__main__":

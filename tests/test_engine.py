@@ -340,32 +340,32 @@ from torch.distributed.fsdp import fully_shard
 from mathrl.engine import HFEngine, Sampling, make_engine
 from mathrl.distributed import init_distributed
 from mathrl.models import load_model, load_tokenizer
-d = init_distributed()
+dist = init_distributed()
 model, tokenizer = load_model(sys.argv[2]), load_tokenizer(sys.argv[2])
 greedy = Sampling(temperature=0, max_new_tokens=12)
 # Unsharded (as in evaluate.py), ranks are independent: a rank without prompts may skip generate.
-unsharded = [c[0].token_ids for c in HFEngine(model, tokenizer, d).generate(["Hi"], greedy)] if d.rank == 0 else None
+unsharded = [c[0].token_ids for c in HFEngine(model, tokenizer, dist).generate(["Hi"], greedy)] if dist.rank == 0 else None
 for layer in model.model.layers:
     fully_shard(layer)
 fully_shard(model)
 # Rank 0 gets three prompts in three batches, rank 1 one: without lock-step batches and
 # forward passes, the FSDP all-gathers would deadlock.
-prompts = [["Hi", "Solve 2x+3=7.\n", "abc"], ["x" * 150]][d.rank]
-hf = [c[0].token_ids for c in HFEngine(model, tokenizer, d, batch_size=1).generate(prompts, greedy)]
+prompts = [["Hi", "Solve 2x+3=7.\n", "abc"], ["x" * 150]][dist.rank]
+hf = [c[0].token_ids for c in HFEngine(model, tokenizer, dist, batch_size=1).generate(prompts, greedy)]
 result = {"hf": hf, "unsharded": unsharded}
 if sys.argv[3] == "vllm":
-    engine = make_engine("vllm", model, tokenizer, sys.argv[2], d, dtype="float32", max_model_len=512,
+    engine = make_engine("vllm", model, tokenizer, sys.argv[2], dist, dtype="float32", max_model_len=512,
                          kv_cache_memory_bytes=32 << 20)
     # One training step changes the sharded weights; vLLM must follow them.
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     batch = torch.tensor([tokenizer(prompts[0], add_special_tokens=False).input_ids])
     model(batch, labels=batch).loss.backward()
     optimizer.step()
-    hf_after = [c[0].token_ids for c in HFEngine(model, tokenizer, d).generate(prompts, greedy)]
+    hf_after = [c[0].token_ids for c in HFEngine(model, tokenizer, dist).generate(prompts, greedy)]
     engine.push_weights(model)
     result.update(hf_after=hf_after, vllm=[c[0].token_ids for c in engine.generate(prompts, greedy)])
     engine.close()  # before the group goes: vLLM's own teardown needs it
-with open(os.path.join(sys.argv[4], f"rank{d.rank}.json"), "w") as f:
+with open(os.path.join(sys.argv[4], f"rank{dist.rank}.json"), "w") as f:
     json.dump(result, f)
 if torch.distributed.is_initialized():  # engine.close() leaves it destroyed
     torch.distributed.destroy_process_group()

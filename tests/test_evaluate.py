@@ -57,16 +57,16 @@ def grader():
 @pytest.mark.parametrize("name", sorted(BENCHMARKS))
 def test_gold_answers_score_100_and_wrong_answers_score_0_on_real_benchmarks(name, grader):
     problems = data.load_problems(f"{name}={shared_file(BENCHMARKS[name])}", split="test")
-    d = distributed.init_distributed()
+    dist = distributed.init_distributed()
     sampling = Sampling(n=2)
     right = evaluate.evaluate_problems(AnsweringEngine(problems, lambda p: p["answer"]), problems, None,
-                                       sampling, "plain", grader, d)
+                                       sampling, "plain", grader, dist)
     summary = evaluate.summarize(right, [1, 2])
     assert summary["n_problems"] == len(problems) and summary["n_samples"] == 2
     wrong_ids = [r["id"] for r in right if not all(r["correct"])]
     assert summary["pass@1"] == 1.0 and summary["pass@2"] == 1.0, wrong_ids[:5]
     wrong = evaluate.evaluate_problems(AnsweringEngine(problems, lambda p: "-987654.321"), problems, None,
-                                       sampling, "plain", grader, d)
+                                       sampling, "plain", grader, dist)
     assert evaluate.summarize(wrong, [1, 2])["pass@1"] == 0.0
 
 
@@ -305,10 +305,10 @@ def test_fallbacks_apply_only_inside_their_protocol(grader):
         def generate(self, prompts, sampling):
             return [[Completion([1], texts[p.split("\n")[0]], [0.0], "stop")] for p in prompts]
 
-    d = distributed.init_distributed()
+    dist = distributed.init_distributed()
     verdicts = {}
     for name in ("limr", "qwen-math", "open-rs"):
-        records = evaluate.evaluate_problems(Unboxed(), problems, None, Sampling(n=1), "plain", grader, d,
+        records = evaluate.evaluate_problems(Unboxed(), problems, None, Sampling(n=1), "plain", grader, dist,
                                              fallback=evaluate.PROTOCOLS[name]["fallback"])
         verdicts[name] = [(r["extracted"][0], r["correct"][0]) for r in records]
     assert verdicts["limr"] == [(None, False), (None, False)]  # strict: nothing boxed, nothing right
@@ -336,8 +336,8 @@ def test_whole_benchmarks_go_to_the_engine_in_chunks_of_thousands_of_completions
     calls = []
     generate = engine.generate
     engine.generate = lambda prompts, sampling: calls.append(len(prompts)) or generate(prompts, sampling)
-    d = distributed.init_distributed()
-    records = evaluate.evaluate_problems(engine, problems, None, Sampling(n=8), "plain", grader, d)
+    dist = distributed.init_distributed()
+    records = evaluate.evaluate_problems(engine, problems, None, Sampling(n=8), "plain", grader, dist)
     assert calls == [512, 88] and len(records) == 600  # 4096 completions per call: MATH-500 x 8 is one call
 
 

@@ -78,12 +78,12 @@ def test_engine_follows_the_trainer_through_grpo_steps(start_model, tmp_path, mo
     assert max((a - b).abs().max().item() for a, b in zip(
         trained.state_dict().values(), models.load_model(str(start_model)).state_dict().values())) > 1e-3
     tokenizer = models.load_tokenizer(str(tmp_path / "run"))
-    d = distributed.init_distributed()
+    dist = distributed.init_distributed()
     prompts = ["Solve for x:\n2x + 1 = 7\nSolution:\n", LONG_PROMPT + "Solution:\n"]
     assert len(tokenizer(prompts[1])["input_ids"]) > 128
     greedy = Sampling(n=1, temperature=0.0, max_new_tokens=24)
     from_vllm = engine.generate(prompts, greedy)
-    from_hf = HFEngine(trained, tokenizer, d).generate(prompts, greedy)
+    from_hf = HFEngine(trained, tokenizer, dist).generate(prompts, greedy)
     for v, h in zip(from_vllm, from_hf):
         assert v[0].token_ids == h[0].token_ids
         assert max(abs(a - b) for a, b in zip(v[0].logprobs, h[0].logprobs)) < 1e-4
@@ -122,19 +122,19 @@ sys.path.insert(0, sys.argv[1])
 import torch
 from mathrl import distributed, models
 from mathrl.engine import Sampling, make_engine
-d = distributed.init_distributed()
+dist = distributed.init_distributed()
 distributed.seed_everything(0)  # deliberately the same generators on both ranks
 model, tokenizer = models.load_model(sys.argv[2]), models.load_tokenizer(sys.argv[2])
-engine = make_engine("vllm", model, tokenizer, sys.argv[2], d, dtype="float32", max_model_len=256,
+engine = make_engine("vllm", model, tokenizer, sys.argv[2], dist, dtype="float32", max_model_len=256,
                      kv_cache_memory_bytes=16 << 20)
 sampling = Sampling(n=4, temperature=1.0, max_new_tokens=12)
 first = [c.token_ids for c in engine.generate(["Solve for x:\n2x + 1 = 7\n"], sampling)[0]]
 engine.push_weights(model)  # a push, as after every update: it must not warn
 second = [c.token_ids for c in engine.generate(["Solve for x:\n2x + 1 = 7\n"], sampling)[0]]
-with open(os.path.join(sys.argv[3], f"rank{d.rank}.json"), "w") as f:
+with open(os.path.join(sys.argv[3], f"rank{dist.rank}.json"), "w") as f:
     json.dump([first, second], f)
 engine.close()
-distributed.shutdown(d)
+distributed.shutdown(dist)
 '''
 
 

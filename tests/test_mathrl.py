@@ -82,7 +82,7 @@ def test_flags_precedence_default_then_preset_then_command_line():
 
 
 def test_checkpoint_round_trip_and_partial_checkpoints_are_ignored(tmp_path):
-    d = distributed.init_distributed()
+    dist = distributed.init_distributed()
     model, tokenizer = models.build_tiny_model(hidden_size=32, num_layers=1, num_heads=2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = fsdp.cosine_schedule(optimizer, 10, 0.0, 0.1)
@@ -90,7 +90,7 @@ def test_checkpoint_round_trip_and_partial_checkpoints_are_ignored(tmp_path):
     optimizer.step()
     scheduler.step()
     torch.manual_seed(123)
-    checkpoints.save_checkpoint(tmp_path, 1, model, tokenizer, {"m": (model, optimizer)}, {"m": scheduler}, {"step": 1}, d)
+    checkpoints.save_checkpoint(tmp_path, 1, model, tokenizer, {"m": (model, optimizer)}, {"m": scheduler}, {"step": 1}, dist)
     expected_random = torch.rand(3)
     (tmp_path / ".partial-checkpoint-2").mkdir()          # a crash mid-write
     (tmp_path / "checkpoint-3").mkdir()                   # a folder without trainer state
@@ -104,7 +104,7 @@ def test_checkpoint_round_trip_and_partial_checkpoints_are_ignored(tmp_path):
     scheduler2 = fsdp.cosine_schedule(optimizer2, 10, 0.0, 0.1)
     torch.manual_seed(999)
     trainer = checkpoints.restore_checkpoint(checkpoints.load_trainer_state(latest), {"m": (reloaded, optimizer2)},
-                                             {"m": scheduler2}, d)
+                                             {"m": scheduler2}, dist)
     assert trainer == {"step": 1}
     torch.testing.assert_close(torch.rand(3), expected_random)  # RNG restored
     assert scheduler2.get_last_lr() == scheduler.get_last_lr()

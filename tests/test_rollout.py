@@ -45,17 +45,17 @@ def run_ranks(world_size: int, step: int = 0, **flags):
     cfg = grpo.Config(prompts_per_step=6, num_generations=G, seed=3, **flags)
     barrier, slots, results = threading.Barrier(world_size), [None] * world_size, [None] * world_size
 
-    def all_gather(obj, d):
-        slots[d.rank] = obj
+    def all_gather(obj, dist):
+        slots[dist.rank] = obj
         barrier.wait()
         gathered = list(slots)
         barrier.wait()
         return gathered
 
     def rank(r):
-        d = distributed.Dist(r, world_size, 0, torch.device("cpu"))
+        dist = distributed.Dist(r, world_size, 0, torch.device("cpu"))
         results[r] = grpo.rollout(step, ScriptedEngine(), PROBLEMS, PROMPTS, [[1, 2]] * len(PROBLEMS),
-                                  {"accuracy": 1.0}, None, rewards.CosineShape(), cfg, d)
+                                  {"accuracy": 1.0}, None, rewards.CosineShape(), cfg, dist)
 
     original = distributed.all_gather_objects
     distributed.all_gather_objects = all_gather
