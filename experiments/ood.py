@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import cell, peak_rss_gb, run, timed, write_rl_pool  # first: it puts the repository root on sys.path
+from common import cell, metrics, peak_rss_gb, run, timed, write_rl_pool  # first: it puts the repository root on sys.path
 
 TASKS = ("linear", "arith")  # in domain, out of domain
 SFT_BATCH = 32  # sft.py's tiny preset
@@ -54,7 +54,7 @@ def evaluate(model: Path, out: Path, limit: int | None, max_tokens: int, samples
 
 def trained_tokens(run_dir: Path, sequences_per_step: int | None) -> float:
     """Response tokens that went through forward and backward, from the run's metrics.jsonl."""
-    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    rows = metrics(run_dir)
     if sequences_per_step is None:  # sft.py: tokens per second x seconds of each step
         return sum(row["tokens_per_s"] * row["step_s"] for row in rows)
     return sum(row["response_length_mean"] for row in rows) * sequences_per_step
