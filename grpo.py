@@ -56,51 +56,62 @@ LOSS_TYPES = ["grpo", "dapo", "dr_grpo"]
 
 @dataclass
 class Config(flags.RLFlags):
-    model: str = flag("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "policy to start from: hub id or folder")
-    data: str = flag("open-rs", "training prompts: a data.load_problems spec (name, file, name=path, "
-                                "mixture a:N,b:M)")
-    template: str = flag("auto", "prompt template (data.format_prompt)", TEMPLATES)
+    # The defaults are one recipe, the limo preset's (the Qwen-baselines study, 8 GPUs; its sources are
+    # cited in PRESETS below, tests/test_fidelity.py checks the two agree): `grpo.py --data limo` is
+    # `grpo.py --preset limo`, and `--data NAME` alone changes the problems only.
+    model: str = flag("Qwen/Qwen2.5-Math-1.5B", "policy to start from: hub id or folder")
+    data: str = flag("limo", "training prompts: a data.load_problems spec (name, file, name=path, mixture "
+                             "a:N,b:M); the problems only: --preset NAME sets a paper's whole recipe")
+    template: str = flag("question", "prompt template (data.format_prompt)", TEMPLATES)
     output_dir: str = flag("runs/grpo", "checkpoints, metrics.jsonl, trajectories.jsonl, final model")
-    max_steps: int = flag(500, "generation steps (each followed by num-iterations optimizer steps)", **COUNT)
-    prompts_per_step: int = flag(16, "prompts per step over all ranks; each gets num-generations completions",
+    max_steps: int = flag(36, "generation steps (each followed by num-iterations optimizer steps)", **COUNT)
+    prompts_per_step: int = flag(64, "prompts per step over all ranks; each gets num-generations completions",
                                  **COUNT)
-    num_generations: int = flag(6, "G, completions per prompt (the group)", **COUNT)
-    micro_batch_size: int = flag(4, "completions per forward/backward pass on one rank", **COUNT)
-    temperature: float = flag(0.7, "sampling temperature (log-probs are taken at the same temperature)",
+    num_generations: int = flag(7, "G, completions per prompt (the group)", **COUNT)
+    micro_batch_size: int = flag(8, "completions per forward/backward pass on one rank", **COUNT)
+    temperature: float = flag(0.6, "sampling temperature (log-probs are taken at the same temperature)",
                               above=0)  # the log-probs divide the logits by it: 0 would train on NaN
     top_p: float = flag(1.0, "nucleus sampling mass", above=0, high=1)
-    max_prompt_length: int = flag(512, "prompts longer than this (tokens) are left out, with a count printed",
-                                  **COUNT)
-    max_completion_length: int = flag(3584, "max new tokens per completion", **COUNT)
+    max_prompt_length: int = flag(1024, "prompts longer than this (tokens) are left out, with a count "
+                                        "printed", **COUNT)
+    max_completion_length: int = flag(3072, "max new tokens per completion", **COUNT)
     dynamic_sampling: bool = flag(False, "DAPO's dynamic sampling: drop groups whose rewards are all equal "
                                          "(zero advantage) and sample more prompts until the batch holds "
                                          "prompts-per-step groups with signal")
     max_sampling_rounds: int = flag(4, "dynamic sampling: at most this many rounds of prompts-per-step "
                                        "prompts a step; short of groups with signal, groups without fill the "
                                        "batch (OURS: the cap and the fill)", **COUNT)
-    rewards: str = flag("format:1,cosine:2", "weighted reward functions of rewards.py, NAME:WEIGHT,...: "
+    mask_truncated: bool = flag(False, "completions cut off at --max-completion-length get advantages like the "
+                                       "others but contribute no loss tokens (DAPO's overlong filtering; "
+                                       "TRL's mask_truncated_completions)")
+    rewards: str = flag("accuracy:1", "weighted reward functions of rewards.py, NAME:WEIGHT,...: "
                                              + ", ".join(rewards.REWARD_NAMES))
     scale_rewards: str = flag("group", "advantage scale: group (GRPO), batch, none (Dr. GRPO)",
                               ["group", "batch", "none"])
-    loss_type: str = flag("grpo", "grpo (sequence mean, then mean), dapo (token mean over the batch, DAPO; "
+    loss_type: str = flag("dapo", "grpo (sequence mean, then mean), dapo (token mean over the batch, DAPO; "
                                   "TRL's name), dr_grpo (token sum / (sequences * max length))", LOSS_TYPES)
-    num_iterations: int = flag(1, "mu, policy updates per generation batch (1: the ratio is exactly 1)",
-                               **COUNT)
+    num_iterations: int = flag(1, "mu, passes over each generation batch, one optimizer step per mini-batch "
+                                  "each (mu = K = 1: the ratio is exactly 1)", **COUNT)
+    mini_batches: int = flag(1, "K, slices of whole groups each pass steps on: K x mu optimizer steps a step "
+                                "(ppo.py's --train-batch-size is P x G / K)", **COUNT)
     epsilon_low: float = flag(0.2, "clip rho below at 1 - epsilon_low", **FRACTION)
     epsilon_high: float = flag(0.2, "clip rho above at 1 + epsilon_high (DAPO: 0.28)", **NON_NEGATIVE)
-    beta: float = flag(0.04, "KL coefficient to the reference policy (0: no reference model is loaded)",
+    beta: float = flag(0.005, "KL coefficient to the reference policy (0: no reference model is loaded)",
                        **NON_NEGATIVE)
     tis_cap: float = flag(0.0, "truncated importance sampling cap C for engine/trainer mismatch (0: off)",
                           **NON_NEGATIVE)
-    lr: float = flag(1e-6, "peak learning rate (AdamW)", **NON_NEGATIVE)
-    warmup_ratio: float = flag(0.1, "fraction of optimizer steps with linear warm-up", **FRACTION)
-    min_lr_ratio: float = flag(0.1, "cosine decays to lr * this", **FRACTION)
-    weight_decay: float = flag(0.0, "AdamW weight decay", **NON_NEGATIVE)
-    adam_beta2: float = flag(0.99, "AdamW beta2 (beta1 is 0.9); TRL and the transformers Trainer use 0.999",
-                             **FRACTION)
+    lr: float = flag(5e-6, "peak learning rate (AdamW)", **NON_NEGATIVE)
+    warmup_ratio: float = flag(0.1, "fraction of optimizer steps with linear warm-up (--lr-schedule counts "
+                                    "them)", **FRACTION)
+    min_lr_ratio: float = flag(0.0, "cosine decays to lr * this", **FRACTION)
+    weight_decay: float = flag(0.1, "AdamW weight decay", **NON_NEGATIVE)
+    adam_beta2: float = flag(0.999, "AdamW beta2 (beta1 is 0.9; 0.999 is TRL's and the transformers "
+                                    "Trainer's)", **FRACTION)
     grad_clip: float = flag(1.0, "max gradient norm (0: no clipping)", **NON_NEGATIVE)
-    save_steps: int = flag(50, "write output-dir/checkpoint-N every N steps", **COUNT)
-    seed: int = flag(0, "data order, sampling", low=0, high=2 ** 32 - 1)  # numpy's seed range
+    save_steps: int = flag(12, "write output-dir/checkpoint-N every N steps", **COUNT)
+    seed: int = flag(1001, "data order, sampling", low=0, high=2 ** 32 - 1)  # numpy's seed range
+    vllm_gpu_memory_utilization: float = flags.shared_flag(flags.RLFlags, "vllm_gpu_memory_utilization", 0.2)
+    vllm_max_num_batched_tokens: int = flags.shared_flag(flags.RLFlags, "vllm_max_num_batched_tokens", 8192)
 
 
 # ---- the GRPO equations, each a function so the tests can check it against hand computations
@@ -109,8 +120,8 @@ class Config(flags.RLFlags):
 def token_logprobs(model, input_ids, completion_mask, temperature: float, chunk_size: int,
                    with_entropy=False):
     """log pi(o_t | q, o_<t) of every completion token at the sampling temperature and, with_entropy,
-    the entropy of pi(. | q, o_<t) at each position: [B, T - 1] each, both with gradient; logp is zero
-    outside the completion, the entropy is not masked.
+    the entropy of pi(. | q, o_<t) at each position: [B, T - 1] each; logp is zero outside the
+    completion and has gradient; the entropy is not masked and has none (reported, not optimised).
 
     Rows are prompt + completion, right-padded (sequences.pack). No attention mask is needed: causal
     attention never lets a real token see the pads after it, and completion_mask drops the pads."""
@@ -120,7 +131,10 @@ def token_logprobs(model, input_ids, completion_mask, temperature: float, chunk_
         logp = logits.gather(-1, next_tokens[:, None]).squeeze(-1) - log_normaliser        # [n]
         if not with_entropy:
             return logp, None
-        return logp, log_normaliser - (logits.softmax(-1) * logits).sum(-1)   # H = -sum_v p_v log p_v
+        # No gradient: under the checkpoint's recompute, a branch backward never reaches keeps its saved
+        # [n, V] tensors alive as long as its output is (2 per chunk: 8 B x positions x V per micro-batch)
+        with torch.no_grad():
+            return logp, log_normaliser - (logits.softmax(-1) * logits).sum(-1)  # H = -sum_v p_v log p_v
 
     # The model's output at position t is pi(. | tokens 0..t), the distribution of token t + 1: column t
     # of the result scores token t + 1, so it is one column narrower than the rows, and completion_mask
@@ -186,6 +200,7 @@ class Rollout:
     completion_ids: list[int]      # ends with the EOS token when the completion stopped: it is trained too
     engine_logprobs: list[float]   # log-prob of each completion token under the engine that sampled it
     advantage: float               # A_i, the same for every token of the completion
+    masked: bool = False           # cut off at the length limit under --mask-truncated: no loss tokens
 
 
 def has_signal(group: sequences.Group) -> bool:
@@ -216,15 +231,14 @@ def rollout(step: int, engine, problems, prompts, prompt_ids, reward_weights, gr
     """
     P, G, W = cfg.prompts_per_step, cfg.num_generations, dist.world_size
     with_signal, without_signal, generated, seconds = [], [], 0, {"generation": 0.0, "reward": 0.0}
+    engine.wake_up()  # once for all rounds: asleep, vLLM released its weights until the next push
     for round_ in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
         # 1. P prompts (the same on any number of ranks); rank r samples prompts r, r + W, r + 2W, ...
         drawn = sequences.batch_indices(step, P, len(problems), cfg.seed + round_ * 1_000_003)
         mine = drawn[dist.rank::W]
         started = time.time()
-        engine.wake_up()
         outputs = engine.generate([prompts[i] for i in mine], Sampling(
             n=G, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_completion_length))
-        engine.sleep()
         completions = [c for group in outputs for c in group]              # G consecutive per prompt
         owners = [i for i in mine for _ in range(G)]
         generated_at = time.time()
@@ -233,7 +247,8 @@ def rollout(step: int, engine, problems, prompts, prompt_ids, reward_weights, gr
         scores = rewards.compute_rewards(
             [c.text for c in completions], [problems[i]["answer"] for i in owners],
             [len(c.token_ids) for c in completions], [c.finish_reason == "length" for c in completions],
-            reward_weights, grader, [prompts[i] for i in owners], cosine)  # prompts pick the format rule
+            reward_weights, grader, [prompts[i] for i in owners], cosine,  # prompts pick the format rule
+            rewards.OverlongShape(cfg.max_completion_length, cfg.overlong_buffer))
         seconds["generation"] += generated_at - started
         seconds["reward"] += time.time() - generated_at
         groups = [sequences.Group(i, step * P + dist.rank + j * W, outputs[j],
@@ -252,6 +267,7 @@ def rollout(step: int, engine, problems, prompts, prompt_ids, reward_weights, gr
             (with_signal if has_signal(g) else without_signal).append(g)
         if len(with_signal) >= P:
             break
+    engine.sleep()  # the update needs the memory; step 5 pushes the new weights
     # the P groups trained on: the batch, or with dynamic sampling the first P with signal, filled up
     # with groups without signal (zero advantage) when the rounds ran out
     trained = (with_signal + without_signal)[:P] if cfg.dynamic_sampling else batch
@@ -259,7 +275,11 @@ def rollout(step: int, engine, problems, prompts, prompt_ids, reward_weights, gr
     # 3. advantages within each group, over the global batch; rank r trains on groups r, r + W, ...
     advantages = group_advantages([r for g in trained for r in g.rewards["total"]], G, cfg.scale_rewards)
     advantages = advantages.view(P, G).tolist()
-    rollouts = [Rollout(prompt_ids[trained[k].problem], c.token_ids, c.logprobs, a)
+    # (--mask-truncated: a cut-off completion counted in its group's advantages above, but is not trained:
+    # its unfinished answer says nothing about the answer it would have given; DAPO sec. 3.4, TRL
+    # trl/trainer/grpo_trainer.py, mask_truncated_completions)
+    rollouts = [Rollout(prompt_ids[trained[k].problem], c.token_ids, c.logprobs, a,
+                        masked=cfg.mask_truncated and c.finish_reason == "length")
                 for k in range(dist.rank, P, W) for c, a in zip(trained[k].completions, advantages[k])]
     counts = {"sampling_rounds": round_ + 1, "generated_tokens": generated,
               "groups_with_signal": sum(map(has_signal, trained)),
@@ -272,75 +292,95 @@ def rollout(step: int, engine, problems, prompts, prompt_ids, reward_weights, gr
 
 def pack_micro_batch(rollouts: list[Rollout], pad_id: int, device) -> dict:
     """One micro-batch as tensors: rows [B, T]; per completion token (mask, engine log-probs) in
-    token_logprobs' layout, [B, T - 1]; one advantage per row, [B, 1]."""
+    token_logprobs' layout, [B, T - 1]; one advantage per row, [B, 1]. No rollouts (a rank's share of a
+    token budget ran out first): one masked row of pads, so the rank runs its forward and backward."""
+    rollouts = rollouts or [Rollout([pad_id], [pad_id], [0.0], 0.0, masked=True)]
     input_ids, completion_mask = sequences.pack([r.prompt_ids for r in rollouts],
                                                 [r.completion_ids for r in rollouts], pad_id, device)  # [B, T]
     engine_logp = sequences.pack_logprobs([r.engine_logprobs for r in rollouts],
                                           [len(r.prompt_ids) for r in rollouts], input_ids.shape[1], device)
-    return {"input_ids": input_ids, "completion_mask": completion_mask, "mask": completion_mask[:, 1:],
+    trained = torch.tensor([[0.0 if r.masked else 1.0] for r in rollouts], device=device)            # [B, 1]
+    mask = completion_mask[:, 1:] * trained                   # the loss tokens: the completion's, unless masked
+    return {"input_ids": input_ids, "completion_mask": completion_mask, "mask": mask,
             "engine_logp": engine_logp,
             "advantages": torch.tensor([[r.advantage] for r in rollouts], device=device)}             # [B, 1]
 
 
 def policy_update(policy, reference, optimizer, scheduler, rollouts: list[Rollout], cfg: Config, dist,
                   pad_id: int) -> dict:
-    """Step 4: mu optimizer steps on this rank's rollouts. Losses are normalised by counts over all
-    ranks, so any number of ranks takes the same step as one process. Returns statistics averaged
-    over the global batch."""
-    # rows of similar length share a micro-batch: less padding to compute (measured: -30% update time).
-    # Every normaliser is a global count, so how rows are grouped into micro-batches changes nothing else.
-    rollouts = sorted(rollouts, key=lambda r: len(r.prompt_ids) + len(r.completion_ids))
-    micro_batches = [pack_micro_batch(rollouts[k:k + cfg.micro_batch_size], pad_id, dist.device)
-                     for k in range(0, len(rollouts), cfg.micro_batch_size)]
-    num_sequences = distributed.all_reduce_sum(len(rollouts), dist).item()
-    num_tokens = distributed.all_reduce_sum(sum(len(r.completion_ids) for r in rollouts), dist).item()
+    """Step 4: mu passes over this rank's rollouts, each pass one optimizer step per mini-batch (K =
+    --mini-batches slices of whole groups, DeepSeekMath's Algorithm 1): K x mu steps. Losses are normalised
+    by counts of the mini-batch over all ranks, so any number of ranks takes the same steps as one process.
+    Returns statistics averaged over the optimizer steps and the global batch."""
+    K, updates = cfg.mini_batches, cfg.mini_batches * cfg.num_iterations
+    size = len(rollouts) // K  # rollouts come in whole groups; main checks that a rank's groups split into K
+    minis = []
+    for k in range(K):
+        # rows of similar length share a micro-batch: less padding to compute (measured: -30% update time).
+        # Every normaliser is a global count, so how rows are grouped into micro-batches changes nothing else.
+        mini = sorted(rollouts[k * size:(k + 1) * size],
+                      key=lambda r: len(r.prompt_ids) + len(r.completion_ids))
+        rows = ([mini[i:i + cfg.micro_batch_size] for i in range(0, len(mini), cfg.micro_batch_size)]
+                if not cfg.max_tokens_per_micro_batch else  # or as many rows as fit the token budget
+                [[mini[i] for i in batch] for batch in sequences.token_budget_micro_batches(
+                    [len(r.prompt_ids) + len(r.completion_ids) for r in mini], cfg.max_tokens_per_micro_batch,
+                    dist)])
+        num_tokens = distributed.all_reduce_sum(sum(len(r.completion_ids) for r in mini if not r.masked),
+                                                dist).item()
+        minis.append({"micro_batches": [pack_micro_batch(batch, pad_id, dist.device) for batch in rows],
+                      "num_sequences": distributed.all_reduce_sum(len(mini), dist).item(),
+                      # every completion masked (--mask-truncated): a zero loss, not 0 / 0
+                      "num_tokens": max(num_tokens, 1)})
     logprobs = lambda model, mb, **kw: token_logprobs(model, mb["input_ids"], mb["completion_mask"],
                                                       cfg.temperature, cfg.logprob_chunk_size, **kw)
-    # pi_old (needed only when mu > 1) and pi_ref, before any update, under the autocast pi runs under:
-    # at the first pass pi = pi_old exactly, so the ratio must come out exactly 1
+    # pi_old (needed only when there is more than one optimizer step) and pi_ref, before any update, under
+    # the autocast pi runs under: at the first pass pi = pi_old exactly, so the ratio must come out exactly 1
     with torch.no_grad(), fsdp.autocast(dist, cfg.bf16):
-        for mb in micro_batches:
-            mb["old_logp"] = logprobs(policy, mb)[0] if cfg.num_iterations > 1 else None
+        for mb in (mb for mini in minis for mb in mini["micro_batches"]):
+            mb["old_logp"] = logprobs(policy, mb)[0] if updates > 1 else None
             mb["ref_logp"] = logprobs(reference, mb)[0] if reference is not None else None
+    fsdp.reshard(reference)  # a frozen model has no backward to free its gathered root
     policy.train()
     sums = dict.fromkeys(("loss", "clip", "kl", "entropy", "gap"), 0.0)
     gap_max = torch.zeros((), device=dist.device)
     for iteration in range(cfg.num_iterations):
-        for mb in micro_batches:
-            with fsdp.autocast(dist, cfg.bf16):
-                logp, entropy = logprobs(policy, mb, with_entropy=iteration == 0)          # [B, T - 1]
-            # pi_old: with mu = 1 the sampling policy is the current one, so rho = exp(logp - logp.detach())
-            # is exactly 1 and the gradient is the plain policy gradient: no extra forward pass needed.
-            old_logp = mb["old_logp"] if mb["old_logp"] is not None else logp.detach()
-            objective, clipped = clipped_objective(logp, old_logp, mb["advantages"], cfg.epsilon_low,
-                                                   cfg.epsilon_high)
-            if cfg.tis_cap > 0:  # engine/trainer mismatch: weight each token by min(pi_old / pi_engine, C)
-                objective = objective * torch.exp(old_logp - mb["engine_logp"]).clamp(max=cfg.tis_cap)
-            kl = k3_kl(logp, mb["ref_logp"]) if reference is not None else torch.zeros_like(logp)
-            per_token = -objective + cfg.beta * kl                                         # L_t
-            loss = aggregate_loss(per_token, mb["mask"], cfg.loss_type, num_sequences, num_tokens,
-                                  cfg.max_completion_length)
-            (loss * dist.world_size).backward()  # FSDP averages gradients over ranks; the loss is global
+        for mini in minis:
+            num_sequences, num_tokens = mini["num_sequences"], mini["num_tokens"]
+            for mb in mini["micro_batches"]:
+                with fsdp.autocast(dist, cfg.bf16):
+                    logp, entropy = logprobs(policy, mb, with_entropy=iteration == 0)      # [B, T - 1]
+                # pi_old: with one optimizer step the sampling policy is the current one, so rho =
+                # exp(logp - logp.detach()) is exactly 1 and the gradient is the plain policy gradient.
+                old_logp = mb["old_logp"] if mb["old_logp"] is not None else logp.detach()
+                objective, clipped = clipped_objective(logp, old_logp, mb["advantages"], cfg.epsilon_low,
+                                                       cfg.epsilon_high)
+                if cfg.tis_cap > 0:  # engine/trainer mismatch: weight each token by min(pi_old / pi_engine, C)
+                    objective = objective * torch.exp(old_logp - mb["engine_logp"]).clamp(max=cfg.tis_cap)
+                kl = k3_kl(logp, mb["ref_logp"]) if reference is not None else torch.zeros_like(logp)
+                per_token = -objective + cfg.beta * kl                                     # L_t
+                loss = aggregate_loss(per_token, mb["mask"], cfg.loss_type, num_sequences, num_tokens,
+                                      cfg.max_completion_length)
+                (loss * dist.world_size).backward()  # FSDP averages gradients over ranks; the loss is global
 
-            # ---- bookkeeping: this micro-batch's share of the step's averages over the global batch
-            token_mean = lambda x: (x.detach() * mb["mask"]).sum().item() / num_tokens
-            sums["loss"] += loss.item() / cfg.num_iterations
-            sums["clip"] += token_mean(clipped) / cfg.num_iterations
-            sums["kl"] += token_mean(kl) / cfg.num_iterations
-            if iteration == 0:
-                gap = (logp.detach() - mb["engine_logp"]).abs() * mb["mask"]  # engine vs trainer (stale?)
-                sums["entropy"] += token_mean(entropy)
-                sums["gap"] += token_mean(gap)
-                gap_max = torch.maximum(gap_max, gap.max())
-        grad_norm = fsdp.clip_grad_norm(policy, cfg.grad_clip)
-        fsdp.stop_if_not_finite({"gradient norm": grad_norm}, scheduler.last_epoch + 1, dist)  # NaN guard
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+                # ---- bookkeeping: this micro-batch's share of the averages over steps and the global batch
+                token_mean = lambda x: (x.detach() * mb["mask"]).sum().item() / num_tokens
+                sums["loss"] += loss.item() / updates
+                sums["clip"] += token_mean(clipped) / updates
+                sums["kl"] += token_mean(kl) / updates
+                if iteration == 0:
+                    gap = (logp.detach() - mb["engine_logp"]).abs() * mb["mask"]  # engine vs trainer (stale?)
+                    sums["entropy"] += token_mean(entropy) / K
+                    sums["gap"] += token_mean(gap) / K
+                    gap_max = torch.maximum(gap_max, gap.max())
+            grad_norm = fsdp.clip_grad_norm(policy, cfg.grad_clip)
+            fsdp.stop_if_not_finite({"gradient norm": grad_norm}, scheduler.last_epoch + 1, dist)  # NaN guard
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
     stats = {name: distributed.all_reduce_sum(value, dist).item() for name, value in sums.items()}
     fsdp.stop_if_not_finite({"loss": stats["loss"]}, scheduler.last_epoch, dist)
     return {"loss": stats["loss"], "clip_frac": stats["clip"], "kl": stats["kl"], "entropy": stats["entropy"],
-            "grad_norm": grad_norm,  # of the last of the mu optimizer steps
+            "grad_norm": grad_norm,  # of the last optimizer step
             "logprob_gap_mean": stats["gap"],
             "logprob_gap_max": distributed.all_reduce_max(gap_max, dist).item()}
 
@@ -353,12 +393,22 @@ def main(argv=None):
         reward_weights = rewards.parse_weights(cfg.rewards)
         cosine = rewards.CosineShape.from_flags(cfg.cosine_max_len, cfg.cosine_unit, cfg.cosine_clamp,
                                                 cfg.cosine_correct, cfg.cosine_wrong)
+        rewards.OverlongShape.from_flags(cfg.max_completion_length, cfg.overlong_buffer,
+                                         "overlong" in reward_weights)
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     G = cfg.num_generations
     if G < 2 or cfg.prompts_per_step % dist.world_size:
         raise SystemExit(f"error: need --num-generations >= 2 and --prompts-per-step divisible by "
                          f"{dist.world_size} ranks")
+    if (cfg.prompts_per_step // dist.world_size) % cfg.mini_batches:  # a slice holds whole groups
+        raise SystemExit(f"error: --mini-batches {cfg.mini_batches} must divide the groups each rank trains "
+                         f"on: --prompts-per-step {cfg.prompts_per_step} / {dist.world_size} ranks = "
+                         f"{cfg.prompts_per_step // dist.world_size}")
+    longest = cfg.max_prompt_length + cfg.max_completion_length  # the longest row a micro-batch may get
+    if 0 < cfg.max_tokens_per_micro_batch < longest:
+        raise SystemExit(f"error: --max-tokens-per-micro-batch {cfg.max_tokens_per_micro_batch} is less than "
+                         f"the longest row, --max-prompt-length + --max-completion-length = {longest}")
     if cfg.tis_cap > 0 and cfg.top_p < 1:  # the engine's log-probs are then of the nucleus, not of pi
         raise SystemExit("error: --tis-cap needs --top-p 1 (with top-p < 1 the engine's log-probs are "
                          "renormalised over the nucleus, so pi_old / pi_engine would not measure staleness)")
@@ -382,8 +432,9 @@ def main(argv=None):
     distributed.seed_per_rank(cfg.seed, dist)  # models alike on all ranks, sampling differs per rank
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(0.9, cfg.adam_beta2))
-    scheduler = fsdp.cosine_schedule(optimizer, cfg.max_steps * cfg.num_iterations, cfg.warmup_ratio,
-                                     cfg.min_lr_ratio)
+    optimizer_steps = cfg.max_steps * cfg.mini_batches * cfg.num_iterations  # K x mu a step
+    scheduler = fsdp.lr_schedule(optimizer, cfg.lr_schedule, optimizer_steps, cfg.warmup_ratio,
+                                 cfg.min_lr_ratio)
     start_step = 0
     if checkpoint is not None:
         state = checkpoints.load_trainer_state(checkpoint)
@@ -441,12 +492,14 @@ def main(argv=None):
 PRESETS = {
     # The CPU demo: start from the tiny SFT model (sft.py --preset tiny) and improve it on `linear`.
     # Measured: lr 1e-4 to 1e-3 with 16 prompts per step made it worse (Adam turns noisy policy
-    # gradients into full-size steps); 32 prompts per step at 5e-5 improved it.
+    # gradients into full-size steps); 32 prompts per step at 5e-5 improved it. loss_type, adam_beta2,
+    # weight_decay, seed and lr_schedule are the values its results were measured with (the defaults then).
     "tiny": dict(data="linear", template="plain", max_steps=80, prompts_per_step=32, num_generations=8,
                  micro_batch_size=32, temperature=1.0, max_prompt_length=128, max_completion_length=192,
                  rewards="accuracy:1", lr=5e-5, warmup_ratio=0.0, min_lr_ratio=1.0, beta=0.0, bf16=False,
                  gradient_checkpointing=False, engine="hf", grader_workers=1, save_steps=20,
-                 log_completions_steps=10),
+                 log_completions_steps=10, loss_type="grpo", adam_beta2=0.99, weight_decay=0.0, seed=0,
+                 lr_schedule="mathrl"),
     # Open-RS (Dang & Ngo 2025): knoveleng/open-rs recipes/grpo.yaml ("yaml:N"), launched on 3 training GPUs
     # (the 4th serves vLLM, README.md:82-88). Released models: Exp. 1 at step 100, Exps. 2 and 3 at step 50
     # (logs/overall/); Exp. 3 adds --cosine-max-len 3584 (README.md:91-98). Their pinned TRL (setup.py:70,
@@ -466,6 +519,10 @@ PRESETS = {
         cosine_clamp=False,  # rewards.py:324
         cosine_correct="1.0:0.5", cosine_wrong="0.0:-0.5",  # open_r1/grpo.py:76-91
         lr=1e-6, warmup_ratio=0.1, min_lr_ratio=0.1,  # yaml:25, 56, 31-33
+        # TRL's GRPOTrainer is a transformers Trainer (4.49.0, setup.py:69): create_scheduler builds
+        # get_scheduler("cosine_with_min_lr" (yaml:31), min_lr_rate 0.1 (yaml:33)) with warm-up
+        # get_warmup_steps = ceil(0.1 x 500) = 50 steps: lr 0 at the first step
+        lr_schedule="transformers",
         beta=0.04, epsilon_low=0.2, epsilon_high=0.2, num_iterations=1,  # trl@69ad852 grpo_config.py:234-246
         scale_rewards="group", loss_type="dapo",  # group std + 1e-4 as TRL; dapo: see above
         weight_decay=0.0, grad_clip=1.0, adam_beta2=0.999,  # transformers TrainingArguments defaults
@@ -489,6 +546,9 @@ PRESETS = {
         max_steps=36, save_steps=12,  # 3 epochs x 12 steps (README.md:64); save each epoch (yaml:59)
         micro_batch_size=8, seed=1001,  # grpo_limo.sh:85
         lr=5e-6, warmup_ratio=0.1, min_lr_ratio=0.0,  # README.md:64; cosine to 0 (yaml:36), yaml:61
+        # their trainer is a transformers Trainer (RL/grpo_trainer.py:151; 4.46.3, requirements.txt:19):
+        # get_scheduler("cosine" (grpo_limo.sh:65)) over 36 steps, ceil(0.1 x 36) = 4 warm-up steps
+        lr_schedule="transformers",
         weight_decay=0.1, grad_clip=1.0, beta=0.005,  # README.md:64, grpo_limo.sh:85
         adam_beta2=0.999,  # their TRL's TrainingArguments default (the yaml does not set it)
         epsilon_low=0.2, epsilon_high=0.2, num_iterations=1,  # their TRL's defaults

@@ -70,12 +70,14 @@ TEMPLATES = data.TEMPLATES  # inside Config, `data` is the --data field
 
 @dataclass
 class Config(flags.RLFlags):
+    # The defaults are one recipe, the limr preset's (LIMR, 8 GPUs; its sources are cited in PRESETS
+    # below, tests/test_fidelity.py checks the two agree): `ppo.py --data limr` is `ppo.py --preset limr`.
     model: str = flag("Qwen/Qwen2.5-Math-7B", "policy to start from: hub id or local folder")
     critic: str = flag("", "value model to start from: a critic saved by ppo.py (output-dir/critic), or any "
                            "causal LM, whose LM head is replaced by a fresh scalar head (default: --model)")
-    data: str = flag("limr", "training prompts: a data.load_problems spec (name, file, name=path, "
-                             "mixture a:N,b:M)")
-    template: str = flag("auto", "prompt template (data.format_prompt)", TEMPLATES)
+    data: str = flag("limr", "training prompts: a data.load_problems spec (name, file, name=path, mixture "
+                             "a:N,b:M); the problems only: --preset NAME sets a paper's whole recipe")
+    template: str = flag("qwen-math", "prompt template (data.format_prompt)", TEMPLATES)
     output_dir: str = flag("runs/ppo", "checkpoints, metrics.jsonl, trajectories.jsonl, final actor, "
                                        "final critic in critic/")
     max_steps: int = flag(200, "generation steps (each followed by rollout / train-batch-size x ppo-epochs "
@@ -106,8 +108,15 @@ class Config(flags.RLFlags):
     critic_lr: float = flag(9e-6, "critic peak learning rate (AdamW)", **NON_NEGATIVE)
     critic_warmup_steps: int = flag(0, "first steps that train the critic only, the actor frozen",
                                     **NON_NEGATIVE)
-    warmup_ratio: float = flag(0.0016, "fraction of optimizer steps with linear warm-up", **FRACTION)
-    min_lr_ratio: float = flag(1.0, "cosine decays to lr * this", **FRACTION)
+    warmup_ratio: float = flag(0.03, "fraction of the schedule's optimizer steps with linear warm-up "
+                                     "(--lr-schedule counts them; --warmup-steps > 0 replaces it)",
+                               **FRACTION)
+    warmup_steps: int = flag(10, "optimizer steps of linear warm-up (0: --warmup-ratio decides), OpenRLHF's "
+                                 "--lr_warmup_steps", **NON_NEGATIVE)
+    schedule_steps: int = flag(430_000, "optimizer steps the warm-up ratio and the cosine of both models "
+                                        "span (0: this run's updates); LIMR's OpenRLHF spans --num_episodes "
+                                        "x updates per episode, and stops far before its end", **NON_NEGATIVE)
+    min_lr_ratio: float = flag(0.1, "cosine decays to lr * this", **FRACTION)
     weight_decay: float = flag(0.0, "AdamW weight decay", **NON_NEGATIVE)
     adam_beta2: float = flag(0.95, "AdamW beta2 of both models (beta1 is 0.9): OpenRLHF's default, LIMR's "
                                    "trainer; the transformers Trainer uses 0.999", **FRACTION)
@@ -115,6 +124,8 @@ class Config(flags.RLFlags):
     save_steps: int = flag(10, "write output-dir/checkpoint-N every N steps", **COUNT)
     seed: int = flag(0, "data order, sampling, value head initialisation",
                      low=0, high=2 ** 32 - 1)  # numpy's seed range
+    vllm_gpu_memory_utilization: float = flags.shared_flag(flags.RLFlags, "vllm_gpu_memory_utilization", 0.55)
+    vllm_max_num_batched_tokens: int = flags.shared_flag(flags.RLFlags, "vllm_max_num_batched_tokens", 8192)
 
 
 # ---- the critic: a value model V(s_t) for every prefix of a sequence
@@ -158,9 +169,9 @@ def critic_values(critic, input_ids) -> torch.Tensor:
 def token_logprobs(model, input_ids, completion_mask, temperature: float, chunk_size: int,
                    with_entropy=False):
     """log pi(o_t | q, o_<t) of every completion token at the sampling temperature and, with_entropy,
-    the entropy of pi(. | q, o_<t) at each position: [B, T - 1] each, both with gradient; logp is zero
-    outside the completion, the entropy is not masked. (grpo.py has the same function: each algorithm
-    file shows its own math.)
+    the entropy of pi(. | q, o_<t) at each position: [B, T - 1] each; logp is zero outside the
+    completion and has gradient; the entropy is not masked and has none (reported, not optimised).
+    (grpo.py has the same function: each algorithm file shows its own math.)
 
     Rows are prompt + completion, right-padded (sequences.pack). No attention mask is needed: causal
     attention never lets a real token see the pads after it, and completion_mask drops the pads."""
@@ -170,7 +181,10 @@ def token_logprobs(model, input_ids, completion_mask, temperature: float, chunk_
         logp = logits.gather(-1, next_tokens[:, None]).squeeze(-1) - log_normaliser        # [n]
         if not with_entropy:
             return logp, None
-        return logp, log_normaliser - (logits.softmax(-1) * logits).sum(-1)   # H = -sum_v p_v log p_v
+        # No gradient: under the checkpoint's recompute, a branch backward never reaches keeps its saved
+        # [n, V] tensors alive as long as its output is (2 per chunk: 8 B x positions x V per micro-batch)
+        with torch.no_grad():
+            return logp, log_normaliser - (logits.softmax(-1) * logits).sum(-1)  # H = -sum_v p_v log p_v
 
     # The model's output at position t is pi(. | tokens 0..t), the distribution of token t + 1: column t
     # of the result scores token t + 1, so it is one column narrower than the rows, and completion_mask
@@ -267,7 +281,8 @@ def rollout(step: int, engine, problems, prompts, prompt_ids, reward_weights, gr
     scores = rewards.compute_rewards(
         [c.text for c in completions], [problems[i]["answer"] for i in owners],
         [len(c.token_ids) for c in completions], [c.finish_reason == "length" for c in completions],
-        reward_weights, grader, [prompts[i] for i in owners], cosine)  # prompts pick the format rule
+        reward_weights, grader, [prompts[i] for i in owners], cosine,  # prompts pick the format rule
+        rewards.OverlongShape(cfg.max_completion_length, cfg.overlong_buffer))
     groups = [sequences.Group(i, step * P + dist.rank + j * W, outputs[j],
                               {name: column[j * G:(j + 1) * G] for name, column in scores.items()})
               for j, i in enumerate(mine)]
@@ -286,9 +301,13 @@ def rollout(step: int, engine, problems, prompts, prompt_ids, reward_weights, gr
 
 
 def _pack(rollouts: list[Rollout], pad_id: int, device) -> dict:
-    """One micro-batch as tensors; everything per token is in token_logprobs' layout, [B, T - 1]."""
+    """One micro-batch as tensors; everything per token is in token_logprobs' layout, [B, T - 1]. No
+    rollouts (a rank's share of a token budget ran out first): one row of pads with no completion token,
+    so the rank still runs its forward and backward passes."""
+    empty, rollouts = not rollouts, rollouts or [Rollout([pad_id], [pad_id], [0.0], 0.0)]
     input_ids, completion_mask = sequences.pack([r.prompt_ids for r in rollouts],
                                                 [r.completion_ids for r in rollouts], pad_id, device)  # [B, T]
+    completion_mask = completion_mask * (0.0 if empty else 1.0)
     score = torch.zeros(len(rollouts), input_ids.shape[1] - 1, device=device)                   # [B, T - 1]
     for row, r in enumerate(rollouts):  # column t scores token t + 1: the last token's column is length - 2
         score[row, len(r.prompt_ids) + len(r.completion_ids) - 2] = r.score
@@ -305,8 +324,14 @@ def make_experience(actor, critic, reference, rollouts: list[Rollout], cfg: Conf
     per_rank = cfg.train_batch_size // dist.world_size
     by_length = lambda mini: sorted(mini, key=lambda r: len(r.prompt_ids) + len(r.completion_ids))
     minis = [by_length(rollouts[s:s + per_rank]) for s in range(0, len(rollouts), per_rank)]
-    experience = [[_pack(mini[k:k + cfg.micro_batch_size], pad_id, dist.device)  # less padding a micro-batch
-                   for k in range(0, len(mini), cfg.micro_batch_size)] for mini in minis]
+    if not cfg.max_tokens_per_micro_batch:
+        experience = [[_pack(mini[k:k + cfg.micro_batch_size], pad_id, dist.device)  # less padding each
+                       for k in range(0, len(mini), cfg.micro_batch_size)] for mini in minis]
+    else:  # as many rows a micro-batch as fit the token budget (the same number on every rank)
+        budget = lambda mini: sequences.token_budget_micro_batches(
+            [len(r.prompt_ids) + len(r.completion_ids) for r in mini], cfg.max_tokens_per_micro_batch, dist)
+        experience = [[_pack([mini[i] for i in batch], pad_id, dist.device) for batch in budget(mini)]
+                      for mini in minis]
     micro_batches = [mb for mini in experience for mb in mini]
     logprobs = lambda model, mb: token_logprobs(model, mb["input_ids"], mb["completion_mask"],
                                                 cfg.temperature, cfg.logprob_chunk_size)[0]
@@ -320,6 +345,7 @@ def make_experience(actor, critic, reference, rollouts: list[Rollout], cfg: Conf
             mb["kl"] = (mb["old_logp"] - ref_logp) * mask            # log pi_old - log pi_ref, per token
             mb["rewards"] = -cfg.kl_coef * mb["kl"] + mb["score"]    # score: s_i on the last token, else 0
             mb["advantages"], mb["returns"] = gae(mb["rewards"], mb["values"], mask, cfg.gamma, cfg.lam)
+    fsdp.reshard(reference)  # a frozen model has no backward to free its gathered root
     raw_advantages = [mb["advantages"] for mb in micro_batches]
     masks = [mb["mask"] for mb in micro_batches]
     for mb, whitened in zip(micro_batches, whiten(raw_advantages, masks, dist)):
@@ -369,6 +395,8 @@ def ppo_update(experience, optimizers: dict, schedulers: dict, cfg: Config, dist
     grad_norms = {"actor": 0.0, "critic": 0.0}
     actor.train()
     critic.train()
+    if not train_actor:
+        fsdp.reshard(actor)  # gathered by make_experience's forwards; no backward of its frees it this step
     for epoch in range(cfg.ppo_epochs):
         for i, mini in enumerate(experience):
             num_tokens = tokens[i].item()
@@ -426,6 +454,8 @@ def main(argv=None):
         reward_weights = rewards.parse_weights(cfg.rewards)
         cosine = rewards.CosineShape.from_flags(cfg.cosine_max_len, cfg.cosine_unit, cfg.cosine_clamp,
                                                 cfg.cosine_correct, cfg.cosine_wrong)
+        rewards.OverlongShape.from_flags(cfg.max_completion_length, cfg.overlong_buffer,
+                                         "overlong" in reward_weights)
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     P, G, W = cfg.prompts_per_step, cfg.num_generations, dist.world_size
@@ -435,6 +465,10 @@ def main(argv=None):
                          f"a multiple of num-generations x ranks ({G * W}) dividing the rollout "
                          f"({rollout_size})")
     updates_per_step = rollout_size // cfg.train_batch_size * cfg.ppo_epochs
+    longest = cfg.max_prompt_length + cfg.max_completion_length  # the longest row a micro-batch may get
+    if 0 < cfg.max_tokens_per_micro_batch < longest:
+        raise SystemExit(f"error: --max-tokens-per-micro-batch {cfg.max_tokens_per_micro_batch} is less than "
+                         f"the longest row, --max-prompt-length + --max-completion-length = {longest}")
     memplan.report("ppo", cfg, dist)  # every flag is checked: the budget, before anything loads
 
     # ---- data first: a bad file fails in seconds, before any model loads
@@ -461,8 +495,10 @@ def main(argv=None):
     optimizers = {"actor": (actor, adamw(actor, cfg.actor_lr)),
                   "critic": (critic, adamw(critic, cfg.critic_lr))}
     actor_updates = max(1, cfg.max_steps - cfg.critic_warmup_steps) * updates_per_step  # the actor waits
-    schedule = lambda name, updates: fsdp.cosine_schedule(optimizers[name][1], updates, cfg.warmup_ratio,
-                                                          cfg.min_lr_ratio)
+    # --schedule-steps spans both models when set (OpenRLHF gives the critic the actor's max_steps)
+    schedule = lambda name, updates: fsdp.lr_schedule(optimizers[name][1], cfg.lr_schedule,
+                                                      cfg.schedule_steps or updates, cfg.warmup_ratio,
+                                                      cfg.min_lr_ratio, cfg.warmup_steps)
     schedulers = {"actor": schedule("actor", actor_updates),
                   "critic": schedule("critic", cfg.max_steps * updates_per_step)}
     start_step = 0
@@ -539,14 +575,19 @@ PRESETS = {
                  max_completion_length=192, rewards="accuracy:1", kl_coef=0.01, actor_lr=5e-5, critic_lr=1e-3,
                  critic_warmup_steps=5, warmup_ratio=0.0, min_lr_ratio=1.0, bf16=False,
                  gradient_checkpointing=False, engine="hf", grader_workers=1, save_steps=10,
-                 log_completions_steps=10),
+                 log_completions_steps=10,
+                 # the schedule its results were measured with: constant, over this run's updates
+                 lr_schedule="mathrl", warmup_steps=0, schedule_steps=0),
     # LIMR (Li et al. 2025): GAIR-NLP/LIMR scripts/train_limr.sh ("sh:N") through their OpenRLHF fork
     # (defaults in openrlhf/cli/train_ppo_ray.py, "ray:N"): PPO from the base model on the 1,389 LIMR
-    # problems. A rollout of 1024 x 8 is 32 updates of 256. Their scheduler is a cosine to 0.1 x lr over
-    # --num_episodes 10000 (sh:53, trainer/ray/ppo_actor.py:250-256), flat over any real run: min_lr_ratio 1.
-    # max_steps 200 is OURS (their run has no step limit); warmup_ratio makes their 10 warm-up updates
-    # (sh:65) of 200 x 32. Deviation: LIMR's actor takes log-probs at temperature 1 (models/actor.py:216)
-    # while sampling at 1.2; ours takes them at 1.2, the distribution that was sampled.
+    # problems. A rollout of 1024 x 8 is 32 updates of 256. max_steps 200 is OURS (their run has no step
+    # limit). Their scheduler, the actor's (trainer/ray/ppo_actor.py:239-256) and the critic's
+    # (ppo_critic.py:101-112) alike: transformers' get_scheduler("cosine_with_min_lr", min_lr = 0.1 x lr)
+    # over max_steps = ceil(--num_episodes 10000 (sh:53) x (1389 x 8 // 256 x 1)) = 430,000 updates
+    # (ppo_actor.py:240-243), 10 warm-up updates (sh:65, ppo_actor.py:246-247; lr 0 at the first): over our
+    # 6,400 updates the lr stays within 0.05% of its peak after the warm-up. Deviation: LIMR's actor takes
+    # log-probs at temperature 1 (models/actor.py:216) while sampling at 1.2; ours takes them at 1.2, the
+    # distribution that was sampled.
     "limr": dict(model="Qwen/Qwen2.5-Math-7B", data="limr",  # sh:41, sh:66
                  template="qwen-math",  # the dataset's chat messages, Qwen2.5-Math's template (sh:68-69)
                  prompts_per_step=1024, num_generations=8, train_batch_size=256,  # sh:50, 51, 48
@@ -557,7 +598,9 @@ PRESETS = {
                  kl_coef=0.01, gamma=1.0, lam=0.95,  # sh:59, ray:278, sh:62
                  clip_eps=0.2, value_clip=0.2,  # sh:60, 61
                  actor_lr=5e-7, critic_lr=9e-6, critic_warmup_steps=0,  # sh:57, 58; no --freezing_actor_steps
-                 max_steps=200, warmup_ratio=0.0016, min_lr_ratio=1.0,  # see above
+                 max_steps=200,  # OURS, see above
+                 lr_schedule="transformers", schedule_steps=430_000, min_lr_ratio=0.1,  # see above
+                 warmup_steps=10, warmup_ratio=0.03,  # sh:65; ray:292 (unused: warmup_steps > 0)
                  weight_decay=0.0, grad_clip=1.0, adam_beta2=0.95,  # ray:273, ray:272, ray:306
                  bf16=True, gradient_checkpointing=True, engine="vllm",  # sh:64, 76, 37
                  save_steps=10,  # OURS: they save every step (sh:40)

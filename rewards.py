@@ -99,6 +99,32 @@ def cosine_reward(correct: bool, length: int, shape: CosineShape = CosineShape()
     return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * progress))
 
 
+# ---- DAPO's soft overlong punishment --------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OverlongShape:
+    """DAPO's length-aware penalty for completions near the limit (DAPO paper sec. 3.4, eq. 13; verl
+    verl/workers/reward_manager/dapo.py, DAPORewardManager.__call__, the overlong_buffer_cfg block, with
+    its penalty_factor 1.0). DAPO trained with L_max = 20,480 and a 4,096-token buffer (sec. 4.1)."""
+    max_len: int      # L_max: the trainers' --max-completion-length
+    buffer: int       # L_cache: --overlong-buffer
+
+    @classmethod
+    def from_flags(cls, max_len: int, buffer: int, used: bool) -> OverlongShape:
+        """A bad --overlong-buffer raises ValueError naming the flag, only when `overlong` is a reward."""
+        if used and not 0 < buffer <= max_len:
+            raise ValueError(f"--rewards overlong needs 0 < --overlong-buffer <= --max-completion-length "
+                             f"({max_len}), got {buffer}")
+        return cls(max_len, buffer)
+
+
+def overlong_reward(num_tokens: int, shape: OverlongShape) -> float:
+    """0 up to L_max - L_cache tokens, then (L_max - L_cache - |y|) / L_cache, down to -1 at L_max (eq. 13).
+    The engine never returns more than L_max tokens; verl's min(..., 0) is the same expression."""
+    expected = shape.max_len - shape.buffer
+    return max(-1.0, min(0.0, (expected - num_tokens) / shape.buffer))
+
+
 # ---- LIMR's rule reward (GAIR-NLP/LIMR openrlhf/cli/serve_rm.py, RuleBasedRMProxy) -------------
 
 LIMR_MAX_BOXES = 5           # serve_rm.py:177: 5 or more "\boxed" score -1
@@ -168,7 +194,7 @@ def limr_reward(completion: str, answer: str, truncated: bool) -> float:
     return 1.0 if is_equiv(extract_answer(f"\\boxed{{{predicted}}}"), answer) else -0.5
 
 
-REWARD_NAMES = ("accuracy", "format", "cosine", "limr")
+REWARD_NAMES = ("accuracy", "format", "cosine", "limr", "overlong")
 
 
 def _grade(texts: list[str], answers: list[str], grader: Grader | None) -> list[bool]:
@@ -180,7 +206,8 @@ def _grade(texts: list[str], answers: list[str], grader: Grader | None) -> list[
 def compute_rewards(completions: list[str], answers: list[str], num_tokens: list[int],
                     truncated: list[bool], weights: dict[str, float], grader: Grader | None = None,
                     prompts: list[str] | None = None,
-                    cosine: CosineShape = CosineShape()) -> dict[str, list[float]]:
+                    cosine: CosineShape = CosineShape(),
+                    overlong: OverlongShape | None = None) -> dict[str, list[float]]:
     """One column per reward named in weights, plus "correct" (0/1) and "total" (weighted sum).
 
     Correctness is decided once per completion (in the grader's workers when one is given) and
@@ -213,6 +240,10 @@ def compute_rewards(completions: list[str], answers: list[str], num_tokens: list
             regraded = dict(zip(again, _grade([boxed[i] for i in again], [answers[i] for i in again], grader)))
             columns[name] = [-1.0 if b is None else 1.0 if regraded.get(i, correct[i]) else -0.5
                              for i, b in enumerate(boxed)]
+        elif name == "overlong":
+            if overlong is None:
+                raise ValueError("compute_rewards: the overlong reward needs an OverlongShape")
+            columns[name] = [overlong_reward(length, overlong) for length in num_tokens]
     columns["total"] = [sum(weights[name] * columns[name][i] for name in weights) for i in range(n)]
     return columns
 

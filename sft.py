@@ -22,24 +22,30 @@ TEMPLATES = data.TEMPLATES  # inside Config, `data` is the --data field
 
 @dataclass
 class Config(flags.TrainFlags):
-    model: str = flag("tiny", "hub id, local folder, .gguf file, or `tiny` (a fresh ~1M-parameter Qwen2 "
-                              "model with a character tokenizer)")
-    data: str = flag("linear", "data spec for data.load_problems: a name (limo, linear, ...), a local file, "
-                               "name=path, or a mixture a:N,b")
-    template: str = flag("auto", "prompt template (data.format_prompt): " + ", ".join(TEMPLATES), TEMPLATES)
+    # The defaults are one recipe, the limo preset's (LIMO's SFT, 8 GPUs; its sources are cited in PRESETS
+    # below, tests/test_fidelity.py checks the two agree): `sft.py --data limo` is `sft.py --preset limo`.
+    # The CPU run is --preset tiny.
+    model: str = flag("Qwen/Qwen2.5-7B-Instruct", "hub id, local folder, .gguf file, or `tiny` (a fresh "
+                                                  "~1M-parameter Qwen2 model with a character tokenizer)")
+    data: str = flag("limo", "data spec for data.load_problems: a name (limo, linear, ...), a local file, "
+                             "name=path, or a mixture a:N,b; the problems only: --preset NAME sets a whole "
+                             "recipe")
+    template: str = flag("qwen-math", "prompt template (data.format_prompt): " + ", ".join(TEMPLATES),
+                         TEMPLATES)
     output_dir: str = flag("runs/sft", "checkpoints, metrics.jsonl, final model")
-    max_steps: int = flag(600, "optimizer steps", **COUNT)
-    batch_size: int = flag(32, "global batch (examples per optimizer step, all ranks)", **COUNT)
-    micro_batch_size: int = flag(32, "examples per forward pass on one rank", **COUNT)
-    max_length: int = flag(1024, "prompt+response tokens; longer examples are cut", **COUNT)
-    lr: float = flag(1e-3, "peak learning rate (AdamW)", **NON_NEGATIVE)
-    warmup_ratio: float = flag(0.05, "fraction of steps with linear warm-up", **FRACTION)
-    min_lr_ratio: float = flag(0.1, "cosine decays to lr * this", **FRACTION)
+    max_steps: int = flag(192, "optimizer steps", **COUNT)
+    batch_size: int = flag(64, "global batch (examples per optimizer step, all ranks)", **COUNT)
+    micro_batch_size: int = flag(1, "examples per forward pass on one rank", **COUNT)
+    max_length: int = flag(16384, "prompt+response tokens; longer examples are cut", **COUNT)
+    lr: float = flag(5e-6, "peak learning rate (AdamW)", **NON_NEGATIVE)
+    warmup_ratio: float = flag(0.0, "fraction of steps with linear warm-up (--lr-schedule counts them)",
+                               **FRACTION)
+    min_lr_ratio: float = flag(0.0, "cosine decays to lr * this", **FRACTION)
     weight_decay: float = flag(0.0, "AdamW weight decay", **NON_NEGATIVE)
-    adam_beta2: float = flag(0.95, "AdamW beta2 (beta1 is 0.9); the transformers Trainer (LLaMA-Factory, "
-                                   "LIMO) uses 0.999", **FRACTION)
+    adam_beta2: float = flag(0.999, "AdamW beta2 (beta1 is 0.9; 0.999 is the transformers Trainer's: "
+                                    "LLaMA-Factory, LIMO)", **FRACTION)
     grad_clip: float = flag(1.0, "max gradient norm (0: no clipping)", **NON_NEGATIVE)
-    save_steps: int = flag(200, "write output-dir/checkpoint-N every N steps", **COUNT)
+    save_steps: int = flag(50, "write output-dir/checkpoint-N every N steps", **COUNT)
     log_steps: int = flag(10, "console line every N steps (metrics.jsonl: every step)", **COUNT)
     seed: int = flag(0, "data order, initialisation", low=0, high=2 ** 32 - 1)  # numpy's seed range
 
@@ -82,6 +88,9 @@ def main(argv=None):
     cfg = flags.parse_args(Config, PRESETS, argv, description=__doc__.split("\n\n")[0])
     dist = distributed.init_distributed(cfg.dist_timeout_minutes)
     distributed.seed_everything(cfg.seed)
+    if 0 < cfg.max_tokens_per_micro_batch < cfg.max_length:
+        raise SystemExit(f"error: --max-tokens-per-micro-batch {cfg.max_tokens_per_micro_batch} is less than "
+                         f"the longest example, --max-length {cfg.max_length}")
     memplan.report("sft", cfg, dist)  # the budget, before anything loads
 
     # ---- data first: a bad file fails here in seconds, before any model is loaded
@@ -117,7 +126,8 @@ def main(argv=None):
     model = fsdp.shard_model(model, dist, cfg.bf16, cfg.gradient_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(0.9, cfg.adam_beta2))
-    scheduler = fsdp.cosine_schedule(optimizer, cfg.max_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
+    scheduler = fsdp.lr_schedule(optimizer, cfg.lr_schedule, cfg.max_steps, cfg.warmup_ratio,
+                                 cfg.min_lr_ratio)
     start_step = 0
     if checkpoint is not None:
         state = checkpoints.load_trainer_state(checkpoint)
@@ -137,6 +147,9 @@ def main(argv=None):
         indices = sequences.batch_indices(step, cfg.batch_size, len(examples), cfg.seed)
         mine = indices[dist.rank::dist.world_size]  # this rank's share of the global batch
         micro_batches = [mine[i:i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
+        if cfg.max_tokens_per_micro_batch:  # or as many examples as fit the budget, as many on every rank
+            micro_batches = [[mine[i] for i in batch] for batch in sequences.token_budget_micro_batches(
+                [len(examples[i][0]) for i in mine], cfg.max_tokens_per_micro_batch, dist)]
 
         # loss = sum of response-token NLL / response tokens in the global batch. FSDP averages
         # gradients over ranks, so each rank scales by world_size to turn that mean back into a sum.
@@ -144,7 +157,9 @@ def main(argv=None):
         global_tokens = distributed.all_reduce_sum(local_tokens, dist).item()
         loss_sum = torch.zeros((), device=dist.device)
         for index, micro in enumerate(micro_batches):
-            input_ids, labels = collate([examples[i] for i in micro], tokenizer.pad_token_id, dist.device)
+            # (an empty micro-batch, a rank's share of a token budget run out: one row of pads, no label)
+            rows = [examples[i] for i in micro] or [([tokenizer.pad_token_id] * 2, [-100] * 2)]
+            input_ids, labels = collate(rows, tokenizer.pad_token_id, dist.device)
             with fsdp.autocast(dist, cfg.bf16):  # log p(x_t+1 | x_<=t): position t scores token t + 1
                 logp, _ = sequences.next_token_scores(model, input_ids, log_softmax_at,
                                                       cfg.logprob_chunk_size)
@@ -180,10 +195,12 @@ def main(argv=None):
 # ---- presets: the papers' settings, each value beside its source
 
 PRESETS = {
-    # The CPU run: a tiny model from scratch learns to solve linear systems in a few minutes.
+    # The CPU run: a tiny model from scratch learns to solve linear systems in a few minutes. min_lr_ratio,
+    # adam_beta2 and lr_schedule are the values its results were measured with (the defaults then).
     "tiny": dict(model="tiny", data="linear", template="plain", max_steps=1200, batch_size=32,
                  micro_batch_size=32, max_length=512, lr=3e-3, warmup_ratio=0.05, save_steps=200,
-                 bf16=False, gradient_checkpointing=False),
+                 bf16=False, gradient_checkpointing=False, min_lr_ratio=0.1, adam_beta2=0.95,
+                 lr_schedule="mathrl"),
     # LIMO (Ye et al. 2025): GAIR-NLP/LIMO train/examples/train_limo.yaml ("yaml:N"), LLaMA-Factory full
     # fine-tuning: lr 5e-6 (yaml:28), cosine to 0 (yaml:30), no warm-up (yaml:31), 15 epochs (yaml:29),
     # 16,384-token cutoff (yaml:13), bf16 (yaml:32), the Qwen chat template (yaml:16) with the system prompt
@@ -198,7 +215,11 @@ PRESETS = {
                  batch_size=64, micro_batch_size=1, max_length=16384, lr=5e-6, warmup_ratio=0.0,
                  min_lr_ratio=0.0, bf16=True, gradient_checkpointing=True, save_steps=50,
                  # LLaMA-Factory runs the transformers Trainer: its AdamW default (yaml sets none)
-                 adam_beta2=0.999),
+                 adam_beta2=0.999,
+                 # and its scheduler (train/src/llamafactory/train/sft/trainer.py:78-82 -> Trainer.
+                 # create_scheduler; transformers <= 4.48.2, train/requirements.txt:2): get_scheduler(
+                 # "cosine" (yaml:30)), ceil(0.0 x 192) = 0 warm-up steps (yaml:31)
+                 lr_schedule="transformers"),
 }
 
 

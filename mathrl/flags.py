@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import math
 import os
+import sys
 from pathlib import Path
 
 COUNT = dict(low=1)            # a number of things: at least one
@@ -35,12 +36,20 @@ class TrainFlags:
     gradient_checkpointing: bool = flag(True, "recompute activations in backward")
     logprob_chunk_size: int = flag(1024, "tokens whose full-vocabulary logits exist at once in the log-prob "
                                          "pass (memory: chunk x vocab x ~14 bytes)", **COUNT)
+    max_tokens_per_micro_batch: int = flag(0, "cut length-sorted rows into micro-batches of at most N padded "
+                                              "tokens (rows x longest) instead of --micro-batch-size rows each "
+                                              "(0: off); the step is the same, the memory flat", **NON_NEGATIVE)
     save_total_limit: int = flag(0, "keep the newest N complete checkpoints, delete older ones (0: keep all)",
                                  **NON_NEGATIVE)
     dist_timeout_minutes: float = flag(30.0, "minutes a rank waits for the others in a collective (a "
                                              "checkpoint being written, a long generation) before the run "
                                              "aborts", above=0)
     report_to: str = flag("none", "none, wandb or tensorboard", ["none", "wandb", "tensorboard"])
+    lr_schedule: str = flag("transformers", "how the warm-up and cosine of the learning rate are counted "
+                                            "(mathrl/fsdp.py): transformers (the papers' trainers: lr 0 at "
+                                            "step 1, ceil(warmup-ratio x steps) warm-up steps) or mathrl "
+                                            "(the tiny presets': lr / warmup at step 1, round(...) steps)",
+                            ["transformers", "mathrl"])
     dry_run: bool = flag(False, "print the per-GPU memory plan (mathrl/memplan.py) and exit: 0 if it fits, "
                                 "1 if not")
     plan_gpus: int = flag(0, "GPUs the memory plan is for (0: this launch's ranks)", **NON_NEGATIVE)
@@ -61,6 +70,8 @@ class RLFlags(TrainFlags):
                                           "at --cosine-max-len (Open-RS: 1.0:0.5)")
     cosine_wrong: str = flag("0.0:-0.5", "cosine reward of a wrong answer, START:END (Open-RS: 0.0:-0.5; "
                                          "a negative START needs =, as --cosine-wrong=-1:-0.5)")
+    overlong_buffer: int = flag(0, "overlong reward: L_cache, the last tokens before --max-completion-length "
+                                   "over which it falls linearly from 0 to -1 (DAPO: 4096 of 20480)", low=0)
     engine: str = flag("vllm", "generation engine: vllm or hf", ["vllm", "hf"])
     vllm_gpu_memory_utilization: float = flag(
         0.3, "GPU only: fraction of each GPU's memory the colocated vLLM engine takes while generating (its "
@@ -76,23 +87,38 @@ class RLFlags(TrainFlags):
                                           "(0: never)", **NON_NEGATIVE)
 
 
+def shared_flag(base, name: str, default):
+    """A field of `base` (TrainFlags, RLFlags) declared again with another default and the same help and
+    bounds: a trainer whose default recipe needs it (grpo.py's vLLM share)."""
+    return dataclasses.field(default=default, metadata=base.__dataclass_fields__[name].metadata)
+
+
 def parse_args(config_class, presets: dict, argv=None, description: str = ""):
     """Build argparse from a dataclass whose fields carry `metadata={"help": ...}`; check the values.
 
     Precedence: dataclass default < preset < flag given on the command line. The preset is read by
     a first parse and becomes the parser's defaults, so argparse alone decides what was given.
     Abbreviations are off: `--max-st 3` is an error, never a flag silently taken for another.
+    A preset whose every value is the dataclass default is named in --help as the defaults' recipe, and
+    `--data NAME` without --preset, NAME a preset too, gets a note of what that preset would also set.
     """
+    defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
+    default_recipe = [name for name, values in presets.items()
+                      if all(defaults.get(k) == v for k, v in values.items())]
     preset_help = "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in values.items())
                             for name, values in presets.items())
+    preset_help = (f"Without one, the defaults are the {default_recipe[0]} preset's values. "
+                   if default_recipe else "Without one, the defaults are none of the papers' recipes. ") \
+        + preset_help
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # one line, like every other bad input (argparse would print the whole usage above it)
     parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n")
     parser.add_argument("--preset", choices=sorted(presets), default=None,
                         help=f"a named bundle of flag values (flags given explicitly win). {preset_help}")
-    own = config_class.__dict__.get("__annotations__", {})  # the trainer's own flags first, then shared ones
-    for field in sorted(dataclasses.fields(config_class), key=lambda f: f.name not in own):
+    own = list(config_class.__dict__.get("__annotations__", {}))  # the trainer's own flags first, in order
+    for field in sorted(dataclasses.fields(config_class),
+                        key=lambda f: (f.name not in own, own.index(f.name) if f.name in own else 0)):
         flag = "--" + field.name.replace("_", "-")
         help_text = field.metadata.get("help", "")
         if field.type in (bool, "bool"):
@@ -114,6 +140,12 @@ def parse_args(config_class, presets: dict, argv=None, description: str = ""):
     config = config_class(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(config_class)})
     config.preset = namespace.preset
     check_flags(config)
+    given = [a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv)]
+    data_preset = presets.get(config.data) if "--data" in given and config.preset is None else None
+    differs = {k: v for k, v in (data_preset or {}).items() if getattr(config, k) != v}
+    if differs and int(os.environ.get("RANK", 0)) == 0:
+        print(f"note: --data {config.data} gives the {config.data} problems only; --preset {config.data} "
+              f"would also set " + ", ".join(f"{k}={v}" for k, v in differs.items()), file=sys.stderr)
     return config
 
 
@@ -139,6 +171,9 @@ def check_flags(config):
             raise SystemExit(f"error: --output-dir {output_dir!r}: {existing} is a file, not a folder")
         if not os.access(existing, os.W_OK):
             raise SystemExit(f"error: --output-dir {output_dir!r}: {existing} is not writable")
+    if getattr(config, "warmup_steps", 0) and config.lr_schedule == "mathrl":
+        raise SystemExit("error: --warmup-steps needs --lr-schedule transformers (mathrl counts warm-up by "
+                         "--warmup-ratio only)")
     if getattr(config, "engine", None) == "vllm" and str(getattr(config, "model", "")).endswith(".gguf"):
         raise SystemExit(f"error: --model {config.model!r} is a GGUF file; --engine vllm loads a "
                          f"save_pretrained folder or hub id, so use --engine hf")

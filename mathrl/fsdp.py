@@ -47,6 +47,23 @@ def load_reference(name_or_path: str, dist: Dist, bf16: bool):
     return reference.requires_grad_(False)
 
 
+def reshard(*models) -> None:
+    """Free what FSDP2 gathered for no-grad forwards. FSDP2 leaves the root's parameters (embeddings,
+    final norm, lm_head) gathered after a forward, to be resharded in backward (torch fsdp
+    _fully_shard/_fsdp_state.py:203-207 sets the root's post-forward mesh info to None), and a frozen model
+    never runs backward: at 7B its full root (~2 GiB) would stay on every rank for the whole run."""
+    for model in models:
+        if model is not None and hasattr(model, "reshard"):  # one process: nothing is sharded
+            model.reshard()
+
+
+def unsharded_parameters(model) -> list[str]:
+    """The names of model's parameters FSDP2 holds gathered now (none once it has resharded)."""
+    from torch.distributed.tensor import DTensor
+
+    return [name for name, p in model.named_parameters() if not isinstance(p, DTensor)]
+
+
 def frozen_dtype(dist: Dist, bf16: bool) -> torch.dtype:
     """The dtype of a frozen model (the reference): bf16 under FSDP with bf16, where the policy computes
     from bf16 copies of its weights too; one process runs pi's fp32 weights under autocast, and a bf16
@@ -76,8 +93,36 @@ def stop_if_not_finite(values: dict, optimizer_step: int, dist: Dist):
               f"already written hold finite weights); is the learning rate too high?", dist)
 
 
+# The learning-rate schedule, two ways of counting the same shape (a linear warm-up, then a cosine from
+# lr down to min_lr_ratio x lr):
+#   transformers  transformers' own scheduler, built as the papers' trainers build it (TRL and open-r1
+#                 through Trainer.create_scheduler, OpenRLHF in ppo_actor.py, LLaMA-Factory through the
+#                 Trainer): lr 0 at the first optimizer step, step / warmup, and ceil(ratio x steps)
+#                 warm-up steps (TrainingArguments.get_warmup_steps). The named presets use it.
+#   mathrl        cosine_schedule below: (step + 1) / warmup over round(ratio x steps) steps, so the first
+#                 step already moves. Kept for the tiny presets, whose CPU results it produced.
+
+
+def lr_schedule(optimizer, schedule: str, steps: int, warmup_ratio: float, min_lr_ratio: float,
+                warmup_steps: int = 0):
+    """The scheduler of `steps` optimizer steps; warmup_steps > 0 replaces ceil(warmup_ratio x steps), as
+    OpenRLHF's --lr_warmup_steps does (transformers only). Either is a LambdaLR, whose state_dict the
+    checkpoints keep: a resumed run continues the same schedule."""
+    if schedule == "mathrl":
+        if warmup_steps:
+            raise ValueError("a warm-up given in steps needs the transformers schedule")
+        return cosine_schedule(optimizer, steps, warmup_ratio, min_lr_ratio)
+    from transformers import get_scheduler
+
+    # "cosine_with_min_lr" at min_lr_rate 0 is "cosine" to the last bit (transformers/optimization.py:326-332)
+    return get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=warmup_steps or
+                         math.ceil(steps * warmup_ratio), num_training_steps=steps,
+                         scheduler_specific_kwargs={"min_lr_rate": min_lr_ratio})
+
+
 def cosine_schedule(optimizer, max_steps: int, warmup_ratio: float, min_lr_ratio: float):
-    """Linear warm-up, then cosine decay from lr to min_lr_ratio * lr."""
+    """Linear warm-up from lr / warmup at the first step, then cosine decay from lr to min_lr_ratio * lr
+    (the `mathrl` schedule)."""
     warmup = int(round(warmup_ratio * max_steps))
 
     def multiplier(step):

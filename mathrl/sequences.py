@@ -11,6 +11,8 @@ import types
 import torch
 import torch.utils.checkpoint
 
+from mathrl import distributed
+
 
 def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> list[int]:
     """The examples of global batch `step`: a fixed stream of seeded per-epoch permutations.
@@ -55,6 +57,23 @@ def pack_logprobs(logprobs: list[list[float]], prompt_lengths: list[int], width:
     return out
 
 
+def token_budget_micro_batches(lengths: list[int], max_tokens: int, dist) -> list[list[int]]:
+    """--max-tokens-per-micro-batch: the row indices of each micro-batch, rows in order of length, as many
+    consecutive rows as fit max_tokens padded tokens (rows x the longest: pack right-pads to it), so long
+    rows go few to a micro-batch and short ones many. Every rank gets as many micro-batches (a rank with
+    fewer is given empty ones, to run with weight 0): FSDP's collectives inside them must pair up. The
+    losses' normalisers are global counts, so the step equals that of any other grouping of the rows."""
+    if lengths and max(lengths) > max_tokens:  # the trainers check the flag against their length limits
+        raise ValueError(f"a row of {max(lengths)} tokens exceeds --max-tokens-per-micro-batch {max_tokens}")
+    batches = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if not batches or (len(batches[-1]) + 1) * lengths[i] > max_tokens:  # row i is the longest yet
+            batches.append([])
+        batches[-1].append(i)
+    most = int(distributed.all_reduce_max(torch.tensor(len(batches), device=dist.device), dist).item())
+    return batches + [[] for _ in range(most - len(batches))]
+
+
 LOGPROB_CHUNK_SIZE = 1024  # the default of every trainer's --logprob-chunk-size
 
 
@@ -69,7 +88,10 @@ def next_token_scores(model, input_ids, head, chunk_size: int = LOGPROB_CHUNK_SI
     The model runs to its last hidden states, then lm_head and head run on `chunk_size` positions at a
     time under torch.utils.checkpoint: in backward each chunk's logits are recomputed, so one chunk's
     logits exist at a time, forward or backward, and the result equals the unchunked computation. (A lone
-    chunk is checkpointed too: nothing vocabulary-wide outlives the forward, whatever head returns.) (It
+    chunk is checkpointed too: nothing vocabulary-wide outlives the forward, whatever head returns.) The
+    recompute keeps what a chunk saved until backward reaches it: a head output with gradient that the
+    loss never uses (an entropy kept for the metrics) would hold two [chunk, V] fp32 tensors per chunk
+    for as long as it lives, so such an output must be computed under torch.no_grad(). (It
     takes the logits to be lm_head(last hidden state), as Qwen2 and Llama compute them; a model that
     scales or caps its logits, like Gemma 2, would need that step here too.)"""
     forward = getattr(model, "next_token_scores", None) or types.MethodType(model_next_token_scores, model)

@@ -1,6 +1,6 @@
 """One GRPO policy update on fixed rollouts; run as a script (1 process) or under torchrun (N ranks).
 
-Writes OUT/result.pt with the updated weights, the starting weights and the update's statistics,
+Arguments: OUT [MINI_BATCHES [MAX_TOKENS_PER_MICRO_BATCH]]. Writes OUT/result.pt with the updated weights, the starting weights and the update's statistics,
 so tests/test_grpo.py can check that N ranks take exactly the step one process takes.
 """
 import sys
@@ -29,7 +29,7 @@ def fixed_rollouts():
     return rows
 
 
-def main(out: str):
+def main(out: str, mini_batches: int = 1, max_tokens_per_micro_batch: int = 0):
     dist = distributed.init_distributed()
     torch.manual_seed(0)
     policy, tokenizer = models.build_tiny_model(hidden_size=32, num_layers=2, num_heads=2, seed=0)
@@ -37,7 +37,9 @@ def main(out: str):
     start = {k: v.clone() for k, v in policy.state_dict().items()}
     cfg = grpo.Config(micro_batch_size=2, num_iterations=2, beta=0.1, temperature=0.9, epsilon_low=0.2,
                       epsilon_high=0.28, max_completion_length=16, lr=1e-2, bf16=False, gradient_checkpointing=False,
-                      logprob_chunk_size=16)  # micro-batches of 2 x 4 to 2 x 13 positions: 1 or 2 chunks
+                      logprob_chunk_size=16,  # micro-batches of 2 x 4 to 2 x 13 positions: 1 or 2 chunks
+                      loss_type="grpo",  # the tolerance of test_grpo.py was measured with this loss
+                      mini_batches=mini_batches, max_tokens_per_micro_batch=max_tokens_per_micro_batch)
     policy = fsdp.shard_model(policy, dist, bf16=False, gradient_checkpointing=False)
     reference = fsdp.shard_model(reference, dist, bf16=False, gradient_checkpointing=False).eval()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
@@ -45,12 +47,14 @@ def main(out: str):
     rows = fixed_rollouts()
     mine = [row for p in range(dist.rank, PROMPTS, dist.world_size) for row in rows[p * G:(p + 1) * G]]
     stats = grpo.policy_update(policy, reference, optimizer, scheduler, mine, cfg, dist, tokenizer.pad_token_id)
+    gathered = fsdp.unsharded_parameters(reference) if dist.enabled else []  # after its no-grad forwards
     weights = checkpoints.full_model_state(policy, dist)
     if dist.is_main:
         Path(out).mkdir(parents=True, exist_ok=True)
-        torch.save({"weights": weights, "start": start, "stats": stats}, Path(out) / "result.pt")
+        torch.save({"weights": weights, "start": start, "stats": stats, "gathered": gathered},
+                   Path(out) / "result.pt")
     distributed.shutdown(dist)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], *map(int, sys.argv[2:]))

@@ -35,22 +35,29 @@ BAD_INPUTS = [
     ("grpo.py", [*TINY, "--prompts-per-step", "0"], "--prompts-per-step"),
     ("grpo.py", [*TINY, "--tis-cap", "2", "--top-p", "0.9"], "--tis-cap"),   # nucleus log-probs: no staleness
     ("grpo.py", [*TINY, "--dynamic-sampling", "--max-sampling-rounds", "0"], "--max-sampling-rounds"),
+    ("grpo.py", [*TINY, "--mini-batches", "3"], "--mini-batches"),          # 32 prompts: not whole groups
+    ("grpo.py", [*TINY, "--rewards", "accuracy:1,overlong:1"], "--overlong-buffer"),  # no buffer given
+    ("ppo.py", [*TINY, "--rewards", "overlong", "--overlong-buffer", "999"], "--overlong-buffer"),  # > limit
+    ("grpo.py", [*TINY, "--max-tokens-per-micro-batch", "100"], "--max-tokens-per-micro-batch"),  # < 320
+    ("ppo.py", [*TINY, "--max-tokens-per-micro-batch", "100"], "--max-tokens-per-micro-batch"),
+    ("sft.py", ["--preset", "tiny", "--max-tokens-per-micro-batch", "100"], "--max-tokens-per-micro-batch"),
     ("ppo.py", [*TINY, "--train-batch-size", "0"], "--train-batch-size"),
     ("sft.py", ["--output-dir", "{dir}/a-file"], "--output-dir"),
     ("sft.py", ["--output-dir", "{dir}/a-file/run"], "--output-dir"),
     ("grpo.py", ["--preset", "tiny"], "--model"),  # the default model is a hub id, absent from the cache
     ("ppo.py", ["--preset", "tiny"], "--model"),
-    ("sft.py", ["--model", "nobody-here/no-such-model"], "--model"),
-    ("sft.py", ["--model", "{dir}/not-a-model"], "--model"),
+    ("sft.py", ["--data", "linear", "--model", "nobody-here/no-such-model"], "--model"),  # data load first
+    ("sft.py", ["--data", "linear", "--model", "{dir}/not-a-model"], "--model"),
     ("ppo.py", [*TINY, "--critic", "{dir}/not-a-model"], "--critic"),
+    ("ppo.py", [*TINY, "--warmup-steps", "5"], "--warmup-steps"),  # the tiny preset's mathrl counts by ratio
     ("grpo.py", ["--preset", "tiny", "--model", "{dir}/model.gguf", "--engine", "vllm"], "--engine"),
     ("sft.py", ["--data", "{dir}/empty.jsonl"], "empty.jsonl"),
     ("sft.py", ["--data", "{dir}/latin1.jsonl"], "latin1.jsonl line 2"),
     ("sft.py", ["--data", "{dir}/broken.parquet"], "broken.parquet"),
     ("grpo.py", [*TINY, "--data", "{dir}/good.jsonl", "--max-prompt-length", "3"], "--max-prompt-length"),
     ("grpo.py", [*TINY, "--data", "{dir}/good.jsonl", "--template", "qwen-math"], "--template"),
-    ("sft.py", ["--data", "{dir}/good.jsonl", "--template", "qwen-math"], "--template"),
-    ("sft.py", ["--data", "{dir}/good.jsonl", "--max-length", "8"], "--max-length"),  # the prompt fills it
+    ("sft.py", ["--model", "tiny", "--data", "{dir}/good.jsonl", "--template", "qwen-math"], "--template"),
+    ("sft.py", ["--preset", "tiny", "--data", "{dir}/good.jsonl", "--max-length", "8"], "--max-length"),
 ]
 
 
@@ -100,15 +107,16 @@ def test_a_hub_id_that_cannot_be_fetched_fails_at_once_without_offline_mode(inpu
     """Without HF_HUB_OFFLINE the hub is asked once, with a short timeout: where it cannot be reached
     (or the id does not exist) that is the message, not the loader's minute of retries."""
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    result = subprocess.run([sys.executable, "sft.py", "--model", "nobody-here/no-such-model", "--output-dir",
-                             str(inputs / "out")], cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"},
+    result = subprocess.run([sys.executable, "sft.py", "--data", "linear", "--model",
+                             "nobody-here/no-such-model", "--output-dir", str(inputs / "out")], cwd=ROOT,
+                            env={**env, "OMP_NUM_THREADS": "1"},
                             capture_output=True, text=True, timeout=120)
     assert_one_line_error(result, "--model")
 
 
 def test_presets_are_defaults_and_abbreviations_are_errors(capsys):
     parse = lambda *argv: flags.parse_args(sft.Config, sft.PRESETS, list(argv))
-    assert parse().max_steps == 600 and parse("--preset", "tiny").max_steps == 1200
+    assert parse().max_steps == 192 and parse("--preset", "tiny").max_steps == 1200  # the limo preset's 192
     assert parse("--preset", "tiny", "--max-steps", "3").max_steps == 3
     assert parse("--max-steps=3", "--preset=tiny").max_steps == 3         # order does not matter
     config = parse("--preset", "limo", "--no-bf16", "--lr", "1e-4")

@@ -4,9 +4,11 @@ Each reward is checked against a re-implementation written here step by step fro
 upstream code (cited file:line), on many generated inputs; each preset value against its source line.
 """
 
+import io
 import math
 import random
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ import grpo
 import ppo
 import rewards
 import sft
-from mathrl import flags, models
+from mathrl import flags, fsdp, models
 from mathrl.grader import extract_answer, is_equiv
 from rewards import CosineShape, compute_rewards, cosine_reward, format_reward, limr_reward
 
@@ -222,6 +224,7 @@ OPEN_RS = {  # knoveleng/open-rs recipes/grpo.yaml ("yaml:N"), README.md:82-88 (
     "cosine_max_len": 1000, "cosine_unit": "chars", "cosine_clamp": False,  # src/open_r1/grpo.py:92-95, rewards.py:321-324
     "cosine_correct": "1.0:0.5", "cosine_wrong": "0.0:-0.5",  # src/open_r1/grpo.py:76-91
     "lr": 1e-6, "warmup_ratio": 0.1, "min_lr_ratio": 0.1,  # yaml:25, 56, 31-33
+    "lr_schedule": "transformers",  # TRL's GRPOTrainer is a transformers Trainer (setup.py:69-70)
     "beta": 0.04, "epsilon_low": 0.2, "epsilon_high": 0.2, "num_iterations": 1,  # trl@69ad852 grpo_config.py:234-246
     "scale_rewards": "group", "loss_type": "dapo",  # trl@69ad852 grpo_trainer.py: group std; token mean
     "weight_decay": 0.0, "grad_clip": 1.0, "adam_beta2": 0.999,  # transformers TrainingArguments defaults
@@ -234,6 +237,7 @@ QWEN_BASELINES_LIMO = {  # rqzhangberkeley/efficient-reasoning README.md:64, grp
     "max_steps": 36, "save_steps": 12,  # README.md:64: 3 epochs of 12 steps; yaml:59 save each epoch
     "micro_batch_size": 8, "seed": 1001,  # grpo_limo.sh:85
     "lr": 5e-6, "warmup_ratio": 0.1, "min_lr_ratio": 0.0,  # README.md:64, yaml:61, yaml:36
+    "lr_schedule": "transformers",  # RL/grpo_trainer.py:151 CustomGRPOTrainer(Trainer)
     "weight_decay": 0.1, "grad_clip": 1.0, "beta": 0.005,  # README.md:64
     "adam_beta2": 0.999,  # their TRL's TrainingArguments default
     "epsilon_low": 0.2, "epsilon_high": 0.2, "num_iterations": 1,  # their TRL's defaults
@@ -251,7 +255,9 @@ LIMR_PPO = {  # GAIR-NLP/LIMR scripts/train_limr.sh ("sh:N"), openrlhf/cli/train
     "max_prompt_length": 1024, "max_completion_length": 3072, "rewards": "limr:1",  # sh:54, 55, 4-10
     "kl_coef": 0.01, "gamma": 1.0, "lam": 0.95, "clip_eps": 0.2, "value_clip": 0.2,  # sh:59, ray:278, sh:62, 60, 61
     "actor_lr": 5e-7, "critic_lr": 9e-6, "critic_warmup_steps": 0,  # sh:57, 58
-    "warmup_ratio": 0.0016, "min_lr_ratio": 1.0,  # 10 warm-up updates (sh:65) of 200 x 32; ppo_actor.py:250-256
+    "lr_schedule": "transformers", "min_lr_ratio": 0.1,  # ppo_actor.py:250-256 get_scheduler, min_lr 0.1 x lr
+    "warmup_steps": 10, "warmup_ratio": 0.03,  # sh:65 --lr_warmup_steps; ray:292 (unused then)
+    "schedule_steps": 430_000,  # ppo_actor.py:240-243: ceil(10000 (sh:53) x (1389 x 8 // 256 x 1)) updates
     "weight_decay": 0.0, "grad_clip": 1.0,  # ray:273, 272
     "bf16": True, "gradient_checkpointing": True,  # sh:64, 76
 }
@@ -262,6 +268,7 @@ LIMO_SFT = {  # GAIR-NLP/LIMO train/examples/train_limo.yaml ("yaml:N")
     "max_length": 16384, "bf16": True,  # yaml:13, 32
     "batch_size": 64, "max_steps": 192,  # the paper's batch; 15 epochs (yaml:29) of 817 in 64s
     "adam_beta2": 0.999,  # LLaMA-Factory = the transformers Trainer: its AdamW default
+    "lr_schedule": "transformers",  # and its scheduler (train/src/llamafactory/train/sft/trainer.py:78-82)
 }
 
 
@@ -290,3 +297,142 @@ def test_cosine_flags_reach_the_reward_from_the_command_line():
     shape = CosineShape.from_flags(cfg.cosine_max_len, cfg.cosine_unit, cfg.cosine_clamp, cfg.cosine_correct,
                                    cfg.cosine_wrong)
     assert shape == CosineShape(max_len=3584, unit="tokens", clamp=True, correct=(2.0, 1.0), wrong=(-1.0, -0.5))
+
+
+def test_the_limr_schedule_spans_the_steps_openrlhf_computes():
+    # ppo_actor.py:240-243: len(prompts) x n_samples_per_prompt // train_batch_size x max_epochs x num_episodes
+    assert math.ceil(10000 * (1389 * 8 // 256 * 1)) == LIMR_PPO["schedule_steps"]
+
+
+# ----- learning-rate schedules, step by step against transformers' schedulers built as upstream builds them --
+
+def lrs_of(build, lr: float, steps: int) -> list[float]:
+    """The learning rate of each of `steps` optimizer steps under the scheduler build(optimizer) returns."""
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler, lrs = build(optimizer), []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()  # no gradient: a no-op that keeps torch's order-of-calls check quiet
+        scheduler.step()
+    return lrs
+
+
+def hf_trainer_scheduler(optimizer, num_training_steps: int, **training_args):
+    """What the transformers Trainer builds (TRL's GRPOTrainer, the Qwen-baselines' CustomGRPOTrainer and
+    LLaMA-Factory's trainer inherit it): Trainer.create_scheduler on TrainingArguments. transformers 5 folds
+    the yamls' warmup_ratio into warmup_steps (< 1: a ratio, get_warmup_steps = ceil(ratio x steps))."""
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir="unused", report_to="none", **training_args)
+    trainer = SimpleNamespace(args=args, lr_scheduler=None)  # the two attributes create_scheduler reads
+    return Trainer.create_scheduler(trainer, num_training_steps, optimizer)
+
+
+def openrlhf_scheduler(optimizer, lr: float):
+    """GAIR-NLP/LIMR openrlhf/trainer/ray/ppo_actor.py:239-256 (ppo_critic.py:101-112 the same with the
+    critic's lr and the actor's max_steps), with train_limr.sh's arguments."""
+    from transformers.trainer import get_scheduler
+
+    max_steps = math.ceil(10000 * (1389 * 8 // 256 * 1))  # --num_episodes (sh:53) x updates per episode
+    lr_warmup_steps = 10  # sh:65
+    num_warmup_steps = lr_warmup_steps if lr_warmup_steps else math.ceil(max_steps * 0.03)
+    return get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=num_warmup_steps,
+                         num_training_steps=max_steps, scheduler_specific_kwargs={"min_lr": lr * 0.1})
+
+
+@pytest.mark.parametrize("trainer, preset, lr_flag, reference", [
+    # knoveleng/open-rs recipes/grpo.yaml:25, 31-33, 36, 56
+    (grpo, "open-rs", "lr", lambda opt, n: hf_trainer_scheduler(
+        opt, n, learning_rate=1e-6, lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=0.1, max_steps=500)),
+    # efficient-reasoning grpo_limo.sh:65 (cosine), config_simple_rl.yaml:61 (warm-up 0.1); 36 steps
+    (grpo, "limo", "lr", lambda opt, n: hf_trainer_scheduler(
+        opt, n, learning_rate=5e-6, lr_scheduler_type="cosine", warmup_steps=0.1)),
+    # GAIR-NLP/LIMO train/examples/train_limo.yaml:28, 30, 31
+    (sft, "limo", "lr", lambda opt, n: hf_trainer_scheduler(
+        opt, n, learning_rate=5e-6, lr_scheduler_type="cosine", warmup_steps=0.0)),
+    (ppo, "limr", "actor_lr", lambda opt, n: openrlhf_scheduler(opt, 5e-7)),   # sh:57
+    (ppo, "limr", "critic_lr", lambda opt, n: openrlhf_scheduler(opt, 9e-6)),  # sh:58
+])
+def test_named_presets_schedule_the_lr_of_every_step_as_their_trainers(trainer, preset, lr_flag, reference):
+    cfg = flags.parse_args(trainer.Config, trainer.PRESETS, ["--preset", preset])
+    lr = getattr(cfg, lr_flag)
+    if trainer is ppo:  # the run's updates: rollout / train batch x epochs per step; both models alike
+        run_steps = cfg.max_steps * cfg.prompts_per_step * cfg.num_generations // cfg.train_batch_size
+        ours = lambda opt: fsdp.lr_schedule(opt, cfg.lr_schedule, cfg.schedule_steps or run_steps,
+                                            cfg.warmup_ratio, cfg.min_lr_ratio, cfg.warmup_steps)
+    else:  # grpo.py: max_steps x num_iterations optimizer steps; sft.py: max_steps
+        run_steps = cfg.max_steps * getattr(cfg, "num_iterations", 1)
+        ours = lambda opt: fsdp.lr_schedule(opt, cfg.lr_schedule, run_steps, cfg.warmup_ratio,
+                                            cfg.min_lr_ratio)
+    expected = lrs_of(lambda opt: reference(opt, run_steps), lr, run_steps)
+    assert lrs_of(ours, lr, run_steps) == expected  # every step, to the last bit
+    warmup = {"open-rs": 50, "limo": 4 if trainer is grpo else 0, "limr": 10}[preset]  # ceil(ratio x steps)
+    assert expected[0] == (0.0 if warmup else lr) and expected[warmup] == pytest.approx(lr, rel=1e-3)
+    assert expected[:warmup] == pytest.approx([lr * k / warmup for k in range(warmup)], rel=1e-12)
+
+
+def test_tiny_presets_keep_the_schedule_their_results_were_measured_with():
+    """The tiny presets count warm-up as before (lr / warmup at the first step, round(ratio x steps)),
+    so the CPU experiments' weights do not move; sft's tiny warm-up is where the two counts differ."""
+    for module in (grpo, ppo, sft):
+        assert module.PRESETS["tiny"]["lr_schedule"] == "mathrl"
+    cfg = flags.parse_args(sft.Config, sft.PRESETS, ["--preset", "tiny"])
+    build = lambda schedule: lambda opt: fsdp.lr_schedule(opt, schedule, cfg.max_steps, cfg.warmup_ratio,
+                                                          cfg.min_lr_ratio)
+    mathrl, transformers = lrs_of(build("mathrl"), cfg.lr, 61), lrs_of(build("transformers"), cfg.lr, 61)
+    assert mathrl[:2] == pytest.approx([cfg.lr / 60, 2 * cfg.lr / 60]) and mathrl[59] == pytest.approx(cfg.lr)
+    assert transformers[:2] == pytest.approx([0.0, cfg.lr / 60]) and transformers[60] == pytest.approx(cfg.lr)
+
+
+def test_a_transformers_schedule_resumes_from_its_state_dict_exactly():
+    """checkpoints.save_checkpoint keeps scheduler.state_dict() (torch.save) and the optimizer's state;
+    a fresh scheduler loading both continues the same learning rates."""
+    build = lambda opt: fsdp.lr_schedule(opt, "transformers", 40, 0.1, 0.1)
+    straight = lrs_of(build, 1e-3, 40)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    scheduler = build(optimizer)
+    for _ in range(13):
+        optimizer.step()
+        scheduler.step()
+    saved = io.BytesIO()
+    torch.save({"scheduler": scheduler.state_dict(), "optimizer": optimizer.state_dict()}, saved)
+    saved.seek(0)
+    state = torch.load(saved, weights_only=False)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    scheduler = build(optimizer)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    resumed = []
+    for _ in range(13, 40):
+        resumed.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert resumed == straight[13:]
+
+
+# ----- the defaults are one named recipe per script --------------------------------------------------------
+
+@pytest.mark.parametrize("trainer, preset", [(grpo, "limo"), (ppo, "limr"), (sft, "limo")])
+def test_defaults_are_the_recipe_of_one_preset_and_help_names_it(trainer, preset, capsys):
+    defaults = trainer.Config()
+    assert {k: getattr(defaults, k) for k in trainer.PRESETS[preset]} == trainer.PRESETS[preset]
+    by_data = flags.parse_args(trainer.Config, trainer.PRESETS, ["--data", preset])
+    by_preset = flags.parse_args(trainer.Config, trainer.PRESETS, ["--preset", preset])
+    assert vars(by_data) | {"preset": preset} == vars(by_preset)  # --data NAME is --preset NAME here
+    assert capsys.readouterr().err == ""  # so nothing to say about it
+    with pytest.raises(SystemExit):
+        flags.parse_args(trainer.Config, trainer.PRESETS, ["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"Without one, the defaults are the {preset} preset's values." in help_text
+
+
+def test_data_named_like_another_preset_says_what_that_preset_would_add(capsys):
+    cfg = flags.parse_args(grpo.Config, grpo.PRESETS, ["--data", "open-rs"])
+    assert (cfg.data, cfg.model, cfg.rewards) == ("open-rs", "Qwen/Qwen2.5-Math-1.5B", "accuracy:1")
+    note = capsys.readouterr().err
+    assert note.startswith("note: --data open-rs gives the open-rs problems only; --preset open-rs would also "
+                           "set model=deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B, template=r1,")
+    assert "rewards=format:1,cosine:2" in note and "lr_schedule" not in note  # only the values that differ
+    flags.parse_args(grpo.Config, grpo.PRESETS, ["--model", "some/model"])  # --data not given: no note
+    assert capsys.readouterr().err == ""

@@ -169,7 +169,8 @@ def test_critic_warm_up_moves_the_critic_only(tiny_model_dir):
     assert schedulers["actor"].last_epoch == 0 and schedulers["critic"].last_epoch == 1
 
 
-def test_two_rank_update_on_fixed_rollouts_equals_one_process(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("max_tokens", [0, 16])  # 16: token-budget micro-batches on the 2 ranks only
+def test_two_rank_update_on_fixed_rollouts_equals_one_process(tiny_model_dir, tmp_path, max_tokens):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     worker = str(ROOT / "tests" / "ppo_update_worker.py")
     subprocess.run([sys.executable, worker, str(tiny_model_dir), str(tmp_path / "one")], cwd=ROOT, env=env, check=True)
@@ -177,7 +178,8 @@ def test_two_rank_update_on_fixed_rollouts_equals_one_process(tiny_model_dir, tm
     # ("terminate called without an active exception", never reproduced alone); the worker is
     # deterministic, so a relaunch computes the same update and the equality below still decides.
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    "--max-restarts=1", worker, str(tiny_model_dir), str(tmp_path / "two")], cwd=ROOT, env=env, check=True)
+                    "--max-restarts=1", worker, str(tiny_model_dir), str(tmp_path / "two"), str(max_tokens)], cwd=ROOT,
+                   env=env, check=True)
     one, two = torch.load(tmp_path / "one" / "result.pt"), torch.load(tmp_path / "two" / "result.pt")
     for model in ("actor", "critic"):
         start = one["start"][model]
@@ -188,6 +190,7 @@ def test_two_rank_update_on_fixed_rollouts_equals_one_process(tiny_model_dir, tm
                 "clip_frac", "value_clip_frac", "entropy", "actor_grad_norm", "critic_grad_norm"):
         assert one["stats"][key] == pytest.approx(two["stats"][key], rel=1e-4, abs=1e-6), key
     assert one["stats"]["kl"] != 0 and one["stats"]["clip_frac"] > 0  # the KL penalty and the clip both acted
+    assert two["gathered"] == {"actor": [], "reference": []}  # frozen models resharded after their forwards
 
 
 def run_args(model_dir, output_dir):

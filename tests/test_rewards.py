@@ -5,6 +5,7 @@ import math
 import pytest
 
 from mathrl.grader import Grader
+import rewards
 from rewards import (CosineShape, accuracy_reward, compute_rewards, cosine_reward, format_reward,
                      limr_reward)
 
@@ -169,3 +170,21 @@ def test_compute_rewards_with_a_grader_pool_matches_in_process_grading():
     assert pooled == compute_rewards(*args)
     assert pooled["correct"] == _expected_columns()["correct"] + [0.0]
     assert pooled["limr"] == _expected_columns()["limr"] + [1.0]
+
+
+def test_overlong_reward_is_dapos_eq_13_by_hand():
+    """L_max = 100, L_cache = 20: 0 up to 80 tokens, then -(|y| - 80) / 20, -1 at the limit."""
+    shape = rewards.OverlongShape(max_len=100, buffer=20)
+    by_hand = {0: 0.0, 50: 0.0, 80: 0.0, 81: -0.05, 90: -0.5, 95: -0.75, 100: -1.0}
+    for length, expected in by_hand.items():
+        assert rewards.overlong_reward(length, shape) == pytest.approx(expected, abs=1e-12), length
+    scores = rewards.compute_rewards(["a", "b", "c"], ["1", "1", "1"], [10, 90, 100], [False, False, True],
+                                     {"overlong": 1.0}, overlong=shape)
+    assert scores["overlong"] == pytest.approx([0.0, -0.5, -1.0]) and scores["total"] == scores["overlong"]
+
+
+@pytest.mark.parametrize("buffer", [0, 101])
+def test_overlong_needs_a_buffer_inside_the_completion_limit(buffer):
+    with pytest.raises(ValueError, match="--overlong-buffer"):
+        rewards.OverlongShape.from_flags(100, buffer, used=True)
+    assert rewards.OverlongShape.from_flags(100, buffer, used=False).buffer == buffer  # unused: not checked

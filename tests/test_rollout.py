@@ -22,15 +22,26 @@ def kind(problem: int) -> str:
 
 
 class ScriptedEngine:
-    """Completions decided by the prompt alone, so every rank and every rerun sees the same ones."""
+    """Completions decided by the prompt alone, so every rank and every rerun sees the same ones. It keeps
+    vLLM's state machine on a GPU (engine.VLLMEngine with sleep mode): sleep() releases the weights, so
+    waking or generating before the next push_weights is refused."""
+
+    def __init__(self):
+        self.awake, self.weights_valid = True, True
 
     def wake_up(self):
-        pass
+        if not self.weights_valid:
+            raise RuntimeError("woken after sleep() without push_weights: the weights were released")
+        self.awake = True
 
     def sleep(self):
-        pass
+        self.awake, self.weights_valid = False, False
+
+    def push_weights(self, model):
+        self.weights_valid = True
 
     def generate(self, prompts, sampling):
+        assert self.awake, "generate() on a sleeping engine"
         groups = []
         for prompt in prompts:
             problem = int(prompt.split()[1])

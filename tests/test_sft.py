@@ -39,6 +39,17 @@ def test_two_ranks_reach_the_same_weights_as_one_process(tmp_path):
     assert max_difference(one, two) < 2e-5            # and the sharded run did the same thing
 
 
+
+def test_token_budget_micro_batches_on_two_ranks_take_the_count_based_steps(tmp_path):
+    """--max-tokens-per-micro-batch regroups each rank's examples (the ranks may get different numbers of
+    micro-batches: the shorter one runs empty ones); the loss is normalised by the global token count, so
+    the steps are those of --micro-batch-size 2 in one process."""
+    run(["sft.py", *SMALL, "--output-dir", str(tmp_path / "one")])
+    run(["sft.py", *SMALL, "--max-tokens-per-micro-batch", "512", "--output-dir", str(tmp_path / "budget")],
+        nproc=2)
+    assert max_difference(weights(tmp_path / "one"), weights(tmp_path / "budget")) < 2e-5
+
+
 def weights_of_fresh_tiny_model():
     from mathrl import models
 
