@@ -269,10 +269,8 @@ def test_rollout_marks_only_cut_off_completions_when_asked():
 def test_mini_batches_step_on_each_slice_with_pi_old_from_before_the_first():
     """K = 2, mu = 1, by hand: an SGD step on the first slice of groups (its own token count), then one on the
     second, whose ratio is pi / pi_old with pi_old the policy before the first step."""
-    import dataclasses
-
     from grpo_update_worker import G, fixed_rollouts
-    from mathrl import distributed, fsdp, models, sequences
+    from mathrl import models, sequences
 
     rows = fixed_rollouts()  # 4 groups of G: slices of 2 groups each
     flags = dict(loss_type="dapo", epsilon_low=0.9, epsilon_high=10.0,  # wide enough that nothing clips
