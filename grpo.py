@@ -426,9 +426,10 @@ def main(argv=None):
 
     # ---- models: the policy (from the newest checkpoint when resuming), the frozen reference
     policy_path = str(checkpoint) if checkpoint else cfg.model
-    policy = models.load_model(policy_path)
+    context = dict(rope_theta=cfg.rope_theta, max_positions=cfg.max_position_embeddings)  # overrides, if any
+    policy = models.load_model(policy_path, **context)
     policy = fsdp.shard_model(policy, dist, cfg.bf16, cfg.gradient_checkpointing)
-    reference = fsdp.load_reference(cfg.model, dist, cfg.bf16) if cfg.beta > 0 else None
+    reference = fsdp.load_reference(cfg.model, dist, cfg.bf16, **context) if cfg.beta > 0 else None
     distributed.seed_per_rank(cfg.seed, dist)  # models alike on all ranks, sampling differs per rank
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(0.9, cfg.adam_beta2))

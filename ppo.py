@@ -131,7 +131,7 @@ class Config(flags.RLFlags):
 # ---- the critic: a value model V(s_t) for every prefix of a sequence
 
 
-def load_critic(name_or_path: str, seed: int = 0):
+def load_critic(name_or_path: str, seed: int = 0, rope_theta: float = 0.0, max_positions: int = 0):
     """The base transformer with a linear head giving one number per position
     (AutoModelForTokenClassification with num_labels=1): a save_pretrained-able model that FSDP shards
     like the actor. From a causal LM checkpoint the head is new; from a saved critic it is the trained one.
@@ -146,6 +146,7 @@ def load_critic(name_or_path: str, seed: int = 0):
     config = AutoConfig.from_pretrained(name_or_path, num_labels=1)
     config.classifier_dropout = 0.0  # a value must be a function of the tokens, not of a dropout mask
     config.token_classification_bias = False  # model.py:241
+    models.config_overrides(config, rope_theta, max_positions)  # --rope-theta, --max-position-embeddings
     critic, loading = AutoModelForTokenClassification.from_pretrained(
         name_or_path, config=config, dtype=torch.float32, output_loading_info=True)
     if "score.weight" in loading["missing_keys"]:
@@ -485,10 +486,13 @@ def main(argv=None):
 
     # ---- models: actor and critic (from the newest checkpoint when resuming), the frozen reference
     actor_path = str(checkpoint) if checkpoint else cfg.model
-    actor = fsdp.shard_model(models.load_model(actor_path), dist, cfg.bf16, cfg.gradient_checkpointing)
-    critic = load_critic(str(checkpoint / "critic") if checkpoint else cfg.critic or cfg.model, cfg.seed)
+    context = dict(rope_theta=cfg.rope_theta, max_positions=cfg.max_position_embeddings)  # overrides, if any
+    actor = models.load_model(actor_path, **context)
+    actor = fsdp.shard_model(actor, dist, cfg.bf16, cfg.gradient_checkpointing)
+    critic_path = str(checkpoint / "critic") if checkpoint else cfg.critic or cfg.model
+    critic = load_critic(critic_path, cfg.seed, **context)
     critic = fsdp.shard_model(critic, dist, cfg.bf16, cfg.gradient_checkpointing)
-    reference = fsdp.load_reference(cfg.model, dist, cfg.bf16) if cfg.kl_coef > 0 else None
+    reference = fsdp.load_reference(cfg.model, dist, cfg.bf16, **context) if cfg.kl_coef > 0 else None
     distributed.seed_per_rank(cfg.seed, dist)  # models (the critic's new head too) alike on all ranks first
     adamw = lambda model, lr: torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay,
                                                 betas=(0.9, cfg.adam_beta2))

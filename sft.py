@@ -116,7 +116,10 @@ def main(argv=None):
         raise SystemExit(f"error: --template {cfg.template}: {error}") from None
     if not any(label != -100 for _, labels in examples for label in labels[1:]):
         raise SystemExit(f"error: --max-length {cfg.max_length} cuts off every response: nothing to learn")
-    model = models.build_tiny_model(seed=cfg.seed)[0] if start == "tiny" else models.load_model(start)
+    if start == "tiny" and (cfg.rope_theta or cfg.max_position_embeddings):
+        raise SystemExit("error: --rope-theta / --max-position-embeddings need a model folder, not tiny")
+    model = models.build_tiny_model(seed=cfg.seed)[0] if start == "tiny" else models.load_model(
+        start, rope_theta=cfg.rope_theta, max_positions=cfg.max_position_embeddings)
     if dist.is_main:
         print(f"sft: {len(examples)} examples from {cfg.data!r} "
               f"({num_truncated} cut at {cfg.max_length} tokens), "

@@ -39,6 +39,11 @@ class TrainFlags:
     max_tokens_per_micro_batch: int = flag(0, "cut length-sorted rows into micro-batches of at most N padded "
                                               "tokens (rows x longest) instead of --micro-batch-size rows each "
                                               "(0: off); the step is the same, the memory flat", **NON_NEGATIVE)
+    rope_theta: float = flag(0.0, "override the model's RoPE base (0: its own) in the trainer, the engine "
+                                  "and every saved config (open-r1 ran Qwen2.5-Math-7B at 300000 for 32k)",
+                             low=0)
+    max_position_embeddings: int = flag(0, "override the model's max_position_embeddings (0: its own), as "
+                                           "--rope-theta (open-r1: 32768)", low=0)
     save_total_limit: int = flag(0, "keep the newest N complete checkpoints, delete older ones (0: keep all)",
                                  **NON_NEGATIVE)
     dist_timeout_minutes: float = flag(30.0, "minutes a rank waits for the others in a collective (a "

@@ -39,10 +39,10 @@ def shard_model(model, dist: Dist, bf16: bool, gradient_checkpointing: bool):
     return model
 
 
-def load_reference(name_or_path: str, dist: Dist, bf16: bool):
+def load_reference(name_or_path: str, dist: Dist, bf16: bool, **overrides):
     """The frozen reference policy pi_ref, sharded like the policy. No optimizer needs fp32 master weights,
     so it is bf16 under FSDP with bf16 (see frozen_dtype)."""
-    reference = load_model(name_or_path, dtype=frozen_dtype(dist, bf16))
+    reference = load_model(name_or_path, dtype=frozen_dtype(dist, bf16), **overrides)  # models.load_model
     reference = shard_model(reference, dist, bf16, False).eval()
     return reference.requires_grad_(False)
 

@@ -55,13 +55,37 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def load_model(name_or_path: str, dtype=torch.float32):
-    """Loads a causal LM in the dtype its master weights are kept in (fp32; bf16 compute comes from FSDP)."""
-    from transformers import AutoModelForCausalLM
+def load_model(name_or_path: str, dtype=torch.float32, rope_theta: float = 0.0, max_positions: int = 0):
+    """Loads a causal LM in the dtype its master weights are kept in (fp32; bf16 compute comes from FSDP).
+    rope_theta, max_positions (0: the model's own): --rope-theta, --max-position-embeddings, set in the
+    config before the model is built, so the model computes with them and every save carries them."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path, gguf_file = _split_gguf(name_or_path)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    config = AutoConfig.from_pretrained(path, **kwargs)
+    try:
+        config_overrides(config, rope_theta, max_positions)
+    except ValueError as error:  # before any weight loads
+        raise SystemExit(f"error: {error}") from None
+    return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **kwargs)
+
+
+def config_overrides(config, rope_theta: float = 0.0, max_positions: int = 0) -> dict:
+    """Set --rope-theta / --max-position-embeddings on a transformers config (in place) and return them as
+    vLLM's hf_overrides, so the engine computes as the trainer does. Longer context for Qwen2.5-Math
+    (4,096 positions, theta 10,000): open-r1 trained on 32k tokens from Qwen2.5-Math-7B with the RoPE base
+    raised to 300,000 (its model open-r1/Qwen2.5-Math-7B-RoPE-300k, the base of OpenR1-Distill-7B) and
+    max_position_embeddings 32,768."""
+    overrides = {}
+    if rope_theta:
+        rope = getattr(config, "rope_parameters", None)  # transformers 5: {"rope_type", "rope_theta", ...}
+        if not rope or "rope_theta" not in rope:
+            raise ValueError(f"--rope-theta: this {config.model_type} model has no rotary position embedding")
+        overrides["rope_parameters"] = config.rope_parameters = {**rope, "rope_theta": float(rope_theta)}
+    if max_positions:
+        overrides["max_position_embeddings"] = config.max_position_embeddings = max_positions
+    return overrides
 
 
 def _split_gguf(name_or_path: str):

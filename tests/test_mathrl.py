@@ -111,3 +111,34 @@ def test_checkpoint_round_trip_and_partial_checkpoints_are_ignored(tmp_path):
     state_a, state_b = optimizer.state_dict()["state"], optimizer2.state_dict()["state"]
     for key in state_a:
         torch.testing.assert_close(state_a[key]["exp_avg"], state_b[key]["exp_avg"])
+
+
+def test_rope_override_is_computed_with_saved_and_reloaded(tmp_path):
+    """--rope-theta / --max-position-embeddings change the model's config before it is built (so the logits
+    change), and a save carries them: the reloaded model computes the same logits with no flag given."""
+    from mathrl import models
+
+    model, tokenizer = models.build_tiny_model(hidden_size=32, num_layers=1, num_heads=2)
+    model.save_pretrained(tmp_path / "start")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12] * 8])
+    plain = models.load_model(str(tmp_path / "start"))
+    extended = models.load_model(str(tmp_path / "start"), rope_theta=500_000.0, max_positions=4096)
+    assert extended.config.rope_parameters["rope_theta"] == 500_000.0
+    assert extended.config.max_position_embeddings == 4096
+    with torch.no_grad():
+        before, after = plain(ids).logits, extended(ids).logits
+        assert (before - after).abs().max().item() > 1e-4   # the rotary embedding really changed
+        extended.save_pretrained(tmp_path / "saved")
+        reloaded = models.load_model(str(tmp_path / "saved"))
+        assert reloaded.config.rope_parameters["rope_theta"] == 500_000.0
+        torch.testing.assert_close(reloaded(ids).logits, after, atol=0, rtol=0)
+
+
+def test_rope_override_on_a_model_without_rope_is_one_line(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mathrl import models
+
+    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50)).save_pretrained(tmp_path)
+    with pytest.raises(SystemExit, match="--rope-theta: this gpt2 model has no rotary"):
+        models.load_model(str(tmp_path), rope_theta=1e5)
