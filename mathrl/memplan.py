@@ -10,21 +10,27 @@ from KNOWN_MODELS, a local folder's config.json, or the Hugging Face cache.
 The arithmetic, per GPU, with W ranks sharing each model (FSDP2) and P parameters per model:
 
   resident, all run long  fp32 master weights 4P/W and Adam's two fp32 moments 8P/W of each model
-                          trained (PPO: actor and critic); the frozen reference 2P/W in bf16
-  during an update        fp32 gradients 4P/W (reduce-scattered after every micro-batch); what FSDP
-                          has gathered (the root group, embeddings and LM head, stays gathered for
-                          the whole forward and backward; two layers at a time, one being prefetched)
-                          with the unsharded gradients of the root and of one layer; the activations
-                          (with checkpointing: each layer's input, plus one layer recomputed in
-                          backward); the log-prob chunk (chunk tokens x vocab x 14 bytes)
+                          trained (PPO: actor and critic); the frozen reference 2P/W in bf16 under
+                          FSDP (fp32 in one process: fsdp.frozen_dtype)
+  during an update        fp32 gradients 4P/W (reduce-scattered after every micro-batch), then the
+                          larger of two moments. Inside the backward of a layer: what FSDP has
+                          gathered (the root group, embeddings and LM head, stays gathered for the
+                          whole forward and backward; two layers at a time, one being prefetched) with
+                          the unsharded gradients of the root and of one layer; the activations (with
+                          checkpointing: each layer's input, one layer recomputed, the gradients inside
+                          its backward); the log-prob chunk (chunk tokens x vocab x 14 bytes). At the
+                          end of backward: the root's gradients and their fp32 reduce-scatter copy.
   during generation       vLLM's --vllm-gpu-memory-utilization share of the GPU (its bf16 weights,
                           activations, KV cache); the training state stays, gradients are freed
   always                  RESERVE_GIB for the CUDA context, NCCL buffers and vLLM asleep
 
-The weights, gradient and Adam terms are exact counts (tests/test_memplan.py checks them against
-the tensors FSDP holds on 1 and 2 ranks); activations are an estimate of what one decoder layer
-saves for backward. Against tools/bench/memory.py's CPU measurements (52M and 134M models, 1-4 ranks,
-512-4096 tokens) the predicted update peak came within -8% to +34% of the measured one.
+One process (W = 1) has no FSDP: it runs fp32 weights under bf16 autocast, which caches a bf16 copy of
+every trained weight and keeps the residual stream in fp32. The weights, gradient and Adam terms are
+exact counts (tests/test_memplan.py checks them against the tensors FSDP holds on 1 and 2 ranks); the
+activations of one decoder layer were counted on a Qwen2 layer (tests/test_memplan.py counts them again).
+Against tools/bench/memory.py's CPU measurements (52M and 134M models, 1-4 ranks, 512-4096 tokens) the
+predicted update peak came within -8% to +34% of the measured one (before the terms of issue 23);
+`bash tools/gpu_check.sh` sets it beside torch.cuda.max_memory_allocated at 1.5B (docs/memory.md).
 """
 import json
 import os
@@ -158,14 +164,49 @@ def count(parameters: int) -> str:
     return f"{parameters / 1e9:.2f}B" if parameters >= 1e8 else f"{parameters / 1e6:.2f}M"
 
 
-def activation_bytes(shape: Shape, tokens: int, compute_bytes: int, checkpointing: bool) -> float:
-    """Per token, what one decoder layer saves for backward (estimate): the norms' inputs and
-    outputs, q, k, v and rotated q, k, the attention output and o_proj's, the residual, gate, up,
-    silu(gate) and their product, down's output: ~10 h + 3 kv + 4 intermediate values."""
-    one_layer = tokens * (10 * shape.hidden + 3 * shape.kv_dim + 4 * shape.intermediate) * compute_bytes
-    if checkpointing:  # each layer's input is kept; one layer at a time is recomputed in backward
-        return shape.layers * tokens * shape.hidden * compute_bytes + one_layer
-    return shape.layers * one_layer
+# Bytes per token and per hidden unit that Qwen2RMSNorm keeps in fp32 in one decoder layer, by how the
+# layer computes. Its forward (transformers 5.19 models/qwen2/modeling_qwen2.py:240-244) casts its input
+# to fp32 (:241), and pow (:242) and the multiplication by rsqrt (:243) save that fp32 tensor for
+# backward: with bf16 weights (FSDP's bf16 policy) a 4-byte copy of each of the two norms' inputs, where
+# the old estimate charged 2 bytes. In fp32 the cast is the input itself, and the second norm's input
+# (the mid-layer residual) is what it saves. Under autocast (one process) the residual stream is fp32
+# and the norms' normalised values stay fp32 too (mul is not an autocast op). Counted with
+# saved_tensors_hooks on a Qwen2DecoderLayer: tests/test_memplan.py checks the whole per-layer sum.
+NORM_FP32_BYTES = {"bf16": 8, "fp32": 4, "autocast": 14}
+
+
+def regime(compute_bytes: int, fsdp: bool) -> str:
+    """How a layer computes: bf16 weights (FSDP's bf16 policy), fp32, or fp32 weights under autocast."""
+    return "fp32" if compute_bytes == 4 else "bf16" if fsdp else "autocast"
+
+
+def layer_activation_bytes(shape: Shape, compute_bytes: int, fsdp: bool) -> float:
+    """Per token, what one decoder layer saves for backward: in the compute dtype, the inputs of the
+    q, k, v, o, gate, up and down projections and the attention's q, k, v and output (6 h + 2 kv values)
+    and the MLP's gate, up, silu(gate) and product (4 intermediate); plus RMSNorm's fp32 values."""
+    h, kv, intermediate = shape.hidden, shape.kv_dim, shape.intermediate
+    norms = NORM_FP32_BYTES[regime(compute_bytes, fsdp)] * h
+    return (6 * h + 2 * kv + 4 * intermediate) * compute_bytes + norms
+
+
+def activation_bytes(shape: Shape, tokens: int, compute_bytes: int, checkpointing: bool,
+                     fsdp: bool = True) -> float:
+    """The activations of one micro-batch of `tokens` tokens at the peak of its backward.
+
+    With checkpointing each layer's input is kept (fp32 under autocast: the residual stream) and one
+    layer at a time is recomputed in backward. Inside a layer's backward, beside its saved tensors,
+    autograd holds one intermediate-sized gradient and hidden-sized ones for the layer's output and
+    input: (intermediate + 2 h) x compute bytes per token (torch's MemTracker over a Qwen2 layer's
+    forward and backward, tests/test_memplan.py; the old plan charged none of it).
+    The root adds the final norm's fp32 input and its output, the last hidden states that the log-prob
+    chunks read."""
+    residual_bytes = 4 if regime(compute_bytes, fsdp) == "autocast" else compute_bytes
+    one_layer = tokens * layer_activation_bytes(shape, compute_bytes, fsdp)
+    backward = tokens * (shape.intermediate + 2 * shape.hidden) * compute_bytes
+    final_norm = tokens * shape.hidden * (4 + compute_bytes)
+    if checkpointing:
+        return shape.layers * tokens * shape.hidden * residual_bytes + one_layer + backward + final_norm
+    return shape.layers * one_layer + backward + final_norm
 
 
 def logprob_bytes(shape: Shape, tokens: int, chunk: int | None, compute_bytes: int) -> float:
@@ -176,26 +217,53 @@ def logprob_bytes(shape: Shape, tokens: int, chunk: int | None, compute_bytes: i
     return chunk * shape.vocab * (compute_bytes + 4 + 4 + 4)
 
 
-def gathered_bytes(shape: Shape, world_size: int, compute_bytes: int, critic: bool = False) -> float:
-    """FSDP's unsharded working set: the root group (gathered for the whole forward and backward) and
-    two layers in the compute dtype, the unsharded gradients of the root (the LM head's lives through
-    the backward) and of one layer, and that layer's gradients copied into fp32 to be reduce-scattered.
-    A critic's root has a Linear(hidden, 1) head where the LM head was.
-    One process has no FSDP; under bf16 autocast it caches a bf16 copy of every weight it uses."""
-    root, layer = shape.root_parameters(), shape.layer_parameters()
-    if critic:
-        root += shape.hidden + 1 - (0 if shape.tied else shape.vocab * shape.hidden)
-    if world_size == 1:
+def root_parameters(shape: Shape, critic: bool = False) -> int:
+    """A critic's root has a Linear(hidden, 1) head where the LM head was."""
+    root = shape.root_parameters()
+    return root + (shape.hidden + 1 - (0 if shape.tied else shape.vocab * shape.hidden) if critic else 0)
+
+
+def gathered_bytes(shape: Shape, world_size: int, compute_bytes: int, critic: bool = False,
+                   fsdp: bool | None = None) -> float:
+    """FSDP's unsharded working set inside a layer's backward: the root group (gathered for the whole
+    forward and backward) and two layers in the compute dtype, the unsharded gradients of the root (the
+    LM head's lives through the backward) and of one layer, and that layer's gradients copied into fp32
+    to be reduce-scattered. Without FSDP (fsdp None: one process), bf16 autocast caches a bf16 copy of
+    every trained weight it uses."""
+    root, layer = root_parameters(shape, critic), shape.layer_parameters()
+    if not (world_size > 1 if fsdp is None else fsdp):
         return (root + shape.layers * layer) * 2 if compute_bytes == 2 else 0.0
     return (root + 2 * layer) * compute_bytes + (root + layer) * compute_bytes + layer * 4
 
 
-def make_plan(trainer: str, cfg, world_size: int, gpu_memory_gb: float) -> Plan | None:
-    """The budget of one GPU for `cfg` of grpo.py, ppo.py or sft.py; None if the shape is unknown."""
+def root_reduce_bytes(shape: Shape, world_size: int, compute_bytes: int, critic: bool = False,
+                      fsdp: bool | None = None) -> float:
+    """The end of backward, when the root group's gradients are reduce-scattered: its unsharded
+    gradients in the compute dtype, the fp32 input of the reduce-scatter (the whole root, 4 B each:
+    ~4 GiB for 7B's untied embedding and LM head) and its fp32 output shard. In torch 2.13's
+    fsdp/_fully_shard/_fsdp_collectives.py foreach_reduce allocates the reduce_dtype input at :597-601
+    and copies the gradients in before freeing them (:603-606), the output at :612-616; the root's
+    parameters are resharded before (_fsdp_param_group.py:637-638, post_backward) and the previous
+    layer's input buffer is released first (:645-658; at most reduce_scatter_max_input_buffers = 1
+    kept, :112). The root's forward inputs (token ids) need no gradient, so its post-backward runs in
+    the final callback once every layer is done (_fsdp_state.py:411-414), when the activations are
+    gone: a moment of its own, not one more term beside the layer's. Without FSDP: nothing."""
+    if not (world_size > 1 if fsdp is None else fsdp):
+        return 0.0
+    root = root_parameters(shape, critic)
+    return root * compute_bytes + root * 4 + root * 4 / world_size
+
+
+def make_plan(trainer: str, cfg, world_size: int, gpu_memory_gb: float,
+              fsdp: bool | None = None) -> Plan | None:
+    """The budget of one GPU for `cfg` of grpo.py, ppo.py or sft.py; None if the shape is unknown.
+    fsdp None: sharded iff world_size > 1, as the trainers do (True plans FSDP on one rank, as
+    tests/test_gpu.py and tools/gpu_check.py run it)."""
     shape = model_shape(cfg.model)
     if shape is None:
         return None
     W, gpu = world_size, gpu_memory_gb * GiB
+    fsdp = W > 1 if fsdp is None else fsdp
     cb = 2 if cfg.bf16 else 4
     policy = shape.parameters()
     critic_shape, critic, with_reference = None, 0, False
@@ -213,32 +281,40 @@ def make_plan(trainer: str, cfg, world_size: int, gpu_memory_gb: float) -> Plan 
 
     rows = [("resident", f"weights, fp32, 1/{W} of {count(trained)} parameters", 4 * trained / W),
             ("resident", "Adam moments, fp32, sharded", 8 * trained / W)]
-    if with_reference:
-        precision = "bf16" if cfg.bf16 else "fp32"
-        rows.append(("resident", f"reference model, {precision}, sharded", cb * policy / W))
+    if with_reference:  # fsdp.frozen_dtype: bf16 only under FSDP with bf16
+        reference_bytes = 2 if cfg.bf16 and fsdp else 4
+        rows.append(("resident", f"reference model, {'bf16' if reference_bytes == 2 else 'fp32'}, sharded",
+                     reference_bytes * policy / W))
     resident = sum(size for _, _, size in rows)
 
-    # during an update: the gradients, then what one micro-batch of the policy (or critic) needs
+    # during an update: the gradients, then the larger of two moments: inside a layer's backward (what
+    # FSDP gathered, activations, a log-prob chunk) and the root's reduce-scatter at its end
     grads = 4 * trained / W
     checkpointing = cfg.gradient_checkpointing
-    policy_activations = activation_bytes(shape, tokens, cb, checkpointing)
+    gathered = gathered_bytes(shape, W, cb, fsdp=fsdp)
+    policy_activations = activation_bytes(shape, tokens, cb, checkpointing, fsdp)
     logprobs = logprob_bytes(shape, tokens, chunk, cb)
-    policy_step = gathered_bytes(shape, W, cb) + policy_activations + logprobs
+    policy_step = gathered + policy_activations + logprobs
     rows.append(("update", "gradients, fp32, sharded", grads))
-    rows.append(("update", "gathered by FSDP: root + 2 layers, unsharded gradients" if W > 1 else
-                 "bf16 copies of the weights cached by autocast", gathered_bytes(shape, W, cb)))
+    rows.append(("update", "gathered by FSDP: root + 2 layers, unsharded gradients" if fsdp else
+                 "bf16 copies of the weights cached by autocast", gathered))
     rows.append(("update", f"activations of {cfg.micro_batch_size} x {seq} tokens, "
                            f"{'checkpointed' if checkpointing else 'NOT checkpointed'}", policy_activations))
     rows.append(("update", f"log-probs: {min(chunk or tokens, tokens)} tokens x {shape.vocab} vocabulary "
                            f"at once{'' if chunk else ' (unchunked)'}", logprobs))
     step = policy_step
+    root_reduce = root_reduce_bytes(shape, W, cb, fsdp=fsdp)
     if critic_shape is not None:  # the critic's step alternates with the actor's: the larger one counts
-        critic_step = gathered_bytes(critic_shape, W, cb, critic=True) + \
-            activation_bytes(critic_shape, tokens, cb, checkpointing)
+        critic_step = gathered_bytes(critic_shape, W, cb, critic=True, fsdp=fsdp) + \
+            activation_bytes(critic_shape, tokens, cb, checkpointing, fsdp)
         rows.append(("update", "critic micro-batch: gathered + activations (alternates)", critic_step))
         step = max(policy_step, critic_step)
+        root_reduce = max(root_reduce, root_reduce_bytes(critic_shape, W, cb, critic=True, fsdp=fsdp))
+    if fsdp:
+        rows.append(("update", "root's gradients, fp32 reduce-scatter copy (alternates)",
+                     root_reduce))
     rows.append(("always", "reserve: CUDA context, NCCL, vLLM asleep, fragmentation", RESERVE_GIB * GiB))
-    update = resident + grads + step + RESERVE_GIB * GiB
+    update = resident + grads + max(step, root_reduce) + RESERVE_GIB * GiB
 
     # during generation: vLLM's share, or the HF engine's KV cache
     notes, advice = [], []
@@ -266,12 +342,12 @@ def make_plan(trainer: str, cfg, world_size: int, gpu_memory_gb: float) -> Plan 
     elif engine == "hf":
         cache = cfg.micro_batch_size * 4 * seq * kv_per_token  # make_engine's batch_size
         rows.append(("generation", f"HF engine KV cache, {cfg.micro_batch_size * 4} sequences", cache))
-        generation = resident + cache + gathered_bytes(shape, W, cb) + RESERVE_GIB * GiB
+        generation = resident + cache + gathered + RESERVE_GIB * GiB
     else:
         generation = 0.0
 
     if update > gpu:  # name the flag that moves the largest part
-        parts = {"state": resident + grads + gathered_bytes(shape, W, cb), "activations": policy_activations,
+        parts = {"state": resident + grads + max(gathered, root_reduce), "activations": policy_activations,
                  "logprobs": logprobs}
         largest = max(parts, key=parts.get)
         if largest == "activations" and not checkpointing:

@@ -1,9 +1,10 @@
-"""What only a GPU can show: FSDP2 + NCCL in bf16, memory measured by CUDA's allocator, per-rank streams.
+"""What only a GPU can show: FSDP2 + NCCL in bf16, the NaN guard, memory measured by CUDA's allocator,
+per-rank streams.
 
     .venv/bin/python -m pytest -q tests/test_gpu.py      # one GPU, no network, a few minutes
 
 Every model is a random Qwen2 config built here: nothing is downloaded. Skipped without CUDA.
-(The vLLM GPU tests are in tests/test_gpu_vllm.py.)
+(The vLLM GPU tests are in tests/test_gpu_vllm.py; all of them run in tools/gpu_check.sh.)
 """
 import dataclasses
 
@@ -87,6 +88,22 @@ def test_fsdp2_bf16_update_at_world_size_one(nccl):
     logp.sum().backward()
     grads = [p.grad for p in policy.parameters()]
     assert all(isinstance(g, DTensor) and g.dtype == torch.float32 for g in grads)
+    optimizer.zero_grad(set_to_none=True)
+
+
+def test_nan_guard_stops_an_fsdp2_update_before_the_step(nccl, capsys):
+    """A NaN weight makes the gradient norm NaN: the update stops with one line before AdamW applies it,
+    so every other weight is unchanged (fsdp.stop_if_not_finite, on NCCL at world size 1)."""
+    policy = fsdp.shard_model(random_qwen2(), nccl, bf16=True, gradient_checkpointing=True)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4)
+    with torch.no_grad():
+        policy.model.layers[0].mlp.down_proj.weight.to_local().fill_(float("nan"))
+    start = {k: v.full_tensor().clone() for k, v in policy.state_dict().items() if "layers.0.mlp.down" not in k}
+    with pytest.raises(SystemExit) as stopped:
+        update(policy, optimizer, rollouts(4), nccl)
+    assert stopped.value.code == 1
+    assert "gradient norm is nan at optimizer step 1: stopped, nothing more saved" in capsys.readouterr().err
+    assert all(torch.equal(policy.state_dict()[k].full_tensor(), v) for k, v in start.items())
     optimizer.zero_grad(set_to_none=True)
 
 

@@ -1,5 +1,6 @@
 """memplan.py: the parameter counts are exact, the per-rank weight / gradient / Adam bytes equal what
 FSDP holds on 1 and 2 ranks (measured by tools/bench/memory.py), and --dry-run's verdicts name the flag."""
+import dataclasses
 import importlib
 import sys
 from pathlib import Path
@@ -135,3 +136,102 @@ def test_real_runs_print_the_summary_on_gpus_only(capsys):
     assert plan.fits and out.startswith("memory plan: sft, tiny") and "--dry-run for the breakdown" in out
     assert memplan.report("sft", cfg, SimpleNamespace(world_size=1, is_main=True, device=torch.device("cpu"))) is None
     assert capsys.readouterr().out == ""   # a GPU budget means nothing on a CPU run
+
+
+def one_qwen2_layer(shape: memplan.Shape, dtype):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=1,
+                         num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+                         intermediate_size=shape.intermediate)
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(config).to(dtype).model
+
+
+def layer_pass(model, tokens: int, dtype, autocast: bool, backward: bool):
+    """One decoder layer's forward (and backward) on random hidden states, as the trainers run it; its
+    input and the rotary cos and sin (computed once for all layers)."""
+    x = torch.randn(1, tokens, model.config.hidden_size, dtype=torch.float32 if autocast else dtype,
+                    requires_grad=True)
+    positions = torch.arange(tokens)[None]
+    rotary = model.rotary_emb(x, positions)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model.layers[0](x, attention_mask=None, position_ids=positions, position_embeddings=rotary)
+    out = out[0] if isinstance(out, tuple) else out
+    if backward:
+        out.backward(torch.ones_like(out))
+    return [x, *rotary]
+
+
+def saved_bytes(model, tokens: int, dtype, autocast: bool) -> int:
+    """Bytes of the distinct storages autograd saves in one layer's forward, less its inputs and weights."""
+    storages = {}
+
+    def keep(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        inputs = layer_pass(model, tokens, dtype, autocast, backward=False)
+    for t in [*inputs, *model.parameters()]:
+        storages.pop(t.untyped_storage().data_ptr(), None)
+    return sum(storages.values())
+
+
+LAYER = memplan.Shape(256, 1, 4, 2, 1024, 64, tied=True)
+
+
+@pytest.mark.parametrize("dtype, fsdp", [(torch.bfloat16, True), (torch.float32, True),
+                                         (torch.float32, False)])
+def test_one_layer_activations_equal_what_a_qwen2_layer_saves(dtype, fsdp):
+    """memplan's per-token bytes of one layer against the tensors a Qwen2DecoderLayer saves for backward:
+    bf16 weights (FSDP's bf16 policy), fp32, and fp32 weights under bf16 autocast (one process). The
+    difference between 256 and 128 tokens leaves out what does not grow with tokens (autocast's cached
+    bf16 weights, counted by gathered_bytes, and a few small per-layer tensors)."""
+    autocast = not fsdp
+    model = one_qwen2_layer(LAYER, dtype)
+    per_token = (saved_bytes(model, 256, dtype, autocast) - saved_bytes(model, 128, dtype, autocast)) / 128
+    cb = 2 if dtype == torch.bfloat16 or autocast else 4
+    assert memplan.layer_activation_bytes(LAYER, cb, fsdp) == pytest.approx(per_token, rel=0.01)
+
+
+@pytest.mark.parametrize("intermediate", [1024, 4096])
+def test_a_layers_backward_holds_one_intermediate_gradient_beside_its_saved_tensors(intermediate):
+    """torch's MemTracker over one layer's forward and backward in bf16, 512 tokens: the peak, less the
+    weights and their gradients and the saved tensors, is (intermediate + 2 hidden) x 2 B a token, the
+    term activation_bytes charges beside the one layer's saved tensors and the final norm's."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    shape, tokens = dataclasses.replace(LAYER, intermediate=intermediate), 512
+    model = one_qwen2_layer(shape, torch.bfloat16)
+    saved = saved_bytes(model, tokens, torch.bfloat16, False)
+    tracker = MemTracker()
+    tracker.track_external(model)
+    with tracker:
+        layer_pass(model, tokens, torch.bfloat16, False, backward=True)
+    weights = sum(p.numel() * 2 for p in model.parameters())
+    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] - 2 * weights
+    extra = (memplan.activation_bytes(shape, tokens, 2, False)
+             - tokens * memplan.layer_activation_bytes(shape, 2, True) - tokens * shape.hidden * (4 + 2))
+    assert extra == tokens * (intermediate + 2 * shape.hidden) * 2
+    assert peak - saved == pytest.approx(extra, rel=0.05)
+
+
+def test_the_roots_reduce_scatter_is_its_own_moment_at_the_end_of_backward():
+    shape = memplan.KNOWN_MODELS["Qwen/Qwen2.5-7B-Instruct"]
+    root = 2 * 152064 * 3584 + 3584   # untied embedding and LM head, final norm
+    assert memplan.root_reduce_bytes(shape, 8, 2) == root * (2 + 4 + 4 / 8)
+    assert root * 4 / memplan.GiB == pytest.approx(4.06, abs=0.01)   # the fp32 copy: ~4 GiB
+    assert memplan.root_reduce_bytes(shape, 1, 2) == 0   # one process: no FSDP, nothing reduce-scattered
+    plan = plan_of("sft", SFT_7B)
+    size = {what: b for _, what, b in plan.rows}
+    step = sum(size[w] for w in size if w.startswith(("gathered", "activations", "log-probs")))
+    state = sum(b for phase, _, b in plan.rows if phase == "resident") + size["gradients, fp32, sharded"]
+    assert plan.update_bytes == state + max(step, memplan.root_reduce_bytes(shape, 8, 2)) + 4 * memplan.GiB
+
+
+def test_one_process_keeps_its_reference_in_fp32():
+    """fsdp.frozen_dtype: bf16 only under FSDP; one process runs pi_ref's fp32 weights under autocast."""
+    for gpus, dtype, size in ((1, "fp32", 4), (8, "bf16", 2 / 8)):
+        plan = plan_of("grpo", ["--preset", "limo", "--plan-gpus", str(gpus)])
+        [(what, bytes_)] = [(w, b) for _, w, b in plan.rows if w.startswith("reference")]
+        assert dtype in what and bytes_ == size * memplan.KNOWN_MODELS["Qwen/Qwen2.5-Math-1.5B"].parameters()

@@ -13,7 +13,8 @@ per micro-batch, gradient checkpointing on, fp32. Every rank measures:
             everything the update allocates, Adam's first-step moments included
 
 and the table shows the largest rank. The "plan" columns are memplan.make_plan's numbers for the same
-model and config (gradients + Adam moments + FSDP's gathered layers + activations + log-prob chunk).
+model and config (gradients + Adam moments + the larger of FSDP's gathered layers + activations + log-prob
+chunk and the root's fp32 reduce-scatter at the end of backward).
 """
 import argparse
 import gc
@@ -130,6 +131,7 @@ def planned(model: str, ranks: int, micro_batches: int, seq: int, vocab: int = V
     P = shape.parameters()
     transient = (memplan.gathered_bytes(shape, ranks, 4) + memplan.activation_bytes(shape, seq, 4, True)
                  + memplan.logprob_bytes(shape, seq, 1024, 4))
+    transient = max(transient, memplan.root_reduce_bytes(shape, ranks, 4))  # the end of backward's moment
     return {"parameters": P, "weights": 4 * P / ranks, "gradients": 4 * P / ranks, "adam": 8 * P / ranks,
             "peak": 12 * P / ranks + transient, "tokens": tokens}
 
