@@ -167,6 +167,192 @@ def test_cases_where_math_verify_disagrees(completion, gold, correct):
     assert is_equiv(extract_answer(completion), gold) is correct
 
 
+# ----- answers by kind (issue 23) -------------------------------------------------------------
+# Cases written from the mathematics for each kind of answer the grader used to miss, each with
+# near misses that must stay wrong. tools/bench/grader_vs_math_verify.py scores both graders on them.
+
+# Whole completions, graded with extraction: (completion, gold, correct).
+EXTRACTION_CASES = {
+    "answer phrase": [
+        ("So the final answer: 12", "12", True),
+        ("Final Answer: $\\frac{3}{5}$", "\\frac35", True),
+        ("**Final Answer:** 42", "42", True),
+        ("**Final Answer**\n\n$x = -4$", "-4", True),
+        ("### Final Answer\n\\[\n\\frac{\\pi}{6}\n\\]", "\\frac{\\pi}{6}", True),
+        ("My final answer is 250.", "250", True),
+        ("The final answer to the problem is 7/8.", "\\frac78", True),
+        ("final answer is: $-3$", "-3", True),
+        ("Counting both cases, final answer 9", "9", True),
+        ("Final Answer: $\\frac{3}{5}$", "\\frac53", False),
+        ("**Final Answer**\n\n$x = -4$", "4", False),
+        ("Before the final answer we check the case n = 2.", "2", False),  # prose, not a marker
+    ],
+    "text after the phrase": [
+        ("The answer is 5. Let me know if you need anything else!", "5", True),
+        ("The answer is 18<|im_end|>", "18", True),
+        ("The answer is \\(\\frac{1}{4}\\).", "\\frac14", True),
+        ("The answer is \\( 2\\sqrt{3} \\) square units.", "2\\sqrt3", True),
+        ("The answer is 64, which is a perfect square.", "64", True),
+        ("The final answer is 3.5. I hope this helps!", "3.5", True),
+        ("The answer is 12 because each pair is counted once.", "12", True),
+        ("The answer is **17**.", "17", True),
+        ("The final answer is $\\frac{7}{2}$.</s>", "\\frac72", True),
+        ("The answer is 5. Let me know if you need anything else!", "6", False),
+        ("The answer is 18<|im_end|>", "81", False),
+        ("The answer is \\(\\frac{1}{4}\\).", "\\frac12", False),
+        ("The answer is 12 because 3 \\cdot 4 = 12.", "4", False),
+    ],
+    "several boxes": [
+        ("The solutions are $\\boxed{2}$ and $\\boxed{3}$.", "2, 3", True),
+        ("x = \\boxed{2} or x = \\boxed{-5}", "-5, 2", True),
+        ("So $x = \\boxed{3}$ and $y = \\boxed{-1}$.", "(3,-1)", True),
+        ("We find $a=\\boxed{4}$, $b=\\boxed{7}$.", "(4, 7)", True),
+        ("$\\boxed{1}, \\boxed{2}, \\boxed{4}$", "\\{1,2,4\\}", True),
+        ("The roots are \\boxed{-1} and \\boxed{\\frac{1}{2}}.", "\\frac12, -1", True),
+        ("\\boxed{7}\n\n\\boxed{7}", "7", True),  # the same answer boxed twice
+        ("Half of it is \\boxed{3}. Doubling the whole gives \\boxed{12}.", "12", True),  # prose between
+        ("The solutions are $\\boxed{2}$ and $\\boxed{3}$.", "3", False),
+        ("So $x = \\boxed{3}$ and $y = \\boxed{-1}$.", "(-1,3)", False),
+        ("$\\boxed{1}, \\boxed{2}, \\boxed{4}$", "\\{1,2\\}", False),
+        ("\\boxed{1} or \\boxed{2} or \\boxed{3}", "2", False),  # hedging over candidates
+        ("x = \\boxed{2} or x = \\boxed{-5}", "2", False),
+        ("Half of it is \\boxed{3}. Doubling the whole gives \\boxed{12}.", "3, 12", False),
+    ],
+    "box corrected later": [
+        ("We first get \\boxed{5}. Wait, that double counts. The answer is 4.", "4", True),
+        ("\\boxed{10}\n\nHmm, I missed a case, so the final answer is 11.", "11", True),
+        ("\\boxed{12}. I hope the answer is clear.", "12", True),  # "clear" is not an answer
+        ("The answer is 3, we box it: \\boxed{3}", "3", True),
+        ("We first get \\boxed{5}. Wait, that double counts. The answer is 4.", "5", False),
+        ("\\boxed{10}\n\nHmm, I missed a case, so the final answer is 11.", "10", False),
+    ],
+}
+
+# The opt-in fallback: (completion, the answer it states); with no marker, the default gives None.
+CLOSING_STATEMENTS = [
+    ("Adding the two parts, the total is $42$.", "42"),
+    ("Therefore, the number of apples is 17.", "17"),
+    ("We solve and get\nx = 5", "5"),
+    ("Thus the probability equals \\(\\frac{1}{6}\\).", "\\frac{1}{6}"),
+    ("Collecting terms we get\n\\[\n\\frac{3}{8}\n\\]", "\\frac{3}{8}"),
+    ("The area of the triangle is 24 square units.", "24"),
+    ("Hence $m + n = 19$.", "19"),
+    ("The sum is 2 + 3 = 5.\nHope this helps!", "5"),
+]
+
+# (prediction, gold, equal), checked both ways round.
+EQUIVALENCE_CASES = {
+    "label on the left": [
+        ("5", "AB = 5", True), ("\\overline{AC} = 2\\sqrt{3}", "2\\sqrt3", True), ("BC=\\frac{7}{2}", "3.5", True),
+        ("\\angle ABC = 45^\\circ", "45", True), ("m\\angle A = 60", "60^\\circ", True), ("[ABC] = 84", "84", True),
+        ("\\text{Area} = 12\\text{ cm}^2", "12", True), ("\\text{perimeter} = 30", "30", True),
+        ("AB:BC = 2:3", "2:3", True), ("\\frac{AB}{BC} = \\frac{2}{3}", "\\frac23", True),
+        ("AB:BC = 2:3", "\\frac{2}{3}", True), ("a = 2, b = 3", "(2,3)", True), ("b = 3, a = 2", "(2, 3)", True),
+        ("\\text{width} = 4, \\text{length} = 6", "(4, 6)", True), ("m = 5, n = 12", "5, 12", True),
+        ("5", "AB = 6", False), ("AB = 5", "BC = 5", False), ("a = 3, b = 2", "(2, 3)", False),
+        ("AB:BC = 2:3", "3:2", False), ("2:3", "\\frac32", False), ("x^2 = 4", "4", False),
+        ("2x + 3y = 6", "6", False), ("\\angle ABC = 45^\\circ", "135", False),
+        ("\\text{width} = 4, \\text{length} = 6", "(6, 4)", False),
+    ],
+    "solution lists": [
+        ("x = 1 \\text{ or } x = -3", "-3, 1", True), ("x = 2 or x = 5", "\\{2, 5\\}", True), ("1 or 2", "2, 1", True),
+        ("x = -1 and x = 4", "4,-1", True), ("x_1 = 2, x_2 = 3", "2, 3", True), ("x_2 = 3, x_1 = 2", "(2,3)", True),
+        ("x = 3, x = 3, x = -1", "\\{-1, 3\\}", True), ("\\{2, 2, 5\\}", "\\{2, 5\\}", True),
+        ("-1, -1, 2", "\\{2, -1\\}", True), ("[1, 4, 9]", "1, 4, 9", True), ("x = 1, y = 2, z = 3", "(1,2,3)", True),
+        ("x \\in \\{1, 2\\}", "1, 2", True), ("\\langle 1, -2, 3 \\rangle", "(1,-2,3)", True),
+        ("x = 1 \\text{ or } x = -3", "-1, 3", False), ("1 or 2", "1", False), ("x = 3, x = 3, x = -1", "3", False),
+        ("\\{2, 2, 5\\}", "\\{2, 5, 7\\}", False), ("1, 1, 2", "1, 2", False), ("[1, 4]", "1, 4", False),
+        ("x = 1, y = 2, z = 3", "(1,3,2)", False), ("x = 2, y = 1", "(1,2)", False), ("[1, 4, 9]", "1, 4, 8", False),
+        ("x = 2 or x = 5", "2, 5, 7", False), ("\\langle 1, -2, 3 \\rangle", "(1, 2, 3)", False),
+    ],
+    "relations": [
+        ("-x > -2", "x < 2", True), ("-x > -2", "(-\\infty, 2)", True), ("-x \\le 3", "x \\ge -3", True),
+        ("-y < 5", "y > -5", True), ("3 > -x", "x > -3", True), ("2 > -x > -3", "(-2, 3)", True),
+        ("x \\approx 2.47", "2.47", True), ("\\approx 0.667", "0.667", True), ("\\sqrt{2} \\approx 1.414", "\\sqrt2", True),
+        ("x \u2248 3.5", "\\frac72", True), ("-3 \\le x < 4", "[-3, 4)", True), ("4 > x \\geq -3", "[-3,4)", True),
+        ("x \\in (-3, 4]", "-3 < x \\le 4", True),
+        ("x < -1 \\text{ or } x > 2", "(-\\infty,-1)\\cup(2,\\infty)", True),
+        ("x \\le 0 or x \\ge 1", "(-\\infty, 0] \\cup [1, \\infty)", True),
+        ("x > 2", "x < 2", False), ("-x > -2", "x > 2", False), ("-x > 2", "x < 2", False),
+        ("-x \\le 3", "x \\le -3", False), ("2 > -x > -3", "(-3, 2)", False), ("x \\approx 2.47", "2.48", False),
+        ("\\sqrt{2} \\approx 1.414", "1.5", False), ("-3 \\le x < 4", "(-3, 4)", False),
+        ("x < -1 \\text{ or } x > 2", "(-1, 2)", False),
+        ("x < -1 \\text{ and } x > 2", "(-\\infty,-1)\\cup(2,\\infty)", False),  # "and" is not "or"
+        ("m > 2", "-k < -2", False),
+    ],
+    "percent": [
+        ("40 pct", "40\\%", True), ("40 pct.", "0.4", True), ("40 Percent", "40", True), ("40\\text{ pct}", "40", True),
+        ("12.5 per-cent", "12.5\\%", True),
+        ("40 pct", "4", False), ("40 pct", "0.04", False), ("40 Percent", "40.5", False),
+    ],
+    "matrix in parentheses": [
+        ("\\left(\\begin{matrix} 1 & 0 \\\\ 0 & 1 \\end{matrix}\\right)",
+         "\\begin{pmatrix} 1 & 0 \\\\ 0 & 1 \\end{pmatrix}", True),
+        ("\\left[\\begin{matrix} 2 & -1 \\\\ 3 & 5 \\end{matrix}\\right]",
+         "\\begin{bmatrix} 2 & -1 \\\\ 3 & 5 \\end{bmatrix}", True),
+        ("(\\begin{matrix} 1 \\\\ 2 \\end{matrix})", "(1, 2)", True),
+        ("\\left(\\begin{matrix} 1 & 0 \\\\ 0 & 1 \\end{matrix}\\right)",
+         "\\begin{pmatrix} 0 & 1 \\\\ 1 & 0 \\end{pmatrix}", False),
+        ("(\\begin{matrix} 1 \\\\ 2 \\end{matrix})", "(2, 1)", False),
+    ],
+    "JSON-escaped LaTeX": [
+        ("\\\\frac{3}{4}", "\\frac34", True), ("2\\\\sqrt{5}", "\\sqrt{20}", True),
+        ("\\\\begin{pmatrix} 1 \\\\\\\\ 2 \\\\end{pmatrix}", "(1,2)", True), ("\\\\left( 1, 2 \\\\right)", "(1,2)", True),
+        ("\\\\pi", "\\pi", True),
+        ("\\\\frac{3}{4}", "\\frac43", False), ("2\\\\sqrt{5}", "\\sqrt{10}", False),
+        ("\\\\begin{pmatrix} 1 \\\\\\\\ 2 \\\\end{pmatrix}", "(2,1)", False),
+    ],
+    "digit grouping": [
+        ("10,00,000", "1000000", True), ("1,23,45,678", "12345678", True), ("1'250'000", "1250000", True),
+        ("1_000_000", "1000000", True), ("2.500.000", "2500000", True), ("12\\,345", "12345", True),
+        ("12 345.5", "12345.5", True), ("1\u202f000", "1000", True),
+        ("10,00,000", "100000", False), ("1.000.000", "1", False), ("1'250'000", "125000", False),
+        ("1.000", "1000", False),  # one dot is a decimal point
+    ],
+    "times": [
+        ("\\text{3:45 PM}", "3:45 \\text{ p.m.}", True), ("\\text{10:30}", "10:30", True), ("09:15", "9:15", True),
+        ("4:05\\text{ a.m.}", "4:05 AM", True), ("\\text{7:00 pm}", "7:00 PM", True),
+        ("3:45 \\text{ a.m.}", "3:45 \\text{ p.m.}", False), ("\\text{10:30}", "10:03", False),
+        ("4:05 AM", "4:50 AM", False),
+    ],
+    "commuted factors": [
+        ("\\sqrt{2}\\cdot 3 + \\sqrt{3}\\cdot 2", "3\\sqrt2+2\\sqrt3", True),
+        ("r h \\pi \\cdot 2 + 2\\pi r^2", "2\\pi r^2 + 2\\pi r h", True), ("b a^2 + 1", "1 + a^2 b", True),
+        ("i\\sqrt{3}\\cdot 2 - 1", "-1+2\\sqrt3 i", True), ("3^n \\cdot 2 + 1", "2\\cdot3^{n}+1", True),
+        ("\\sqrt{2}\\cdot 3 + \\sqrt{3}\\cdot 2", "2\\sqrt2+3\\sqrt3", False), ("b^2 a + 1", "1 + a^2 b", False),
+        ("3^n \\cdot 2 + 1", "2^n \\cdot 3 + 1", False),
+    ],
+}
+
+
+def _cases(groups):
+    return [pytest.param(*case, id=f"{kind}-{i}") for kind, cases in groups.items() for i, case in enumerate(cases)]
+
+
+@pytest.mark.parametrize("completion, gold, correct", _cases(EXTRACTION_CASES))
+def test_extraction_by_kind(completion, gold, correct):
+    assert grader.grade(completion, gold) is correct
+
+
+@pytest.mark.parametrize("completion, stated", CLOSING_STATEMENTS)
+def test_closing_statement_fallback_is_opt_in(completion, stated):
+    assert extract_answer(completion) is None  # rewards never read an unmarked answer
+    assert extract_answer(completion, closing_statement=True) == stated
+
+
+def test_closing_statement_fallback_needs_a_stated_value():
+    for text in ["Let me know if you need more help!", "So she walked 3 miles in total.\nHope this helps!"]:
+        assert extract_answer(text, closing_statement=True) is None
+    assert extract_answer("The answer is 3.\nSo the total is $5$.", closing_statement=True) == "3"  # a marker wins
+    assert not is_equiv(extract_answer("Therefore, the number of apples is 17.", closing_statement=True), "71")
+
+
+@pytest.mark.parametrize("pred, gold, equal", _cases(EQUIVALENCE_CASES))
+def test_equivalence_by_kind(pred, gold, equal):
+    assert is_equiv(pred, gold) is equal
+    assert is_equiv(gold, pred) is equal
+
+
 def test_a_list_written_as_a_tuple():
     assert is_equiv("(3,5,7)", "3, 5, 7") and is_equiv("(7,5,3)", "3, 5, 7")  # the gold list is unordered
     assert is_equiv("3, 5, 7", "(3,5,7)") and not is_equiv("7, 5, 3", "(3,5,7)")  # the gold tuple is ordered

@@ -6,10 +6,13 @@ percent, reordered sets, thousands separators, ...) and wrong answers that must 
 (perturbed numbers, swapped tuples, flipped interval ends, sign changes, a dropped element, ...).
 Each grader sees the same completion text; math-verify parses the gold as `\\boxed{gold}`.
 The script prints how often each grader matches the intended verdict, where they disagree, and
-every case where a grader calls a wrong answer right.
+every case where a grader calls a wrong answer right. Then it scores both graders on the cases by kind
+of tests/test_grader.py (issue 23), written from the mathematics: equivalence, extraction (on the
+completions with a `\\boxed` and on all of them) and the wrong answers each calls right.
 
 math-verify is a development dependency: this script is the only file that imports it.
 Run from the project root:  .venv/bin/python tools/bench/grader_vs_math_verify.py [--limit N]
+(--limit 0 prints only the table of the test cases by kind)
 """
 
 import argparse
@@ -392,6 +395,54 @@ def math_verify_verdict(completion: str, gold: str) -> bool:
         return False
 
 
+def math_verify_equal(pred: str, gold: str) -> bool:
+    from math_verify import parse, verify
+
+    try:
+        return bool(verify(parse(f"\\boxed{{{gold}}}"), parse(f"\\boxed{{{pred}}}")))
+    except Exception:
+        return False
+
+
+def score_cases_by_kind():
+    """Both graders on the cases by kind of tests/test_grader.py: a table, and the totals."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import test_grader as cases  # noqa: E402  (imports pytest; the cases are plain data)
+
+    rows = []  # (table, kind, input, gold, verdict, ours, theirs)
+    for kind, group in cases.EXTRACTION_CASES.items():
+        for completion, gold, verdict in group:
+            rows.append(("extraction", kind, completion, gold, verdict,
+                         grader.is_equiv(grader.extract_answer(completion), gold),
+                         math_verify_verdict(completion, gold)))
+    for completion, stated in cases.CLOSING_STATEMENTS:  # an evaluation protocol's fallback, opt-in
+        rows.append(("extraction", "closing statement", completion, stated, True,
+                     grader.is_equiv(grader.extract_answer(completion, closing_statement=True), stated),
+                     math_verify_verdict(completion, stated)))
+    for kind, group in cases.EQUIVALENCE_CASES.items():
+        for pred, gold, verdict in group:
+            rows.append(("equivalence", kind, pred, gold, verdict,
+                         grader.is_equiv(pred, gold), math_verify_equal(pred, gold)))
+
+    print("\ncases by kind of tests/test_grader.py")
+    print(f"{'table':12} {'kind':24} {'cases':>6} {'ours ok':>8} {'m-v ok':>8}")
+    for table, kind in dict.fromkeys((r[0], r[1]) for r in rows):
+        group = [r for r in rows if (r[0], r[1]) == (table, kind)]
+        print(f"{table:12} {kind:24} {len(group):6} {sum(r[5] == r[4] for r in group):8} "
+              f"{sum(r[6] == r[4] for r in group):8}")
+    subsets = {"equivalence": [r for r in rows if r[0] == "equivalence"],
+               "extraction": [r for r in rows if r[0] == "extraction"],
+               "extraction, boxed": [r for r in rows if r[0] == "extraction" and "boxed" in r[2]]}
+    for name, group in subsets.items():
+        print(f"{name:18} rate: ours {sum(r[5] == r[4] for r in group) / len(group):.3f}, "
+              f"math-verify {sum(r[6] == r[4] for r in group) / len(group):.3f} ({len(group)} cases)")
+    print(f"wrong answers called right: ours {sum(r[5] and not r[4] for r in rows)}, "
+          f"math-verify {sum(r[6] and not r[4] for r in rows)} (of {sum(not r[4] for r in rows)})")
+    for r in rows:
+        if r[5] != r[4]:
+            print(f"  ours misses [{r[0]}/{r[1]}] verdict={r[4]}: {r[2]!r} vs gold {r[3]!r}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     data = ROOT.parent / "shared" / "data"
@@ -452,6 +503,7 @@ def main():
     show("disagreements where ours matches the verdict", [i for i in disagreements if ours[i] == pairs[i][4]])
     show("both graders miss the verdict", [i for i in range(len(pairs)) if ours[i] == theirs[i] != pairs[i][4]])
     show("wrong answers called right by ours", false_accepts["ours"])
+    score_cases_by_kind()
 
 
 if __name__ == "__main__":
