@@ -291,8 +291,12 @@ def load_problems(spec: str, split: str = "train", *, fields: dict | None = None
         path = Path(spec).expanduser()
         name = path.name if path.is_dir() else f"{path.parent.name}/{path.stem}".lstrip("/")
         problems = _problems(_local_rows(path, split), name, GENERIC, fields)
+    elif "=" in spec:  # NAME=PATH with a NAME that is no source: say which are
+        raise DataError(f"unknown source {spec.split('=', 1)[0]!r} in {spec!r}: NAME=PATH takes one of "
+                        f"{', '.join(SOURCES)} (a local copy of that source); give any other file by its path")
     else:
-        raise DataError(f"unknown data {spec!r}: use linear, arith, {', '.join(SOURCES)}, NAME=PATH, "
+        raise DataError(f"unknown data {spec!r}: use linear, arith, {', '.join(SOURCES)}, NAME=PATH "
+                        f"(NAME one of those sources), "
                         f"a .json/.jsonl/.parquet file or save_to_disk folder, or a mixture like "
                         f"open-rs:3000,limo")
     if not problems and limit != 0:  # training on nothing would divide by zero later

@@ -356,3 +356,11 @@ def test_chat_prompts(chat_tokenizer):
         format_prompt("Q", None, "qwen-math")
     with pytest.raises(ValueError, match="unknown prompt template"):
         format_prompt("Q", chat_tokenizer, "chatml")
+
+
+def test_name_equals_path_with_an_unknown_name_lists_the_sources(tmp_path):
+    import data
+
+    (tmp_path / "rows.jsonl").write_text('{"problem": "1+1", "answer": "2"}\n')
+    with pytest.raises(data.DataError, match="unknown source 'mydata'.*NAME=PATH takes one of .*limo"):
+        data.load_problems(f"mydata={tmp_path / 'rows.jsonl'}")
