@@ -20,10 +20,12 @@ ABLATIONS = ROOT / "docs" / "ablations"
 PATCHES = sorted(path.name for path in ABLATIONS.glob("*.patch"))
 # Tiny on purpose: ~6 s of CPU per run. cosine:1 (lengths in characters) gives every group distinct
 # rewards, so every step has a gradient; beta > 0 loads the reference, which the KL ablation needs.
+# No warm-up: the default's ceil(0.1 x 2 steps) = 1 step at lr 0 would leave step 1 without an update.
 GRPO_FLAGS = {"--data": "linear", "--template": "plain", "--engine": "hf", "--rewards": "cosine:1",
               "--max-steps": "2", "--save-steps": "100", "--prompts-per-step": "4", "--num-generations": "4",
               "--micro-batch-size": "16", "--temperature": "1.0", "--max-prompt-length": "64",
-              "--max-completion-length": "16", "--lr": "3e-3", "--beta": "0.04", "--grader-workers": "1"}
+              "--max-completion-length": "16", "--lr": "3e-3", "--warmup-ratio": "0", "--beta": "0.04",
+              "--grader-workers": "1"}
 
 
 START_SIZES = dict(hidden_size=32, num_layers=1, num_heads=2, seed=1)
