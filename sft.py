@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 import data
-from mathrl import checkpoints, distributed, flags, fsdp, logs, memplan, models, sequences
+from mathrl import checkpoints, distributed, flags, fsdp, logs, lora, memplan, models, sequences
 from mathrl.flags import COUNT, FRACTION, NON_NEGATIVE, flag
 
 TEMPLATES = data.TEMPLATES  # inside Config, `data` is the --data field
@@ -103,10 +103,31 @@ def main(argv=None):
         raise SystemExit(f"error: --batch-size {cfg.batch_size} must divide evenly over {dist.world_size} "
                          f"ranks")
 
+    # ---- LoRA's flags against the model's architecture (its config only, no weights yet)
+    if cfg.lora_rank:
+        lora_alpha = cfg.lora_alpha or float(cfg.lora_rank)  # 0: alpha = rank (see flags.TrainFlags)
+        try:
+            lora.check_config(cfg.lora_rank, lora_alpha, cfg.lora_dropout)
+            targets = lora.check_targets(cfg.lora_targets)
+            if cfg.model == "tiny":
+                with torch.device("meta"):  # the architecture only, no weights
+                    architecture = models.build_tiny_model(seed=cfg.seed)[0].config
+            else:
+                models.check_model_path(cfg.model)
+                from transformers import AutoConfig
+                architecture = AutoConfig.from_pretrained(cfg.model)
+            lora.check_targets_match(architecture, targets)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
+
     # ---- the tokenizer and the examples, then the model:
-    # the newest complete checkpoint, else the starting model
+    # the newest complete checkpoint, else the starting model. A LoRA checkpoint holds the adapters
+    # only: the frozen base is the starting model again, the adapters are loaded into it below.
     checkpoint = checkpoints.latest_checkpoint(cfg.output_dir)
-    start = str(checkpoint) if checkpoint is not None else cfg.model
+    if checkpoint is not None and (checkpoint / "adapter").is_dir() != bool(cfg.lora_rank):
+        raise SystemExit(f"error: {checkpoint} is a {'LoRA' if cfg.lora_rank == 0 else 'full'} checkpoint; "
+                         f"resume it with the --lora-rank it was written with, or use another --output-dir")
+    start = str(checkpoint) if checkpoint is not None and not cfg.lora_rank else cfg.model
     if start != "tiny":
         models.check_model_path(start)
     tokenizer = models.build_tiny_tokenizer() if start == "tiny" else models.load_tokenizer(start)
@@ -120,20 +141,26 @@ def main(argv=None):
         raise SystemExit("error: --rope-theta / --max-position-embeddings need a model folder, not tiny")
     model = models.build_tiny_model(seed=cfg.seed)[0] if start == "tiny" else models.load_model(
         start, rope_theta=cfg.rope_theta, max_positions=cfg.max_position_embeddings)
+    if cfg.lora_rank:  # before sharding: every rank wraps the whole model alike (A from its own seed)
+        lora.apply_lora(model, cfg.lora_rank, lora_alpha, targets, cfg.lora_dropout, seed=cfg.seed)
     if dist.is_main:
         print(f"sft: {len(examples)} examples from {cfg.data!r} "
               f"({num_truncated} cut at {cfg.max_length} tokens), "
-              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
+              f"({sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.3f}M trained), "
               f"{dist.world_size} rank(s)")
 
     model = fsdp.shard_model(model, dist, cfg.bf16, cfg.gradient_checkpointing)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+    trained = lora.trainable_parameters(model) if cfg.lora_rank else model.parameters()  # the shards
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(0.9, cfg.adam_beta2))
     scheduler = fsdp.lr_schedule(optimizer, cfg.lr_schedule, cfg.max_steps, cfg.warmup_ratio,
                                  cfg.min_lr_ratio)
     start_step = 0
     if checkpoint is not None:
         state = checkpoints.load_trainer_state(checkpoint)
+        if cfg.lora_rank:
+            lora.load_adapter(model, checkpoint / "adapter")  # each rank copies in its shard of A and B
         start_step = checkpoints.restore_checkpoint(state, {"model": (model, optimizer)},
                                                     {"model": scheduler}, dist, seed=cfg.seed)["step"]
         if dist.is_main:
@@ -223,6 +250,18 @@ PRESETS = {
                  # create_scheduler; transformers <= 4.48.2, train/requirements.txt:2): get_scheduler(
                  # "cosine" (yaml:30)), ceil(0.0 x 192) = 0 warm-up steps (yaml:31)
                  lr_schedule="transformers"),
+    # The GRPO-vs-SFT study (experiments/ood.py's source: Qwen2.5-1.5B-Instruct on linear equations, GSM8K
+    # 55.19 -> 0.73 after SFT): its code was not found (searched 2026-12-07 for the model, the task and the
+    # GSM8K numbers), so only the model, the task and "LoRA with Unsloth's defaults" are its own.
+    # LoRA: Unsloth's notebooks' FastLanguageModel.get_peft_model cell, r = 16, lora_alpha = 16,
+    # lora_dropout = 0, target_modules the 7 projections q,k,v,o,gate,up,down (as quoted in public
+    # copies of those notebooks; the study's own cell unseen). Everything else is UNKNOWN: the limo
+    # defaults stand (steps, batch, length, lr: 5e-6 is a full fine-tuning rate; Unsloth's notebooks' 2e-4
+    # is from memory, not a source seen); the template, Qwen's chat template with qwen-math's system
+    # prompt, is OURS.
+    "grpo-vs-sft-lora": dict(model="Qwen/Qwen2.5-1.5B-Instruct", data="linear", template="qwen-math",
+                             lora_rank=16, lora_alpha=16.0, lora_dropout=0.0,
+                             lora_targets="q,k,v,o,gate,up,down"),
 }
 
 

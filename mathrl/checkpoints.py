@@ -1,6 +1,7 @@
 """Checkpoints. `D/checkpoint-N/` holds
   - the model as a save_pretrained folder (config, safetensors weights, tokenizer): transformers and
-    vLLM load it as it is. PPO's critic is a second such folder, `critic/`;
+    vLLM load it as it is. PPO's critic is a second such folder, `critic/`. A LoRA run writes its
+    adapters instead, peft's folder `adapter/` (the base is the starting model) beside the tokenizer;
   - `optimizer/`: the Adam states in torch.distributed.checkpoint's sharded format: each rank writes
     and reads only its own shard, and a checkpoint of N ranks loads on any number (DCP reshards);
   - `trainer_state.pt` (a few kB): step, schedulers, each rank's random state, the world size;
@@ -86,9 +87,15 @@ def save_pretrained(model, tokenizer, path, dist: Dist, max_shard_bytes: int = M
     keeps it, until its weights file is written: rank 0 never holds more than one file's worth
     (max_shard_bytes), the other ranks one tensor. Several files come with the usual
     model.safetensors.index.json. Raises CheckpointWriteError on every rank if a write fails."""
+    from mathrl import lora  # here, not above: lora imports this module
+
     path = Path(path)
     state = model.state_dict()  # under FSDP2: each rank's shards (DTensors); nothing is gathered here
-    names = _saved_tensor_names(model, state)
+    # A LoRA model is saved merged, W + (alpha / r) B A under the base names: the plain architecture
+    # that transformers and vLLM load as it is. merged_tensors walks these same names in this order.
+    adapter_names = set(lora.adapter_state_names(model))
+    names = [name for name in _saved_tensor_names(model, state) if name not in adapter_names]
+    merged = lora.merged_tensors(model) if adapter_names else None
     files, size = [[]], 0       # plan the files from the global shapes, the same on every rank
     for name in names:
         nbytes = state[name].numel() * state[name].element_size()
@@ -103,8 +110,12 @@ def save_pretrained(model, tokenizer, path, dist: Dist, max_shard_bytes: int = M
     for file_name, file_tensors in zip(file_names, files):
         tensors = {}
         for name in file_tensors:
-            tensor = state[name].detach()
-            tensor = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # a collective
+            if merged is not None:
+                merged_name, tensor = next(merged)  # gathered and merged (collectives)
+                assert merged_name == name, (merged_name, name)
+            else:
+                tensor = state[name].detach()
+                tensor = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # a collective
             if dist.is_main:
                 tensors[name] = tensor.to("cpu").contiguous()
         if dist.is_main and error is None:
@@ -151,7 +162,19 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, optimizers: dict, s
             except WRITE_ERRORS as e:
                 error = e
         _agree_all_wrote(error, dist, partial)
-        save_pretrained(model, tokenizer, partial, dist)
+        from mathrl import lora  # here, not above: lora imports this module
+
+        adapters = bool(lora.lora_modules(model))
+        if adapters:  # LoRA: the frozen base is the starting model; only A and B are the run's own
+            lora.save_adapter(model, partial / "adapter", model.name_or_path, dist)
+            if dist.is_main:
+                try:
+                    tokenizer.save_pretrained(partial)
+                except WRITE_ERRORS as e:
+                    error = e
+            _agree_all_wrote(error, dist, partial)
+        else:
+            save_pretrained(model, tokenizer, partial, dist)
         for name, extra in (extra_models or {}).items():
             save_pretrained(extra, tokenizer, partial / name, dist)
         # An optimizer that has not stepped yet (PPO's actor during the critic's warm-up) has no state,
@@ -173,8 +196,8 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, optimizers: dict, s
                             "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
                             "optimizers": sorted(stepped), "rng": rng_states}, small_state)
                 (partial / "trainer_state.pt").write_bytes(small_state.getvalue())
-                model_folders = ["", *[f"{name}/" for name in extra_models or {}]]
-                _write_marker(partial, step, dist.world_size, model_folders)
+                model_folders = [*([] if adapters else [""]), *[f"{name}/" for name in extra_models or {}]]
+                _write_marker(partial, step, dist.world_size, model_folders, ["adapter/"] if adapters else [])
                 if final.exists():  # a damaged checkpoint of this step, skipped when this run resumed
                     shutil.rmtree(final)
                 os.replace(partial, final)  # atomic: the folder appears complete or not at all
@@ -210,12 +233,13 @@ def _quiet_without_process_group():
         yield
 
 
-def _write_marker(folder: Path, step: int, world_size: int, model_folders: list[str]):
+def _write_marker(folder: Path, step: int, world_size: int, model_folders: list[str],
+                  adapter_folders: list[str]):
     files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
     marker = folder / f".{COMPLETE_MARKER}.tmp"
     with open(marker, "w") as f:
-        json.dump({"step": step, "world_size": world_size, "models": model_folders, "files": files}, f,
-                  indent=1)
+        json.dump({"step": step, "world_size": world_size, "models": model_folders,
+                   "adapters": adapter_folders, "files": files}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     os.replace(marker, folder / COMPLETE_MARKER)
@@ -229,6 +253,7 @@ def checkpoint_problem(folder) -> str | None:
     try:
         marker = json.loads((folder / COMPLETE_MARKER).read_text())
         files, model_folders = dict(marker["files"]), list(marker["models"])
+        adapter_folders = list(marker.get("adapters", []))  # LoRA checkpoints (older markers: none)
     except FileNotFoundError:
         return f"{COMPLETE_MARKER} is missing (written last: the checkpoint was never finished)"
     except (OSError, ValueError, KeyError, TypeError):
@@ -240,6 +265,8 @@ def checkpoint_problem(folder) -> str | None:
         index = "model.safetensors.index.json"  # a model saved in several files
         weights = "model.safetensors" if f"{prefix}model.safetensors" in files else index
         needed += [f"{prefix}config.json", prefix + weights]
+    for prefix in adapter_folders:
+        needed += [f"{prefix}adapter_config.json", f"{prefix}adapter_model.safetensors"]
     for name in needed:
         if name not in files:
             return f"{name} is missing"
@@ -316,8 +343,13 @@ def restore_checkpoint(state: dict, optimizers: dict, schedulers: dict, dist: Di
 
 
 def finish(output_dir, model, tokenizer, dist: Dist):
-    """The final model at the root of the output dir, loadable by transformers and vLLM."""
+    """The final model at the root of the output dir, loadable by transformers and vLLM. A LoRA model
+    is saved merged, and its adapters beside it in peft's folder `adapter/` (for peft and vLLM's LoRA)."""
+    from mathrl import lora  # here, not above: lora imports this module
+
     try:
         save_pretrained(model, tokenizer, output_dir, dist)
+        if lora.lora_modules(model):
+            lora.save_adapter(model, Path(output_dir) / "adapter", model.name_or_path, dist)
     except CheckpointWriteError as failure:
         stop(f"error: {failure}", dist)

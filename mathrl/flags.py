@@ -59,6 +59,15 @@ class TrainFlags:
                                 "1 if not")
     plan_gpus: int = flag(0, "GPUs the memory plan is for (0: this launch's ranks)", **NON_NEGATIVE)
     gpu_memory_gb: float = flag(80.0, "memory of one GPU for the memory plan, GiB", above=0)
+    # LoRA (mathrl/lora.py): a low-rank update of the listed projections, the base weights frozen.
+    lora_rank: int = flag(0, "LoRA rank r (0: off, full fine-tuning); sft.py only for now", low=0)
+    # alpha = r, a scale alpha / r of 1: peft's LoraConfig defaults (r=8, lora_alpha=8: peft 0.21.2
+    # tuners/lora/config.py:632,652) and Unsloth's notebooks' (r=16, lora_alpha=16) both have this ratio.
+    lora_alpha: float = flag(0.0, "LoRA alpha: the update is scaled by alpha / rank (0: alpha = rank, "
+                                  "scale 1, as peft's and Unsloth's defaults)", low=0)
+    lora_targets: str = flag("q,k,v,o,gate,up,down", "comma-separated Linear modules LoRA adapts "
+                                                     "(q, k, v, o, gate, up, down are *_proj; any name)")
+    lora_dropout: float = flag(0.0, "dropout on the LoRA adapters' input (peft's default 0)", low=0, high=1)
 
 
 @dataclasses.dataclass
@@ -179,6 +188,13 @@ def check_flags(config):
     if getattr(config, "warmup_steps", 0) and config.lr_schedule == "mathrl":
         raise SystemExit("error: --warmup-steps needs --lr-schedule transformers (mathrl counts warm-up by "
                          "--warmup-ratio only)")
+    lora_given = [f"--lora-{name}" for name, default in [("alpha", 0.0), ("dropout", 0.0),
+                  ("targets", "q,k,v,o,gate,up,down")] if getattr(config, f"lora_{name}", default) != default]
+    if getattr(config, "lora_rank", 0) == 0 and lora_given:
+        raise SystemExit(f"error: {lora_given[0]} needs --lora-rank > 0 (0 is LoRA off)")
+    if isinstance(config, RLFlags) and config.lora_rank > 0:  # grpo.py, ppo.py
+        raise SystemExit(f"error: --lora-rank {config.lora_rank}: LoRA is not yet wired into "
+                         f"{Path(sys.argv[0]).name}; only sft.py trains adapters so far")
     if getattr(config, "engine", None) == "vllm" and str(getattr(config, "model", "")).endswith(".gguf"):
         raise SystemExit(f"error: --model {config.model!r} is a GGUF file; --engine vllm loads a "
                          f"save_pretrained folder or hub id, so use --engine hf")

@@ -224,15 +224,19 @@ def root_parameters(shape: Shape, critic: bool = False) -> int:
 
 
 def gathered_bytes(shape: Shape, world_size: int, compute_bytes: int, critic: bool = False,
-                   fsdp: bool | None = None) -> float:
+                   fsdp: bool | None = None, adapters_per_layer: int = 0) -> float:
     """FSDP's unsharded working set inside a layer's backward: the root group (gathered for the whole
     forward and backward) and two layers in the compute dtype, the unsharded gradients of the root (the
     LM head's lives through the backward) and of one layer, and that layer's gradients copied into fp32
     to be reduce-scattered. Without FSDP (fsdp None: one process), bf16 autocast caches a bf16 copy of
-    every trained weight it uses."""
+    every trained weight it uses. With LoRA (adapters_per_layer > 0) the frozen base has no gradients:
+    only the layer's adapters have one, and autocast caches no copy of a frozen weight."""
     root, layer = root_parameters(shape, critic), shape.layer_parameters()
     if not (world_size > 1 if fsdp is None else fsdp):
-        return (root + shape.layers * layer) * 2 if compute_bytes == 2 else 0.0
+        trained = shape.layers * adapters_per_layer if adapters_per_layer else root + shape.layers * layer
+        return trained * 2 if compute_bytes == 2 else 0.0
+    if adapters_per_layer:
+        return (root + 2 * layer) * compute_bytes + adapters_per_layer * (compute_bytes + 4)
     return (root + 2 * layer) * compute_bytes + (root + layer) * compute_bytes + layer * 4
 
 
@@ -276,10 +280,19 @@ def make_plan(trainer: str, cfg, world_size: int, gpu_memory_gb: float,
     elif trainer == "grpo":
         with_reference = cfg.beta > 0
     trained = policy + critic
+    weights = trained
+    if getattr(cfg, "lora_rank", 0):  # LoRA (sft.py): the base frozen in fp32; gradients, Adam of A, B only
+        from mathrl import lora
+        try:
+            trained = lora.adapter_parameter_count(shape, cfg.lora_rank, cfg.lora_targets)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
+        weights = policy + trained
     tokens = cfg.micro_batch_size * seq
     chunk = getattr(cfg, "logprob_chunk_size", None)
 
-    rows = [("resident", f"weights, fp32, 1/{W} of {count(trained)} parameters", 4 * trained / W),
+    rows = [("resident", f"weights, fp32, 1/{W} of {count(weights)} parameters"
+                         f"{f' ({count(trained)} trained)' if weights != trained else ''}", 4 * weights / W),
             ("resident", "Adam moments, fp32, sharded", 8 * trained / W)]
     if with_reference:  # fsdp.frozen_dtype: bf16 only under FSDP with bf16
         reference_bytes = 2 if cfg.bf16 and fsdp else 4
@@ -291,26 +304,28 @@ def make_plan(trainer: str, cfg, world_size: int, gpu_memory_gb: float,
     # FSDP gathered, activations, a log-prob chunk) and the root's reduce-scatter at its end
     grads = 4 * trained / W
     checkpointing = cfg.gradient_checkpointing
-    gathered = gathered_bytes(shape, W, cb, fsdp=fsdp)
+    lora_layer = (trained // shape.layers) if weights != trained else 0  # adapters of one layer
+    gathered = gathered_bytes(shape, W, cb, fsdp=fsdp, adapters_per_layer=lora_layer)
     policy_activations = activation_bytes(shape, tokens, cb, checkpointing, fsdp)
     logprobs = logprob_bytes(shape, tokens, chunk, cb)
     policy_step = gathered + policy_activations + logprobs
     rows.append(("update", "gradients, fp32, sharded", grads))
-    rows.append(("update", "gathered by FSDP: root + 2 layers, unsharded gradients" if fsdp else
-                 "bf16 copies of the weights cached by autocast", gathered))
+    rows.append(("update", (f"gathered by FSDP: root + 2 layers, {'adapters' if lora_layer else 'unsharded'} "
+                            "gradients") if fsdp else "bf16 copies of the trained weights cached by autocast",
+                 gathered))
     rows.append(("update", f"activations of {cfg.micro_batch_size} x {seq} tokens, "
                            f"{'checkpointed' if checkpointing else 'NOT checkpointed'}", policy_activations))
     rows.append(("update", f"log-probs: {min(chunk or tokens, tokens)} tokens x {shape.vocab} vocabulary "
                            f"at once{'' if chunk else ' (unchunked)'}", logprobs))
     step = policy_step
-    root_reduce = root_reduce_bytes(shape, W, cb, fsdp=fsdp)
+    root_reduce = 0.0 if lora_layer else root_reduce_bytes(shape, W, cb, fsdp=fsdp)  # LoRA: root frozen
     if critic_shape is not None:  # the critic's step alternates with the actor's: the larger one counts
         critic_step = gathered_bytes(critic_shape, W, cb, critic=True, fsdp=fsdp) + \
             activation_bytes(critic_shape, tokens, cb, checkpointing, fsdp)
         rows.append(("update", "critic micro-batch: gathered + activations (alternates)", critic_step))
         step = max(policy_step, critic_step)
         root_reduce = max(root_reduce, root_reduce_bytes(critic_shape, W, cb, critic=True, fsdp=fsdp))
-    if fsdp:
+    if fsdp and not lora_layer:
         rows.append(("update", "root's gradients, fp32 reduce-scatter copy (alternates)",
                      root_reduce))
     rows.append(("always", "reserve: CUDA context, NCCL, vLLM asleep, fragmentation", RESERVE_GIB * GiB))
