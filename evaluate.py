@@ -1,4 +1,4 @@
-"""Evaluate a model on math benchmarks: pass@1, unbiased pass@k, response length, truncation.
+"""Evaluate a model on math benchmarks: pass@1, unbiased pass@k, maj@k, response length, truncation.
 
     python evaluate.py --model Qwen/Qwen2.5-Math-7B --protocol limr --engine vllm --out results/limr.json
     python evaluate.py --model Qwen/Qwen2.5-Math-1.5B --bench math500 aime24 amc23 --n 8 --k 1,8 \
@@ -24,6 +24,7 @@ import os
 import re
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ from tqdm import tqdm
 import data
 from mathrl import distributed, models
 from mathrl.engine import Sampling, make_engine
-from mathrl.grader import Grader, extract_answer
+from mathrl.grader import Grader, extract_answer, is_equiv
 
 BENCHMARKS = ["gsm8k", "math500", "aime24", "aime25", "amc23", "minerva", "olympiadbench", "limo", "linear"]
 SINGLE_SPLIT = {"limo": "train"}  # the training sets evaluated as benchmarks have only a train split
@@ -119,13 +120,63 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
+# maj@k as Qwen2.5-Math's evaluation computes it (QwenLM/Qwen2.5-Math @a45202b, evaluation/rm_maj_eval.py):
+# the first k answers of a problem vote (:83), the largest group of equal answers wins, on a tie the
+# group seen first (:22-23 Counter.most_common; :45 a stable sort), and the problem counts as correct
+# if the first member of that group was graded correct (:84-85). Answers are grouped as its
+# use_symbol=True branch does (:29-43): each joins the first group whose first member it equals, here
+# by grader.is_equiv. (Its maj@k call passes use_symbol=False, :83: exact strings after its
+# normalisation; equivalence also merges "0.5" with "\frac{1}{2}".)
+
+def vote_clusters(answers: list[str | None]) -> list[int]:
+    """For each sample, the index of the first sample of its cluster of equivalent answers.
+
+    A sample joins the first cluster whose first member it is equivalent to (grader.is_equiv, the
+    same judge as the verdicts), else founds a new one. Samples with no answer (None) form one
+    cluster of their own, as Qwen's parser returns "" for them and "" votes like any answer
+    (evaluation/parser.py:544-546); that cluster can win the vote, and is never correct.
+    Processing in order means the clusters of the first k samples are a prefix of these, so one
+    pass serves every k.
+    """
+    founders, founder_of_text, firsts = [], {}, []  # firsts: each cluster's first sample, in order
+    for i, answer in enumerate(answers):
+        if answer in founder_of_text:  # a repeat of a text seen before: no comparison needed
+            founders.append(founder_of_text[answer])
+            continue
+        founder = next((first for first in firsts if answer is not None and answers[first] is not None
+                        and is_equiv(answer, answers[first])), i)
+        if founder == i:
+            firsts.append(i)
+        founder_of_text[answer] = founder
+        founders.append(founder)
+    return founders
+
+
+def majority_is_correct(founders: list[int], correct: list[bool], k: int) -> bool:
+    """maj@k of one problem: is the most common cluster among the first k samples correct?"""
+    # Counter keeps first-seen order and most_common is stable, so a tie goes to the cluster whose
+    # first member comes first (Qwen's rm_maj_eval.py:23, the same call)
+    winner = Counter(founders[:k]).most_common(1)[0][0]
+    return correct[winner]
+
+
 def summarize(records: list[dict], ks: list[int]) -> dict:
-    """Benchmark metrics from per-problem records (each has n samples and their verdicts)."""
+    """Benchmark metrics from per-problem records (each has n samples, their answers and verdicts).
+
+    pass@1 is the mean verdict over all samples; pass@1(first) counts the first sample of each
+    problem only (what some papers call pass@1); pass@k and maj@k for each k > 1 in `ks`.
+    """
     summary = {"n_problems": len(records), "n_samples": min(len(r["correct"]) for r in records),
-               "pass@1": _mean(sum(r["correct"]) / len(r["correct"]) for r in records)}
-    for k in ks:
-        if k > 1:
-            summary[f"pass@{k}"] = _mean(pass_at_k(len(r["correct"]), sum(r["correct"]), k) for r in records)
+               "pass@1": _mean(sum(r["correct"]) / len(r["correct"]) for r in records),
+               "pass@1(first)": _mean(r["correct"][0] for r in records)}
+    vote_ks = [k for k in ks if k > 1]  # maj@1 is pass@1(first)
+    for k in vote_ks:
+        summary[f"pass@{k}"] = _mean(pass_at_k(len(r["correct"]), sum(r["correct"]), k) for r in records)
+    if vote_ks:  # cluster each problem's answers once, for every k
+        founders = [vote_clusters(r["extracted"][:max(vote_ks)]) for r in records]
+        for k in vote_ks:
+            summary[f"maj@{k}"] = _mean(majority_is_correct(f, r["correct"], k)
+                                        for f, r in zip(founders, records))
     summary["mean_response_tokens"] = _mean(n for r in records for n in r["num_tokens"])
     summary["truncated_frac"] = _mean(reason == "length" for r in records for reason in r["finish_reasons"])
     return summary
@@ -205,8 +256,12 @@ def read_samples(path: Path, is_main: bool) -> list[dict]:
                 print(f"evaluate: dropping the torn last line {number} of {path}; its problem is redone")
             break
         if record is not None:
-            if not isinstance(record, dict) or not {"bench", "id", "correct"} <= set(record):
+            if not isinstance(record, dict):
                 raise SystemExit(f"error: {path} line {number} is not a record evaluate.py wrote")
+            missing = sorted({"bench", "id", "correct", "extracted"} - set(record))
+            if missing:  # every evaluate.py wrote all four; maj@k votes with "extracted"
+                raise SystemExit(f"error: {path} line {number} is not a record evaluate.py wrote "
+                                 f"(it lacks {', '.join(missing)})")
             records.append(record)
         kept += len(line) + ends_in_newline
     if is_main and (kept < len(raw) or not raw.endswith(b"\n")) and raw:
@@ -253,13 +308,17 @@ def parse_args(argv=None):
                                               f"name=path (default: the protocol's benchmarks)")
     p.add_argument("--split", default="test", help="split to evaluate (single-split sets use their only one)")
     p.add_argument("--n", type=int, help="samples per problem (default 1)")
-    p.add_argument("--k", type=_k_list, default=[1], help="comma list of k for pass@k, each <= n (default 1)")
+    p.add_argument("--k", type=_k_list, default=[1],
+                   help="comma list of k, each <= n (default 1): unbiased pass@k and, for k > 1, maj@k "
+                        "(majority vote of the first k samples' answers)")
     p.add_argument("--temperature", type=float, help="0 = greedy (default 0)")
     p.add_argument("--top-p", type=float, help="nucleus sampling mass (default 1)")
     p.add_argument("--max-tokens", type=int, help="max new tokens per completion (default 2048)")
     p.add_argument("--template", choices=data.TEMPLATES, help="prompt template (default auto)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems of each bench")
-    p.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="generation backend (default hf)")
+    p.add_argument("--engine", choices=["hf", "vllm"], default="vllm",
+                   help="generation backend (default vllm, as the trainers'; hf for a GGUF file, or to generate with "
+                        "the training code's own model)")
     p.add_argument("--batch-size", type=int, default=64, help="hf engine: prompts per batch (default 64)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
                    help="weights' dtype; auto = bfloat16 on CUDA, float32 on CPU")
@@ -268,7 +327,15 @@ def parse_args(argv=None):
                    help="vllm: GPUs one model is sharded over (one process; use torchrun for data parallel)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm: fraction of GPU memory")
     p.add_argument("--max-model-len", type=int, default=None,
-                   help="vllm: prompt + completion tokens (default: the protocol's, else the model's)")
+                   help="vllm: prompt + completion tokens (default: the protocol's, else the longest prompt "
+                        "+ --max-tokens, at most the model's)")
+    p.add_argument("--vllm-cpu-kv-cache-gb", type=float, default=None,
+                   help="vllm on CPU: the KV cache, GiB (default: enough for one generate call's sequences "
+                        "at full length, at most half the free RAM)")
+    p.add_argument("--rope-theta", type=float, default=0.0,
+                   help="override the model's RoPE base (0: its own), in the HF model and vLLM alike")
+    p.add_argument("--max-position-embeddings", type=int, default=0,
+                   help="override the model's max_position_embeddings (0: its own), as --rope-theta")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--grader-workers", type=int, default=2, help="processes grading answers (default 2)")
     p.add_argument("--out", default=None,
@@ -289,8 +356,14 @@ def parse_args(argv=None):
             p.error(f"{flag} must be at least {low}, got {value}")
     if not 0 <= args.seed < 2 ** 32:  # numpy's seed range
         p.error(f"--seed must be in [0, 2^32), got {args.seed}")
+    if args.rope_theta < 0 or args.max_position_embeddings < 0:
+        p.error("--rope-theta and --max-position-embeddings must be >= 0 (0: the model's own)")
     if not 0 < args.gpu_memory_utilization <= 1:
         p.error(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
+    if args.vllm_cpu_kv_cache_gb is not None and not 0 < args.vllm_cpu_kv_cache_gb < math.inf:
+        p.error(f"--vllm-cpu-kv-cache-gb must be a positive number of GiB, got {args.vllm_cpu_kv_cache_gb}")
+    if args.engine == "vllm" and args.model.endswith(".gguf"):
+        p.error("--model: a GGUF file loads with --engine hf (vLLM takes a model folder or hub id)")
     one_process = int(os.environ.get("WORLD_SIZE", "1")) == 1  # torchrun runs one engine per GPU instead
     if args.tensor_parallel_size > 1 and (args.engine != "vllm" or not one_process):
         p.error("--tensor-parallel-size > 1 needs --engine vllm in one process, not under torchrun")
@@ -337,7 +410,8 @@ def resolve_dtype(dtype: str) -> str:
 
 
 def markdown_table(summaries: list[dict], ks: list[int]) -> str:
-    columns = ["bench", "n_problems", "n_samples", "pass@1"] + [f"pass@{k}" for k in ks if k > 1] + \
+    columns = ["bench", "n_problems", "n_samples", "pass@1", "pass@1(first)"] + \
+              [f"pass@{k}" for k in ks if k > 1] + [f"maj@{k}" for k in ks if k > 1] + \
               ["mean_response_tokens", "truncated_frac"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for s in summaries:
@@ -345,6 +419,38 @@ def markdown_table(summaries: list[dict], ks: list[int]) -> str:
                  else str(s[c]) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def build_engine(args, model, tokenizer, dist, dtype: str, max_model_len: int | None, benches: dict):
+    """The engine the flags ask for, vLLM sized from the work (tools/bench/eval_speed.py times this
+    very one): sequences as long as the longest prompt + its --max-tokens (unless --max-model-len or
+    the protocol sets the length), as many at once as one generate call holds on this rank (a chunk
+    of CHUNK_COMPLETIONS), and on CPU a KV cache that holds all of them (--vllm-cpu-kv-cache-gb)."""
+    if args.engine != "vllm":
+        return make_engine(args.engine, model, tokenizer, args.model, dist, batch_size=args.batch_size)
+    longest, sequences = 1, 1
+    for spec, problems in benches.items():
+        settings = args.settings[spec]
+        prompts = [data.format_prompt(p["prompt"], tokenizer, settings["template"]) for p in problems]
+        longest = max(longest, settings["max_tokens"] + max(
+            len(tokenizer(prompt, add_special_tokens=False).input_ids) for prompt in prompts))
+        chunk = min(len(problems), max(1, CHUNK_COMPLETIONS // settings["n"]))  # evaluate_problems' chunks
+        sequences = max(sequences, math.ceil(chunk / dist.world_size) * settings["n"])
+    kv_gb = args.vllm_cpu_kv_cache_gb
+    overrides = {}
+    if args.rope_theta or args.max_position_embeddings:  # as models.load_model would build it
+        from transformers import AutoConfig
+
+        try:
+            overrides = models.config_overrides(AutoConfig.from_pretrained(args.model), args.rope_theta,
+                                                args.max_position_embeddings)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
+    return make_engine("vllm", model, tokenizer, args.model, dist, dtype=dtype,
+                       gpu_memory_utilization=args.gpu_memory_utilization,
+                       max_model_len=max_model_len or longest, max_num_seqs=sequences,
+                       kv_cache_memory_bytes=int(kv_gb * 2**30) if kv_gb else None,
+                       tensor_parallel_size=args.tensor_parallel_size, hf_overrides=overrides)
 
 
 def main(argv=None):
@@ -365,7 +471,10 @@ def main(argv=None):
     models.check_model_path(args.model)
     produced_by = {spec: {"model": args.model, "split": SINGLE_SPLIT.get(spec, args.split), "seed": args.seed,
                           "dtype": dtype, "fallback": list(fallback), "engine": args.engine,
-                          "max_model_len": max_model_len, **args.settings[spec]}
+                          "max_model_len": max_model_len, **args.settings[spec],
+                          **({"rope_theta": args.rope_theta} if args.rope_theta else {}),
+                          **({"max_position_embeddings": args.max_position_embeddings}
+                             if args.max_position_embeddings else {})}
                    for spec in benches}
     samples_path = Path(args.out).with_suffix(".samples.jsonl") if args.out else None
     done = {}  # (bench, id) -> record, from an earlier run with the same --out
@@ -382,11 +491,9 @@ def main(argv=None):
             raise SystemExit(f"error: --template: {error}")
     model = None
     if args.engine == "hf":  # vLLM loads the weights itself
-        model = models.load_model(args.model, dtype=getattr(torch, dtype)).to(dist.device).eval()
-    engine = make_engine(args.engine, model, tokenizer, args.model, dist, batch_size=args.batch_size,
-                         gpu_memory_utilization=args.gpu_memory_utilization, dtype=dtype,
-                         max_model_len=max_model_len,
-                         tensor_parallel_size=args.tensor_parallel_size)
+        model = models.load_model(args.model, dtype=getattr(torch, dtype), rope_theta=args.rope_theta,
+                                  max_positions=args.max_position_embeddings).to(dist.device).eval()
+    engine = build_engine(args, model, tokenizer, dist, dtype, max_model_len, benches)
     distributed.seed_per_rank(args.seed, dist)  # each rank samples its share from its own stream
 
     summaries = []
@@ -404,6 +511,7 @@ def main(argv=None):
             started = time.time()
             done_ids = {pid for (bench, pid) in done if bench == spec}
             sampling = Sampling(n=settings["n"], temperature=settings["temperature"], top_p=settings["top_p"],
+                                logprobs=False,  # grading needs the text only
                                 max_new_tokens=settings["max_tokens"])
             records = evaluate_problems(engine, problems, tokenizer, sampling, settings["template"], grader,
                                         dist, done_ids=done_ids, on_chunk=append, fallback=fallback)

@@ -91,8 +91,8 @@ def pass_at_1(model: Path, where: Path, out: Path, max_tokens: int, limit: int |
         result = where / f"eval-{name}.json"
         if not result.exists():
             timed(f"{where.relative_to(out)} eval {name}", out,
-                  [sys.executable, "evaluate.py", "--model", str(model), "--bench", "linear", "--template",
-                   "plain", "--max-tokens", str(max_tokens), "--out", str(result), *extra,
+                  [sys.executable, "evaluate.py", "--engine", "hf", "--model", str(model), "--bench", "linear",
+                   "--template", "plain", "--max-tokens", str(max_tokens), "--out", str(result), *extra,
                    *(["--limit", str(limit)] if limit else [])])
         summary_ = json.loads(result.read_text())[0]
         figures[name] = summary_["pass@1"]

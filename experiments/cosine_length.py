@@ -62,8 +62,8 @@ def measure(sft: Path, out: Path, size: int, max_len: int, cap: int = 192) -> di
     files, result = write_kinds(out, size), out / "sft-lengths.json"
     if not result.exists():
         timed("measure sft lengths", out,
-              [sys.executable, "evaluate.py", "--model", str(sft), "--bench", *map(str, files), "--template",
-               "plain", "--max-tokens", str(cap), "--out", str(result)])
+              [sys.executable, "evaluate.py", "--engine", "hf", "--model", str(sft), "--bench", *map(str, files),
+               "--template", "plain", "--max-tokens", str(cap), "--out", str(result)])
     samples = [json.loads(line) for line in open(out / "sft-lengths.samples.jsonl")]
     figures = {}
     for kind, path, summary in zip(("one-unknown", "two-unknown"), files, json.loads(result.read_text())):

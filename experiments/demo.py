@@ -31,8 +31,8 @@ def evaluate(model_dir: Path, out: Path, sampled: bool):
     if out.exists():
         return
     flags = ["--n", "8", "--k", "1,8", "--temperature", "1.0"] if sampled else []
-    run([sys.executable, "evaluate.py", "--model", str(model_dir), "--bench", "linear", "--template", "plain",
-         "--max-tokens", "192", *flags, "--out", str(out)])
+    run([sys.executable, "evaluate.py", "--engine", "hf", "--model", str(model_dir), "--bench", "linear",
+         "--template", "plain", "--max-tokens", "192", *flags, "--out", str(out)])
 
 
 def greedy_verdicts(model_dir: Path) -> dict:

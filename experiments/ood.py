@@ -44,7 +44,7 @@ def evaluate(model: Path, out: Path, limit: int | None, max_tokens: int, samples
         result = model / f"eval-{name}.json"
         if not result.exists():
             timed(f"eval {model.relative_to(out)} {name}", out,
-                  [sys.executable, "evaluate.py", "--model", str(model), "--bench", *TASKS,
+                  [sys.executable, "evaluate.py", "--engine", "hf", "--model", str(model), "--bench", *TASKS,
                    "--template", "plain", "--max-tokens", str(max_tokens), "--out", str(result), *extra,
                    *(["--limit", str(limit)] if limit else [])])
         for task, summary in zip(TASKS, json.loads(result.read_text())):

@@ -8,6 +8,13 @@ Two backends share one interface and one set of sampling semantics:
   but holds its own copy of the weights: after every optimizer step the trainer must call
   push_weights, or it keeps sampling from the old policy. On a GPU, sleep() hands all its memory
   to the update, and close() shuts it down before the process group goes (distributed.shutdown).
+  It is sized from the work the caller states: max_model_len (the longest prompt + max new tokens),
+  max_num_seqs (the sequences of one generate call) and, on CPU, a KV cache that holds them all.
+
+The trainers' protocol (enable_sleep_mode=True), enforced on every device although only a GPU
+releases memory (vLLM's CPU worker ignores sleep and wake_up): wake_up, generate, sleep, update,
+push_weights, and again. After sleep() the engine refuses to generate until push_weights, since on
+a GPU the weights are gone; so a CPU test catches a caller that would sample garbage on a GPU.
 
 Sampling semantics, identical on both backends:
 - A prompt is a string already formatted for the model (data.format_prompt). It is tokenized
@@ -51,6 +58,7 @@ class Sampling:
     temperature: float = 1.0   # 0 means greedy
     top_p: float = 1.0
     max_new_tokens: int = 512
+    logprobs: bool = True      # False (evaluation): vLLM skips them, ~10% of its time; Completion.logprobs is []
 
 
 @dataclass
@@ -262,50 +270,84 @@ def rank_stream(rank: int):
     """Seed every generator vLLM's sampler may draw from (torch's CPU and CUDA ones, numpy's) from
     one draw of torch's CPU generator hashed with the rank, for one generate call; then give the
     caller's generators back, advanced by that draw. The draw comes from the caller's stream, so a
-    resumed run replays it; the rank separates ranks even when their streams agree. (Per-request
-    seeds would do the same, but vLLM's CPU sampler then draws once per request and token: measured
-    0.7 s more for 256 sequences x 64 tokens of the tiny model, which take ~5 s to generate.)"""
+    resumed run replays it; the rank separates ranks even when their streams agree. Yields the seed.
+    (Per-request seeds would do the same, but vLLM's CPU sampler then draws once per request and
+    token: measured 0.7 s more for 256 sequences x 64 tokens of the tiny model, which take ~5 s to
+    generate. They are used only where this process's generators do not reach: tensor parallel
+    workers, see VLLMEngine.generate.)"""
     draw = int(torch.randint(0, 2**62, ()).item())
     seed = int(np.random.SeedSequence([draw, rank]).generate_state(1, np.uint32)[0])  # numpy takes 32 bits
     caller = rng_state()
     torch.manual_seed(seed)  # CUDA's generators too
     np.random.seed(seed)
     try:
-        yield
+        yield seed
     finally:
         set_rng_state(caller)
 
 
-# CPU only: each rank's KV cache. vLLM would size it from free RAM (every rank alike, so 4 ranks
-# took ~15 GB); 0.5 GiB holds 262k tokens of the tiny 4-layer model in fp32 (2 KiB per token).
-CPU_KV_CACHE_GIB = 0.5
+# The most sequences one engine schedules at once: vLLM 0.32's largest default (engine/arg_utils.py,
+# get_batch_defaults: 1024 on H100/H200-class GPUs, 256 elsewhere and on CPU). Its start-up profile
+# samples max_num_seqs x vocabulary logits (1024 x 152k for Qwen), so a larger work is queued instead.
+MAX_NUM_SEQS = 1024
+
+
+def kv_bytes_per_token(config, dtype: str) -> int:
+    """K and V of every layer for one token. vLLM keeps the KV cache in the model's dtype; "auto"
+    on CPU is bfloat16 even for a float32 checkpoint."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * (4 if dtype == "float32" else 2)
+
+
+def cpu_kv_cache_bytes(config, dtype: str, max_num_seqs: int, max_model_len: int, ranks: int) -> int:
+    """A CPU KV cache that holds max_num_seqs sequences of max_model_len tokens at once, so one generate
+    call never waits for cache blocks; at most half the free RAM, shared by this machine's ranks
+    (vLLM 0.32's own default takes 92% of the machine's RAM for every rank alike, cpu_worker.py:73-75)."""
+    import psutil
+
+    need = max_num_seqs * max_model_len * kv_bytes_per_token(config, dtype)
+    return min(need, psutil.virtual_memory().available // (2 * ranks))
 
 
 class VLLMEngine:
     def __init__(self, model_path: str, tokenizer, dist: Dist, gpu_memory_utilization: float = 0.3,
-                 max_model_len: int = 4096, dtype: str = "auto", enable_sleep_mode: bool = False,
+                 max_model_len: int | None = 4096, dtype: str = "auto", enable_sleep_mode: bool = False,
                  kv_cache_memory_bytes: int | None = None, tensor_parallel_size: int = 1,
-                 max_num_batched_tokens: int | None = None):
-        """tensor_parallel_size > 1 (one process, no torchrun; evaluate.py): vLLM shards the model
+                 max_num_batched_tokens: int | None = None, max_num_seqs: int | None = None,
+                 hf_overrides: dict | None = None):
+        """The work: max_model_len, the longest prompt + max new tokens (capped at the model's
+        length; None: the model's); max_num_seqs, the sequences of one generate call on this rank
+        (None: vLLM's default; at most MAX_NUM_SEQS).
+        tensor_parallel_size > 1 (one process, no torchrun; evaluate.py): vLLM shards the model
         over that many GPUs with workers of its own.
         gpu_memory_utilization, max_num_batched_tokens (None: vLLM's default): GPU only.
-        kv_cache_memory_bytes: CPU only, the KV cache's size (None: CPU_KV_CACHE_GIB); vLLM's
-        own sizing from free RAM gives every rank most of the machine."""
+        kv_cache_memory_bytes: CPU only, the KV cache's size (None: cpu_kv_cache_bytes of the work).
+        hf_overrides: config values the trainer's model was built with (models.config_overrides:
+        --rope-theta, --max-position-embeddings), so vLLM computes as it does."""
         # The engine core must live in this process: push_weights hands it tensors directly.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
-        from transformers import GenerationConfig
+        from transformers import AutoConfig, GenerationConfig
 
-        self.tokenizer, self.dist = tokenizer, dist
+        self.tokenizer, self.dist, self.tensor_parallel_size = tokenizer, dist, tensor_parallel_size
         self.on_gpu = dist.device.type == "cuda"
-        self.sleep_enabled = enable_sleep_mode and self.on_gpu
-        self.resident = {"weights", "kv_cache"}  # what vLLM holds on the GPU now (sleep releases both)
+        self.sleep_mode = enable_sleep_mode  # the protocol is kept on every device (module docstring)
+        self.releases = enable_sleep_mode and self.on_gpu  # only a GPU really frees memory in sleep()
+        self.resident = {"weights", "kv_cache"}  # what vLLM holds now (sleep releases both)
         self.weights_valid = True  # False from sleep() until push_weights: the released weights are lost
         try:
             generation_config = GenerationConfig.from_pretrained(model_path)
         except OSError:  # no generation_config.json: the tokenizer's EOS is the only stop token
             generation_config = None
         self.stop_ids = stop_token_ids(tokenizer, generation_config)
+        config = AutoConfig.from_pretrained(model_path)
+        for name, value in (hf_overrides or {}).items():
+            setattr(config, name, value)
+        model_len = getattr(config, "max_position_embeddings", None)
+        if max_model_len is not None and model_len is not None:
+            max_model_len = min(max_model_len, model_len)  # vLLM refuses more than the model's
         # vLLM's seed only drives its start-up (the RNG state is restored below); generate seeds
         # sampling itself (rank_stream).
         kwargs = dict(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=0,
@@ -313,12 +355,22 @@ class VLLMEngine:
                       logprobs_mode="processed_logprobs",
                       # CPU: torch.compile's warm-up adds ~30 s to the start for little gain on small models
                       enforce_eager=not self.on_gpu)
+        if max_num_seqs is not None:
+            # TRL 1.16.0 sizes it from the work too: the completions one rank generates per call,
+            # per_device_train_batch_size x tp x steps_per_generation (trl/trainer/grpo_trainer.py:1124-1126).
+            # vLLM refuses more sequences than tokens in a step (config/scheduler.py:328).
+            kwargs["max_num_seqs"] = min(max_num_seqs, MAX_NUM_SEQS, max_num_batched_tokens or MAX_NUM_SEQS)
         if self.on_gpu:
-            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep_enabled)
+            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.releases)
             if max_num_batched_tokens is not None:
                 kwargs["max_num_batched_tokens"] = max_num_batched_tokens
         else:
-            kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes or int(CPU_KV_CACHE_GIB * 2**30)
+            ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # engines on this machine share its RAM
+            default_seqs = 256  # vLLM 0.32's CPU default max_num_seqs (engine/arg_utils.py:2980-2984)
+            kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes or cpu_kv_cache_bytes(
+                config, dtype, kwargs.get("max_num_seqs", default_seqs), max_model_len or model_len, ranks)
+        if hf_overrides:
+            kwargs["hf_overrides"] = hf_overrides
         if tensor_parallel_size > 1:  # evaluate.py allows it in one process only
             kwargs["tensor_parallel_size"] = tensor_parallel_size
         if dist.enabled:
@@ -338,12 +390,19 @@ class VLLMEngine:
         params = SamplingParams(
             n=sampling.n, temperature=sampling.temperature, max_tokens=sampling.max_new_tokens,
             top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
-            stop_token_ids=self.stop_ids, logprobs=0,  # 0 = the sampled token's log-prob only
+            stop_token_ids=self.stop_ids, logprobs=0 if sampling.logprobs else None,  # 0: the sampled token's
             detokenize=False)  # text is decoded by make_completion, as in HFEngine
         requests = [{"prompt_token_ids": ids} for ids in prompt_ids]
-        with rank_stream(self.dist.rank):  # see the module docstring
+        with rank_stream(self.dist.rank) as seed:  # see the module docstring
+            if self.tensor_parallel_size > 1 and sampling.temperature > 0:
+                # vLLM's tensor parallel workers are processes of their own, which this process's
+                # generators do not reach: each request carries its seed (its n samples take seed + j,
+                # v1/engine/parallel_sampling.py:76-81), so a resumed run replays the same stream.
+                params = [params.clone() for _ in requests]
+                for i, request_params in enumerate(params):
+                    request_params.seed = seed + i * sampling.n
             outputs = self.llm.generate(requests, params, use_tqdm=False)
-        logprobs = lambda s: [step[token].logprob for step, token in zip(s.logprobs, s.token_ids)]
+        logprobs = lambda s: [step[token].logprob for step, token in zip(s.logprobs or [], s.token_ids)]
         return [[make_completion(list(sample.token_ids), logprobs(sample), self.stop_ids, self.tokenizer)
                  for sample in output.outputs] for output in outputs]
 
@@ -374,9 +433,12 @@ class VLLMEngine:
     def sleep(self) -> None:
         """GPU: release the weights and the KV cache while the trainer updates (vLLM's level 2,
         TRL's colocate mode). The weights are not kept: push_weights brings the new ones, so level
-        1's copy to pinned CPU RAM and back (15 GB for 7B) would only be overwritten."""
-        if self.sleep_enabled and self.resident:
-            self.llm.sleep(level=2)
+        1's copy to pinned CPU RAM and back (15 GB for 7B) would only be overwritten. CPU: nothing is
+        released (vLLM 0.32's cpu_worker.py:179-185 ignores sleep), but the engine counts as asleep
+        all the same, so the protocol holds on every device."""
+        if self.sleep_mode and self.resident:
+            if self.releases:
+                self.llm.sleep(level=2)
             self.resident, self.weights_valid = set(), False
 
     def wake_up(self) -> None:
@@ -389,17 +451,24 @@ class VLLMEngine:
 
     def _wake(self, tag: str) -> None:
         if tag not in self.resident:
-            torch.cuda.empty_cache()  # blocks the trainer's allocator keeps cached are memory vLLM needs back
-            self.llm.wake_up(tags=[tag])
+            if self.releases:
+                # blocks the trainer's allocator keeps cached are memory vLLM needs back
+                torch.cuda.empty_cache()
+                self.llm.wake_up(tags=[tag])
             self.resident.add(tag)
 
     def close(self) -> None:
         """Shut vLLM down while torchrun's process group is alive. vLLM's teardown destroys the
         groups it built on that group, then the group itself; left to run at interpreter exit,
         after distributed.shutdown destroyed the group, it fails on every rank ("Invalid process
-        group specified"). So the ranks meet here first, as distributed.shutdown would have."""
+        group specified"). So the ranks meet here first, as distributed.shutdown would have.
+        An asleep engine (a run ends with the update's sleep and a push, which wakes the weights
+        only) is woken first: on CUDA, freeing an allocation that sleep already unmapped releases it
+        a second time (vLLM 0.32's device_allocator/cumem.py:204-218 guards against it on ROCm only)."""
         if self.llm is None:
             return
+        self._wake("weights")
+        self._wake("kv_cache")
         if self.dist.enabled and torch_dist.is_initialized():
             torch_dist.barrier()
         self.llm.llm_engine.engine_core.shutdown()
@@ -420,11 +489,23 @@ def make_engine(kind: str, model, tokenizer, model_path: str, dist: Dist, **kwar
 
 def trainer_engine(cfg, model, tokenizer, model_path: str, dist: Dist) -> HFEngine | VLLMEngine:
     """The engine of an RL trainer, from its Config (flags.RLFlags): colocated with training, it
-    sleeps while the weights are updated; sequences fit prompt + completion."""
+    sleeps while the weights are updated; sequences fit prompt + completion; one generate call holds
+    a rank's share of the step's prompts x num_generations completions."""
     return make_engine(cfg.engine, model, tokenizer, model_path, dist, batch_size=cfg.micro_batch_size * 4,
                        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                        dtype="bfloat16" if cfg.bf16 else "float32",
                        max_model_len=cfg.max_prompt_length + cfg.max_completion_length,
+                       max_num_seqs=math.ceil(cfg.prompts_per_step / dist.world_size) * cfg.num_generations,
                        enable_sleep_mode=True,
                        max_num_batched_tokens=cfg.vllm_max_num_batched_tokens,
-                       kv_cache_memory_bytes=int(cfg.vllm_cpu_kv_cache_gb * 2**30))
+                       kv_cache_memory_bytes=int(cfg.vllm_cpu_kv_cache_gb * 2**30),
+                       hf_overrides=trainer_overrides(cfg, model))
+
+
+def trainer_overrides(cfg, model) -> dict:
+    """--rope-theta / --max-position-embeddings as the trainer's model has them (models.config_overrides
+    set them on its config), for vLLM's hf_overrides; {} without them."""
+    overrides = {"rope_parameters": model.config.rope_parameters} if cfg.rope_theta else {}
+    if cfg.max_position_embeddings:
+        overrides["max_position_embeddings"] = model.config.max_position_embeddings
+    return overrides

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mathrl.engine import HFEngine, Sampling, VLLMEngine, make_engine, rank_stream, stop_token_ids
+from mathrl.engine import (MAX_NUM_SEQS, HFEngine, Sampling, VLLMEngine, cpu_kv_cache_bytes,
+                           kv_bytes_per_token, make_engine, rank_stream, stop_token_ids, trainer_engine)
 from mathrl.distributed import Dist
 from mathrl.models import build_tiny_model
 
@@ -289,9 +290,15 @@ def test_rank_stream_seeds_every_generator_from_the_callers_draw_and_the_rank():
 
 
 class FakeLLM:
-    """Records what VLLMEngine asks of vLLM on a GPU, where sleep mode is on."""
-    def __init__(self):
-        self.calls = []
+    """Records what VLLMEngine asks of vLLM; generate answers every request with n one-token samples."""
+    def __init__(self, **kwargs):
+        self.kwargs, self.calls, self.params = kwargs, [], None
+
+        class Core:
+            def shutdown(_):
+                self.calls.append("shutdown")
+
+        self.llm_engine = type("Engine", (), {"engine_core": Core()})()
 
     def sleep(self, level):
         self.calls.append(f"sleep {level}")
@@ -300,22 +307,51 @@ class FakeLLM:
         self.calls.append(f"wake {','.join(tags)}")
 
     def apply_model(self, function):
+        calls = self.calls
+
         class Model:
+            class lm_head:
+                class quant_method:
+                    def process_weights_after_loading(layer):
+                        calls.append("rebuild lm_head")
+
             def load_weights(_, weights):
-                self.calls.append(f"load {len(list(weights))} tensors")
+                calls.append(f"load {len(list(weights))} tensors")
         function(Model())
+
+    def collective_rpc(self, method, kwargs):
+        self.calls.append(f"{method} {len(list(kwargs['weights_iterator']))} tensors")
 
     def reset_prefix_cache(self):
         self.calls.append("reset prefix cache")
+
+    def generate(self, requests, params, use_tqdm):
+        from types import SimpleNamespace
+
+        from vllm.logprobs import Logprob
+
+        self.calls.append("generate")
+        self.params = params
+        n = params[0].n if isinstance(params, list) else params.n
+        sample = SimpleNamespace(token_ids=[0], logprobs=[{0: Logprob(-0.5)}])
+        return [SimpleNamespace(outputs=[sample] * n) for _ in requests]
+
+
+def fake_engine(tokenizer, on_gpu: bool, tensor_parallel_size: int = 1) -> VLLMEngine:
+    """A VLLMEngine in the trainers' sleep mode whose vLLM is a FakeLLM."""
+    engine = object.__new__(VLLMEngine)
+    engine.llm, engine.tokenizer, engine.dist, engine.stop_ids = FakeLLM(), tokenizer, SINGLE, [0]
+    engine.on_gpu, engine.sleep_mode, engine.releases = on_gpu, True, on_gpu
+    engine.resident, engine.weights_valid = {"weights", "kv_cache"}, True
+    engine.tensor_parallel_size = tensor_parallel_size
+    return engine
 
 
 def test_gpu_sleep_releases_weights_and_wakes_them_for_the_push_first(tiny):
     """TRL's colocate cycle: level 2 during the update, the weights woken alone for the push, the KV
     cache only before generating; generating without a push after a sleep is refused."""
     model, tokenizer, _ = tiny
-    engine = object.__new__(VLLMEngine)
-    engine.llm, engine.on_gpu, engine.sleep_enabled = FakeLLM(), True, True
-    engine.resident, engine.weights_valid = {"weights", "kv_cache"}, True
+    engine = fake_engine(tokenizer, on_gpu=True)
     engine.sleep()
     engine.sleep()  # already asleep: nothing more
     with pytest.raises(RuntimeError, match="push_weights"):
@@ -327,6 +363,181 @@ def test_gpu_sleep_releases_weights_and_wakes_them_for_the_push_first(tiny):
     tensors = len(model.state_dict()) - int(model.config.tie_word_embeddings)
     assert engine.llm.calls == ["sleep 2", "wake weights", f"load {tensors} tensors", "reset prefix cache",
                                 "wake kv_cache"]
+
+
+def test_cpu_engine_keeps_the_gpu_sleep_protocol(tiny):
+    """On CPU vLLM frees nothing in sleep (its CPU worker ignores it), yet the engine refuses to
+    generate after a sleep until a push, as a GPU must: dynamic sampling's extra rounds (wake,
+    generate, sleep per round) would otherwise pass on CPU and fail on the first GPU run."""
+    model, tokenizer, _ = tiny
+    engine = fake_engine(tokenizer, on_gpu=False)
+    greedy_one = Sampling(temperature=0, max_new_tokens=1)
+    engine.wake_up()
+    engine.generate(["Hi"], greedy_one)
+    engine.sleep()
+    for call in (engine.wake_up, lambda: engine.generate(["Hi"], greedy_one)):
+        with pytest.raises(RuntimeError, match="push_weights"):
+            call()
+    engine.push_weights(model)
+    assert engine.generate(["Hi"], greedy_one)[0][0].token_ids == [0]
+    tensors = len(model.state_dict()) - int(model.config.tie_word_embeddings)
+    assert model.config.tie_word_embeddings  # so the push rebuilds the tied lm_head's CPU kernel
+    assert engine.llm.calls == ["generate", f"reload_weights {tensors} tensors", "rebuild lm_head",
+                                "reset prefix cache", "generate"]  # no sleep or wake reaches vLLM on CPU
+
+
+def test_real_cpu_engine_in_sleep_mode_refuses_stale_weights_then_follows_the_push(tiny, vllm_engine):
+    model, tokenizer, _ = tiny
+    expected = greedy(HFEngine(model, tokenizer, SINGLE), SHORT_PROMPTS)
+    vllm_engine.sleep_mode = True  # as trainer_engine builds it (enable_sleep_mode=True)
+    try:
+        vllm_engine.sleep()
+        with pytest.raises(RuntimeError, match="push_weights"):
+            greedy(vllm_engine, SHORT_PROMPTS)
+        vllm_engine.push_weights(model)
+        assert_same_greedy(expected, greedy(vllm_engine, SHORT_PROMPTS))
+    finally:
+        vllm_engine.sleep_mode = False
+        vllm_engine.weights_valid, vllm_engine.resident = True, {"weights", "kv_cache"}
+
+
+def test_close_wakes_an_asleep_engine_before_shutting_it_down(tiny):
+    """A run ends with sleep (the update) and a push (weights only): on CUDA, freeing the asleep KV
+    cache at shutdown would release unmapped memory a second time."""
+    model, tokenizer, _ = tiny
+    engine = fake_engine(tokenizer, on_gpu=True)
+    engine.sleep()
+    engine.push_weights(model)
+    llm = engine.llm
+    engine.close()
+    assert llm.calls[-2:] == ["wake kv_cache", "shutdown"] and engine.llm is None
+    engine = fake_engine(tokenizer, on_gpu=True)
+    engine.sleep()  # asleep with no push at all (a run stopped mid-step)
+    llm = engine.llm
+    engine.close()
+    assert llm.calls == ["sleep 2", "wake weights", "wake kv_cache", "shutdown"]
+    engine = fake_engine(tokenizer, on_gpu=False)
+    engine.sleep()
+    llm = engine.llm
+    engine.close()
+    assert llm.calls == ["shutdown"]  # nothing was released on CPU: nothing to wake
+
+
+def test_tensor_parallel_requests_carry_seeds_from_the_callers_stream(tiny):
+    """Tensor parallel workers are processes this process's generators do not reach: each request
+    gets a seed drawn from the caller's stream (rank_stream), distinct per request, replayed on resume."""
+    _, tokenizer, _ = tiny
+    engine = fake_engine(tokenizer, on_gpu=True, tensor_parallel_size=2)
+    sampling = Sampling(n=3, temperature=1.0, max_new_tokens=4)
+    seeds = []
+    for torch_seed in (7, 7, 8):
+        torch.manual_seed(torch_seed)
+        engine.generate(SHORT_PROMPTS, sampling)
+        seeds.append([params.seed for params in engine.llm.params])
+    assert seeds[0] == seeds[1] != seeds[2]
+    # request i's n samples take seed_i + j (vLLM's parallel sampling): no two samples share a seed
+    assert len({s + j for s in seeds[0] for j in range(sampling.n)}) == len(SHORT_PROMPTS) * sampling.n
+    engine.tensor_parallel_size = 1  # one process: its generators are seeded instead (rank_stream)
+    engine.generate(SHORT_PROMPTS, sampling)
+    assert engine.llm.params.seed is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizing vLLM from the work
+
+
+@pytest.fixture
+def captured_llm_kwargs(monkeypatch):
+    """VLLMEngine builds a FakeLLM instead of vLLM's; returns the kwargs it was given."""
+    vllm = pytest.importorskip("vllm")
+    monkeypatch.setattr(vllm, "LLM", FakeLLM)
+    return lambda engine: engine.llm.kwargs
+
+
+def test_vllm_is_sized_from_the_work(tiny, captured_llm_kwargs):
+    model, tokenizer, path = tiny
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4  # K and V, fp32
+    kwargs = captured_llm_kwargs(VLLMEngine(path, tokenizer, SINGLE, dtype="float32", max_model_len=300,
+                                            max_num_seqs=50))
+    assert kwargs["max_model_len"] == 300 and kwargs["max_num_seqs"] == 50
+    assert kwargs["kv_cache_memory_bytes"] == 50 * 300 * per_token  # every sequence at full length at once
+    assert kwargs["enforce_eager"] and "gpu_memory_utilization" not in kwargs
+    # bfloat16 halves it; the model's own length caps max_model_len; an explicit size wins
+    kwargs = captured_llm_kwargs(VLLMEngine(path, tokenizer, SINGLE, dtype="bfloat16", max_model_len=10**6,
+                                            max_num_seqs=50))
+    assert kwargs["max_model_len"] == config.max_position_embeddings
+    assert kwargs["kv_cache_memory_bytes"] == 50 * config.max_position_embeddings * per_token // 2
+    kwargs = captured_llm_kwargs(VLLMEngine(path, tokenizer, SINGLE, max_num_seqs=5000,
+                                            kv_cache_memory_bytes=1 << 20))
+    assert kwargs["max_num_seqs"] == MAX_NUM_SEQS and kwargs["kv_cache_memory_bytes"] == 1 << 20
+    # vLLM refuses more sequences than tokens per step
+    kwargs = captured_llm_kwargs(VLLMEngine(path, tokenizer, SINGLE, max_num_seqs=900,
+                                            max_num_batched_tokens=512))
+    assert kwargs["max_num_seqs"] == 512
+
+
+def test_the_cpu_kv_cache_is_capped_by_free_ram(tiny, monkeypatch):
+    import psutil
+
+    model, _, _ = tiny
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": 8 << 30})())
+    assert cpu_kv_cache_bytes(model.config, "float32", 10**4, 10**4, ranks=2) == 2 << 30  # half of 8, shared
+    assert cpu_kv_cache_bytes(model.config, "float32", 1, 100, ranks=2) == 100 * kv_bytes_per_token(
+        model.config, "float32")
+
+
+def test_the_trainers_engine_holds_a_ranks_share_of_the_step(tiny, captured_llm_kwargs):
+    from types import SimpleNamespace
+
+    _, tokenizer, path = tiny
+    cfg = SimpleNamespace(engine="vllm", micro_batch_size=4, vllm_gpu_memory_utilization=0.3, bf16=False,
+                          max_prompt_length=64, max_completion_length=32, prompts_per_step=10,
+                          num_generations=4, vllm_max_num_batched_tokens=4096, vllm_cpu_kv_cache_gb=0.25,
+                          rope_theta=0.0, max_position_embeddings=0)
+    four_ranks = Dist(rank=1, world_size=4, local_rank=1, device=torch.device("cpu"))
+    engine = trainer_engine(cfg, None, tokenizer, path, four_ranks)
+    kwargs = captured_llm_kwargs(engine)
+    assert engine.sleep_mode and not engine.releases  # the protocol on CPU, nothing really released
+    assert kwargs["max_model_len"] == 96 and kwargs["max_num_seqs"] == 3 * 4  # ceil(10 / 4) prompts x G
+    assert kwargs["kv_cache_memory_bytes"] == 1 << 28
+    assert kwargs["distributed_executor_backend"] == "external_launcher"
+
+
+ROPE_ENGINE = r'''
+import json, sys
+import torch
+from mathrl import models
+from mathrl.distributed import Dist
+from mathrl.engine import Sampling, VLLMEngine
+path, prompt = sys.argv[1], sys.argv[2]
+config_overrides = models.config_overrides(models.load_model(path).config, 300.0, 2048)
+engine = VLLMEngine(path, models.load_tokenizer(path), Dist(0, 1, 0, torch.device("cpu")), dtype="float32",
+                    max_model_len=512, kv_cache_memory_bytes=32 << 20, hf_overrides=config_overrides)
+c = engine.generate([prompt], Sampling(temperature=0, max_new_tokens=16))[0][0]
+engine.close()
+print("RESULT", json.dumps({"token_ids": c.token_ids, "logprobs": c.logprobs}))
+'''
+
+
+def test_vllm_computes_with_the_trainers_rope_override(tiny):
+    """--rope-theta reaches vLLM as hf_overrides: its log-probs are those of the HF model built with the
+    same override, not the unmodified model's. (A process of its own: one vLLM engine per process.)"""
+    from mathrl import models
+
+    pytest.importorskip("vllm")
+    plain, tokenizer, path = tiny
+    run = subprocess.run([sys.executable, "-c", ROPE_ENGINE, path, LONG_PROMPT], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT"))[7:])
+    overridden = models.load_model(path, rope_theta=300.0, max_positions=2048).eval()
+    assert overridden.config.max_position_embeddings == 2048
+    _, reference = teacher_forced_logprobs(overridden, tokenizer, LONG_PROMPT, out["token_ids"])
+    _, unmodified = teacher_forced_logprobs(plain, tokenizer, LONG_PROMPT, out["token_ids"])
+    assert (torch.tensor(out["logprobs"]) - reference).abs().max().item() < 1e-4
+    assert (torch.tensor(out["logprobs"]) - unmodified).abs().max().item() > 1e-3  # the override acted
 
 
 # ----------------------------------------------------------------------------------------------

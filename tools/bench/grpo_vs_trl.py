@@ -157,7 +157,7 @@ def evaluate(model_dir: Path, threads: int) -> dict:
     figures = {}
     for name, extra in (("greedy", []), ("sampled", ["--n", "4", "--temperature", "1.0"])):
         out = model_dir / f"eval-{name}.json"
-        run_measured([sys.executable, "evaluate.py", "--model", str(model_dir), "--bench", "linear", "--template", "plain",
+        run_measured([sys.executable, "evaluate.py", "--engine", "hf", "--model", str(model_dir), "--bench", "linear", "--template", "plain",
                       "--max-tokens", "192", "--out", str(out), *extra], threads, model_dir / f"eval-{name}.log")
         figures[f"pass@1_{name}"] = json.loads(out.read_text())[0]["pass@1"]
     return figures
