@@ -1,5 +1,6 @@
 """Bad command lines and inputs fail in seconds with one line naming the flag or the file, before any
 model loads; abbreviated flags are errors; the NaN guard stops a run without writing weights."""
+import json
 import os
 import subprocess
 import sys
@@ -81,12 +82,60 @@ def inputs(tmp_path_factory) -> Path:
 
 
 def run(script: str, args: list[str], folder: Path) -> subprocess.CompletedProcess:
-    args = [a.replace("{dir}", str(folder)) for a in args]
-    if "--output-dir" not in args:
-        args += ["--output-dir", str(folder / "out")]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=environment, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run([sys.executable, script, *with_output_dir(args, folder)], cwd=ROOT, env=environment,
+                          capture_output=True, text=True, timeout=300)
+
+
+def with_output_dir(args: list[str], folder: Path) -> list[str]:
+    args = [a.replace("{dir}", str(folder)) for a in args]
+    return args if "--output-dir" in args else args + ["--output-dir", str(folder / "out")]
+
+
+# Every bad command line runs as `python SCRIPT ARGS` would (the script's __main__ block, its exit code, what
+# reaches file descriptor 2), all in one process: a Python start with torch costs seconds, the checks do not.
+AS_SCRIPTS = r"""
+import json, os, runpy, sys, tempfile, traceback
+results = []
+for script, args in json.loads(sys.argv[1]):
+    sys.argv = [script, *args]
+    with tempfile.TemporaryFile("w+") as captured:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            runpy.run_path(script, run_name="__main__")
+            code = 0
+        except SystemExit as stop:  # what the interpreter does with an uncaught SystemExit
+            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+            if not isinstance(stop.code, (int, type(None))):
+                print(stop.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        captured.seek(0)
+        results.append({"returncode": code, "stderr": captured.read()})
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def bad_input_results(inputs) -> dict:
+    cases = [(script, with_output_dir(args, inputs)) for script, args, _ in BAD_INPUTS]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", AS_SCRIPTS, json.dumps(cases)], cwd=ROOT, env=environment,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcomes = json.loads(result.stdout.strip().splitlines()[-1])
+    return {case_id(case): subprocess.CompletedProcess(case[0], o["returncode"], "", o["stderr"])
+            for case, o in zip(BAD_INPUTS, outcomes)}
+
+
+def case_id(case) -> str:
+    return " ".join([case[0], *case[1]]).replace("{dir}/", "")
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, names: str):
@@ -96,11 +145,16 @@ def assert_one_line_error(result: subprocess.CompletedProcess, names: str):
     assert "error" in last and names in last, result.stderr[-3000:]
 
 
-@pytest.mark.parametrize("script, args, names", BAD_INPUTS,
-                         ids=[" ".join([c[0], *c[1]]).replace("{dir}/", "") for c in BAD_INPUTS])
-def test_bad_input_is_one_line_naming_the_flag_or_file(inputs, script, args, names):
-    assert_one_line_error(run(script, args, inputs), names)
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[case_id(c) for c in BAD_INPUTS])
+def test_bad_input_is_one_line_naming_the_flag_or_file(inputs, bad_input_results, case):
+    assert_one_line_error(bad_input_results[case_id(case)], case[2])
     assert not (inputs / "out" / "model.safetensors").exists()
+
+
+def test_one_bad_command_line_in_a_process_of_its_own(inputs):
+    """The shared process above stands for separate ones: the same case run alone ends the same way."""
+    script, args, names = BAD_INPUTS[2]
+    assert_one_line_error(run(script, args, inputs), names)
 
 
 def test_a_hub_id_that_cannot_be_fetched_fails_at_once_without_offline_mode(inputs):
