@@ -45,7 +45,7 @@ from tqdm import tqdm
 import data
 import lim
 import rewards
-from mathrl import checkpoints, distributed, flags, fsdp, logs, memplan, models, sequences
+from mathrl import checkpoints, distributed, flags, fsdp, logs, lora, memplan, models, sequences
 from mathrl.engine import Sampling, trainer_engine
 from mathrl.flags import COUNT, FRACTION, NON_NEGATIVE, flag
 from mathrl.grader import Grader
@@ -338,7 +338,10 @@ def policy_update(policy, reference, optimizer, scheduler, rollouts: list[Rollou
     with torch.no_grad(), fsdp.autocast(dist, cfg.bf16):
         for mb in (mb for mini in minis for mb in mini["micro_batches"]):
             mb["old_logp"] = logprobs(policy, mb)[0] if updates > 1 else None
-            mb["ref_logp"] = logprobs(reference, mb)[0] if reference is not None else None
+            mb["ref_logp"] = None
+            if reference is not None:
+                with lora.adapters_disabled(reference):  # LoRA: the reference is the policy, adapters off
+                    mb["ref_logp"] = logprobs(reference, mb)[0]
     fsdp.reshard(reference)  # a frozen model has no backward to free its gathered root
     policy.train()
     sums = dict.fromkeys(("loss", "clip", "kl", "entropy", "gap"), 0.0)
@@ -420,31 +423,47 @@ def main(argv=None):
     if cfg.model == "tiny":
         raise SystemExit("error: GRPO starts from a trained policy; pass --model <sft output dir>")
     models.check_model_path(cfg.model)
+    lora.check_checkpoint_kind(checkpoint, cfg.lora_rank)
+    if cfg.lora_rank:  # LoRA's flags against the model's architecture (its config only, no weights yet)
+        from transformers import AutoConfig
+        try:
+            lora_alpha, targets = lora.settings(cfg, AutoConfig.from_pretrained(cfg.model))
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
     tokenizer = models.load_tokenizer(cfg.model)
     problems, prompts, prompt_ids = data.prepare_prompts(problems, tokenizer, cfg.template,
                                                          cfg.max_prompt_length, dist, "grpo")
 
-    # ---- models: the policy (from the newest checkpoint when resuming), the frozen reference
-    policy_path = str(checkpoint) if checkpoint else cfg.model
+    # ---- models: the policy (from the newest checkpoint when resuming), the frozen reference. With LoRA
+    # the policy is the base model plus adapters (a checkpoint holds the adapters only) and the reference
+    # is the same model with its adapters off: no second copy in memory.
+    policy_path = str(checkpoint) if checkpoint and not cfg.lora_rank else cfg.model
     context = dict(rope_theta=cfg.rope_theta, max_positions=cfg.max_position_embeddings)  # overrides, if any
     policy = models.load_model(policy_path, **context)
+    if cfg.lora_rank:  # before sharding: every rank wraps the whole model alike (A from its own seed)
+        lora.apply_lora(policy, cfg.lora_rank, lora_alpha, targets, cfg.lora_dropout, seed=cfg.seed)
     policy = fsdp.shard_model(policy, dist, cfg.bf16, cfg.gradient_checkpointing)
-    reference = fsdp.load_reference(cfg.model, dist, cfg.bf16, **context) if cfg.beta > 0 else None
+    reference = None if cfg.beta == 0 else policy if cfg.lora_rank else \
+        fsdp.load_reference(cfg.model, dist, cfg.bf16, **context)
     distributed.seed_per_rank(cfg.seed, dist)  # models alike on all ranks, sampling differs per rank
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  betas=(0.9, cfg.adam_beta2))
+    trained = lora.trainable_parameters(policy) if cfg.lora_rank else policy.parameters()
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, cfg.adam_beta2))
     optimizer_steps = cfg.max_steps * cfg.mini_batches * cfg.num_iterations  # K x mu a step
     scheduler = fsdp.lr_schedule(optimizer, cfg.lr_schedule, optimizer_steps, cfg.warmup_ratio,
                                  cfg.min_lr_ratio)
     start_step = 0
     if checkpoint is not None:
         state = checkpoints.load_trainer_state(checkpoint)
+        if cfg.lora_rank:
+            lora.load_adapter(policy, checkpoint / "adapter")  # each rank copies in its shard of A and B
         start_step = checkpoints.restore_checkpoint(state, {"policy": (policy, optimizer)},
                                                     {"policy": scheduler}, dist, seed=cfg.seed)["step"]
         if dist.is_main:
             print(f"grpo: resumed from {checkpoint} at step {start_step}")
     logs.truncate_logs(cfg.output_dir, start_step, dist)  # lines of steps that will be redone go
     engine = trainer_engine(cfg, policy, tokenizer, policy_path, dist)
+    if cfg.lora_rank and checkpoint is not None:  # the engine loaded the base: give it the resumed adapters
+        engine.push_weights(policy)
     logger = logs.MetricsLogger(cfg.output_dir, cfg.report_to, asdict(cfg), dist)
     grader = Grader(num_workers=cfg.grader_workers)
     if dist.is_main:

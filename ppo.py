@@ -449,6 +449,9 @@ def ppo_update(experience, optimizers: dict, schedulers: dict, cfg: Config, dist
 
 def main(argv=None):
     cfg = flags.parse_args(Config, PRESETS, argv, description=__doc__.split("\n\n")[0])
+    if cfg.lora_rank:  # the critic's and the actor's adapters, their checkpoints: not built yet
+        raise SystemExit(f"error: --lora-rank {cfg.lora_rank}: LoRA is not yet wired into ppo.py "
+                         f"(sft.py and grpo.py train adapters)")
     dist = distributed.init_distributed(cfg.dist_timeout_minutes)
     distributed.seed_everything(cfg.seed)
     try:

@@ -105,10 +105,7 @@ def main(argv=None):
 
     # ---- LoRA's flags against the model's architecture (its config only, no weights yet)
     if cfg.lora_rank:
-        lora_alpha = cfg.lora_alpha or float(cfg.lora_rank)  # 0: alpha = rank (see flags.TrainFlags)
         try:
-            lora.check_config(cfg.lora_rank, lora_alpha, cfg.lora_dropout)
-            targets = lora.check_targets(cfg.lora_targets)
             if cfg.model == "tiny":
                 with torch.device("meta"):  # the architecture only, no weights
                     architecture = models.build_tiny_model(seed=cfg.seed)[0].config
@@ -116,7 +113,7 @@ def main(argv=None):
                 models.check_model_path(cfg.model)
                 from transformers import AutoConfig
                 architecture = AutoConfig.from_pretrained(cfg.model)
-            lora.check_targets_match(architecture, targets)
+            lora_alpha, targets = lora.settings(cfg, architecture)
         except ValueError as error:
             raise SystemExit(f"error: {error}") from None
 
@@ -124,9 +121,7 @@ def main(argv=None):
     # the newest complete checkpoint, else the starting model. A LoRA checkpoint holds the adapters
     # only: the frozen base is the starting model again, the adapters are loaded into it below.
     checkpoint = checkpoints.latest_checkpoint(cfg.output_dir)
-    if checkpoint is not None and (checkpoint / "adapter").is_dir() != bool(cfg.lora_rank):
-        raise SystemExit(f"error: {checkpoint} is a {'LoRA' if cfg.lora_rank == 0 else 'full'} checkpoint; "
-                         f"resume it with the --lora-rank it was written with, or use another --output-dir")
+    lora.check_checkpoint_kind(checkpoint, cfg.lora_rank)
     start = str(checkpoint) if checkpoint is not None and not cfg.lora_rank else cfg.model
     if start != "tiny":
         models.check_model_path(start)

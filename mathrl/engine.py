@@ -236,6 +236,11 @@ def full_tensors(model):
     """The trainer's weights one whole tensor at a time. An FSDP2 shard is a DTensor whose
     full_tensor() all-gathers it: every rank must walk the same names in the same order, and
     streaming keeps only one full tensor alive at a time."""
+    from mathrl import lora  # here, not above: lora imports checkpoints, which imports this module's users
+
+    if lora.lora_modules(model):  # W + (alpha / r) B A under the base names: the plain model vLLM holds
+        yield from lora.merged_tensors(model)
+        return
     tied = getattr(model.config, "tie_word_embeddings", False)
     for name, tensor in model.state_dict().items():
         if tied and name == "lm_head.weight":

@@ -60,7 +60,7 @@ class TrainFlags:
     plan_gpus: int = flag(0, "GPUs the memory plan is for (0: this launch's ranks)", **NON_NEGATIVE)
     gpu_memory_gb: float = flag(80.0, "memory of one GPU for the memory plan, GiB", above=0)
     # LoRA (mathrl/lora.py): a low-rank update of the listed projections, the base weights frozen.
-    lora_rank: int = flag(0, "LoRA rank r (0: off, full fine-tuning); sft.py only for now", low=0)
+    lora_rank: int = flag(0, "LoRA rank r (0: off, full fine-tuning); sft.py and grpo.py", low=0)
     # alpha = r, a scale alpha / r of 1: peft's LoraConfig defaults (r=8, lora_alpha=8: peft 0.21.2
     # tuners/lora/config.py:632,652) and Unsloth's notebooks' (r=16, lora_alpha=16) both have this ratio.
     lora_alpha: float = flag(0.0, "LoRA alpha: the update is scaled by alpha / rank (0: alpha = rank, "
@@ -192,9 +192,6 @@ def check_flags(config):
                   ("targets", "q,k,v,o,gate,up,down")] if getattr(config, f"lora_{name}", default) != default]
     if getattr(config, "lora_rank", 0) == 0 and lora_given:
         raise SystemExit(f"error: {lora_given[0]} needs --lora-rank > 0 (0 is LoRA off)")
-    if isinstance(config, RLFlags) and config.lora_rank > 0:  # grpo.py, ppo.py
-        raise SystemExit(f"error: --lora-rank {config.lora_rank}: LoRA is not yet wired into "
-                         f"{Path(sys.argv[0]).name}; only sft.py trains adapters so far")
     if getattr(config, "engine", None) == "vllm" and str(getattr(config, "model", "")).endswith(".gguf"):
         raise SystemExit(f"error: --model {config.model!r} is a GGUF file; --engine vllm loads a "
                          f"save_pretrained folder or hub id, so use --engine hf")

@@ -100,6 +100,23 @@ def check_config(rank: int, alpha: float, dropout: float):
         raise ValueError(f"--lora-dropout {dropout!r}: must be in [0, 1)")
 
 
+def settings(cfg, architecture) -> tuple[float, tuple[str, ...]]:
+    """(alpha, targets) of a trainer's --lora-* flags, checked against the model's config (no weights
+    load): alpha 0 means alpha = rank (see flags.TrainFlags). Raises ValueError naming the flag."""
+    alpha = cfg.lora_alpha or float(cfg.lora_rank)
+    check_config(cfg.lora_rank, alpha, cfg.lora_dropout)
+    targets = check_targets(cfg.lora_targets)
+    check_targets_match(architecture, targets)
+    return alpha, targets
+
+
+def check_checkpoint_kind(checkpoint, rank: int):
+    """A LoRA checkpoint (an adapter/ folder) resumes only with LoRA on, a full one only with it off."""
+    if checkpoint is not None and (Path(checkpoint) / "adapter").is_dir() != bool(rank):
+        raise SystemExit(f"error: {checkpoint} is a {'LoRA' if rank == 0 else 'full'} checkpoint; "
+                         f"resume it with the --lora-rank it was written with, or use another --output-dir")
+
+
 def matching_linears(model: nn.Module, targets) -> dict[str, nn.Linear]:
     """The nn.Linear modules a target names: the module's full name is the target, or ends with
     "." + target (peft's rule for a list of target_modules, tuners_utils.py:2372-2376).

@@ -278,10 +278,10 @@ def make_plan(trainer: str, cfg, world_size: int, gpu_memory_gb: float,
             return None
         critic, with_reference = critic_shape.critic_parameters(), cfg.kl_coef > 0
     elif trainer == "grpo":
-        with_reference = cfg.beta > 0
+        with_reference = cfg.beta > 0 and not getattr(cfg, "lora_rank", 0)  # LoRA: the policy, adapters off
     trained = policy + critic
     weights = trained
-    if getattr(cfg, "lora_rank", 0):  # LoRA (sft.py): the base frozen in fp32; gradients, Adam of A, B only
+    if getattr(cfg, "lora_rank", 0):  # LoRA (sft, grpo): the base frozen in fp32; gradients, Adam of A, B only
         from mathrl import lora
         try:
             trained = lora.adapter_parameter_count(shape, cfg.lora_rank, cfg.lora_targets)

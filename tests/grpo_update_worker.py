@@ -1,6 +1,6 @@
 """One GRPO policy update on fixed rollouts; run as a script (1 process) or under torchrun (N ranks).
 
-Arguments: OUT [MINI_BATCHES [MAX_TOKENS_PER_MICRO_BATCH]]. Writes OUT/result.pt with the updated weights, the starting weights and the update's statistics,
+Arguments: OUT [MINI_BATCHES [MAX_TOKENS_PER_MICRO_BATCH [LORA_RANK]]]. Writes OUT/result.pt with the updated weights, the starting weights and the update's statistics,
 so tests/test_grpo.py can check that N ranks take exactly the step one process takes.
 """
 import sys
@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpo  # noqa: E402
-from mathrl import checkpoints, distributed, fsdp, models  # noqa: E402
+from mathrl import checkpoints, distributed, fsdp, lora, models  # noqa: E402
 
 PROMPTS, G = 4, 3
 
@@ -29,11 +29,16 @@ def fixed_rollouts():
     return rows
 
 
-def main(out: str, mini_batches: int = 1, max_tokens_per_micro_batch: int = 0):
+def main(out: str, mini_batches: int = 1, max_tokens_per_micro_batch: int = 0, lora_rank: int = 0):
     dist = distributed.init_distributed()
     torch.manual_seed(0)
     policy, tokenizer = models.build_tiny_model(hidden_size=32, num_layers=2, num_heads=2, seed=0)
     reference, _ = models.build_tiny_model(hidden_size=32, num_layers=2, num_heads=2, seed=0)
+    if lora_rank:  # the reference is the policy with its adapters off; B != 0 so that they differ
+        lora.apply_lora(policy, lora_rank, alpha=8.0, seed=0)
+        for module in lora.lora_modules(policy).values():
+            torch.nn.init.normal_(module.lora_B.weight, 0, 0.05, generator=torch.Generator().manual_seed(3))
+        reference = policy
     start = {k: v.clone() for k, v in policy.state_dict().items()}
     cfg = grpo.Config(micro_batch_size=2, num_iterations=2, beta=0.1, temperature=0.9, epsilon_low=0.2,
                       epsilon_high=0.28, max_completion_length=16, lr=1e-2, bf16=False, gradient_checkpointing=False,
@@ -41,8 +46,9 @@ def main(out: str, mini_batches: int = 1, max_tokens_per_micro_batch: int = 0):
                       loss_type="grpo",  # the tolerance of test_grpo.py was measured with this loss
                       mini_batches=mini_batches, max_tokens_per_micro_batch=max_tokens_per_micro_batch)
     policy = fsdp.shard_model(policy, dist, bf16=False, gradient_checkpointing=False)
-    reference = fsdp.shard_model(reference, dist, bf16=False, gradient_checkpointing=False).eval()
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+    reference = policy if lora_rank else \
+        fsdp.shard_model(reference, dist, bf16=False, gradient_checkpointing=False).eval()
+    optimizer = torch.optim.AdamW(lora.trainable_parameters(policy) if lora_rank else policy.parameters(), lr=cfg.lr)
     scheduler = fsdp.cosine_schedule(optimizer, 2, 0.0, 1.0)
     rows = fixed_rollouts()
     mine = [row for p in range(dist.rank, PROMPTS, dist.world_size) for row in rows[p * G:(p + 1) * G]]

@@ -167,15 +167,17 @@ def test_token_logprobs_of_a_row_do_not_depend_on_the_padding_beside_it():
 
 # (K mini-batches, a token budget for the two ranks' micro-batches): with a budget of 24 tokens the 2 ranks cut
 # their rows into different numbers of micro-batches, so one of them runs empty ones; the one process keeps
-# count-based micro-batches, and the step must still be the same
-@pytest.mark.parametrize("mini_batches, max_tokens", [(1, 0), (2, 0), (1, 24)])
-def test_two_rank_update_on_fixed_rollouts_equals_one_process(tmp_path, mini_batches, max_tokens):
+# count-based micro-batches, and the step must still be the same. LoRA rank 4: the adapters alone are trained
+# and the reference is the policy with its adapters off.
+@pytest.mark.parametrize("mini_batches, max_tokens, lora_rank", [(1, 0, 0), (2, 0, 0), (1, 24, 0), (1, 0, 4)])
+def test_two_rank_update_on_fixed_rollouts_equals_one_process(tmp_path, mini_batches, max_tokens, lora_rank):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     worker = str(ROOT / "tests" / "grpo_update_worker.py")
-    subprocess.run([sys.executable, worker, str(tmp_path / "one"), str(mini_batches)], cwd=ROOT, env=env,
-                   check=True)
+    subprocess.run([sys.executable, worker, str(tmp_path / "one"), str(mini_batches), "0", str(lora_rank)],
+                   cwd=ROOT, env=env, check=True)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker,
-                    str(tmp_path / "two"), str(mini_batches), str(max_tokens)], cwd=ROOT, env=env, check=True)
+                    str(tmp_path / "two"), str(mini_batches), str(max_tokens), str(lora_rank)], cwd=ROOT, env=env,
+                   check=True)
     one, two = torch.load(tmp_path / "one" / "result.pt"), torch.load(tmp_path / "two" / "result.pt")
     start = one["start"]
     assert max((one["weights"][k] - start[k]).abs().max().item() for k in start) > 1e-4   # it moved

@@ -96,6 +96,16 @@ def test_a_skipped_weight_sync_is_caught_by_the_gap_metric(start_model, tmp_path
     assert logged[-1]["logprob_gap_max"] > 1e-2       # later batches come from stale weights
 
 
+def test_a_lora_policy_reaches_the_engine_merged(start_model, tmp_path, monkeypatch):
+    """With LoRA the engine holds W + (alpha / r) B A after every push: the same log-probs as the trainer's
+    policy with its adapters on (an engine given the base weights alone drifts away, as above)."""
+    out = tmp_path / "lora"
+    run_grpo_in_process(grpo_args(start_model, out) + ["--lora-rank", "4", "--beta", "0.04"], monkeypatch)
+    logged = metrics(out)
+    assert len(logged) == 3 and max(m["logprob_gap_max"] for m in logged) < 1e-4
+    assert logged[-1]["kl"] > 0  # the adapters moved the policy away from its reference, the base
+
+
 def assert_clean_exit(run: subprocess.CompletedProcess):
     """Exit 0, no traceback (vLLM's teardown once ran after the process group was gone and failed on
     every rank), no warning from the weight pushes (vLLM's reload names the layers it skipped)."""

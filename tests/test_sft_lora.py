@@ -95,7 +95,6 @@ def test_two_ranks_reach_the_same_lora_weights_as_one_process(tmp_path):
     ("sft.py", ["--lora-rank", "4", "--lora-targets", "q,nope"], "'nope' matches no nn.Linear"),
     ("sft.py", ["--lora-alpha", "16"], "--lora-alpha needs --lora-rank > 0"),
     ("sft.py", ["--lora-rank", "4", "--lora-dropout", "1"], "--lora-dropout 1.0: must be in [0, 1)"),
-    ("grpo.py", ["--lora-rank", "4"], "not yet wired into grpo.py"),
     ("ppo.py", ["--lora-rank", "4"], "not yet wired into ppo.py"),
 ])
 def test_bad_lora_flags_are_one_line_before_any_model_loads(tmp_path, script, extra, words):
@@ -130,3 +129,19 @@ def test_lora_flags_off_by_default_and_the_dry_run_plans_the_adapters():
     frozen = shape.root_parameters() + 2 * shape.layer_parameters()
     assert sharded["gathered by FSDP"] == 2 * frozen + (2 + 4) * adapters // 28
     assert not any("reduce-scatter" in what for what in sharded)
+
+
+def test_grpo_with_lora_plans_no_second_model_for_the_reference():
+    import grpo
+    from mathrl import flags, lora, memplan
+
+    full_cfg = flags.parse_args(grpo.Config, grpo.PRESETS, ["--preset", "limo"])
+    cfg = flags.parse_args(grpo.Config, grpo.PRESETS, ["--preset", "limo", "--lora-rank", "16"])
+    assert cfg.beta > 0  # the preset's KL term: LoRA keeps it, against the policy with its adapters off
+    full, plan = (memplan.make_plan("grpo", c, 1, 80) for c in (full_cfg, cfg))
+    assert any(what.startswith("reference model") for _, what, _ in full.rows)
+    assert not any(what.startswith("reference model") for _, what, _ in plan.rows)
+    rows = {what.split(",")[0]: size for _, what, size in plan.rows}
+    adapters = lora.adapter_parameter_count(memplan.model_shape(cfg.model), 16)
+    assert rows["Adam moments"] == 8 * adapters and rows["gradients"] == 4 * adapters
+    assert plan.update_bytes < 0.5 * full.update_bytes  # 21.8 against 47.4 GiB on one GPU
