@@ -288,7 +288,8 @@ def make_plan(trainer: str, cfg, world_size: int, gpu_memory_gb: float,
         except ValueError as error:
             raise SystemExit(f"error: {error}") from None
         weights = policy + trained
-    tokens = cfg.micro_batch_size * seq
+    budget = getattr(cfg, "max_tokens_per_micro_batch", 0)  # rows are then cut by tokens, not counted
+    tokens = budget or cfg.micro_batch_size * seq
     chunk = getattr(cfg, "logprob_chunk_size", None)
 
     rows = [("resident", f"weights, fp32, 1/{W} of {count(weights)} parameters"
@@ -313,7 +314,8 @@ def make_plan(trainer: str, cfg, world_size: int, gpu_memory_gb: float,
     rows.append(("update", (f"gathered by FSDP: root + 2 layers, {'adapters' if lora_layer else 'unsharded'} "
                             "gradients") if fsdp else "bf16 copies of the trained weights cached by autocast",
                  gathered))
-    rows.append(("update", f"activations of {cfg.micro_batch_size} x {seq} tokens, "
+    batch = f"a budget of {budget}" if budget else f"{cfg.micro_batch_size} x {seq}"
+    rows.append(("update", f"activations of {batch} tokens, "
                            f"{'checkpointed' if checkpointing else 'NOT checkpointed'}", policy_activations))
     rows.append(("update", f"log-probs: {min(chunk or tokens, tokens)} tokens x {shape.vocab} vocabulary "
                            f"at once{'' if chunk else ' (unchunked)'}", logprobs))

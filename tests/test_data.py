@@ -1,6 +1,8 @@
 import json
 import re
 import string
+import sys
+from pathlib import Path
 
 import pytest
 import sympy
@@ -9,6 +11,8 @@ import data
 from conftest import shared_file
 from data import DataError, format_prompt, load_problems, make_linear_problems
 from mathrl.grader import extract_answer, is_equiv
+
+ROOT = Path(__file__).resolve().parents[1]
 
 FIELDS = ("id", "prompt", "answer", "solution", "source")
 
@@ -364,3 +368,32 @@ def test_name_equals_path_with_an_unknown_name_lists_the_sources(tmp_path):
     (tmp_path / "rows.jsonl").write_text('{"problem": "1+1", "answer": "2"}\n')
     with pytest.raises(data.DataError, match="unknown source 'mydata'.*NAME=PATH takes one of .*limo"):
         data.load_problems(f"mydata={tmp_path / 'rows.jsonl'}")
+
+
+# ---- tools/pass_rate_filter.py: the problems a model solves sometimes, from evaluate.py's samples file
+
+def test_pass_rate_filter_keeps_the_band_in_a_file_the_trainers_read(tmp_path):
+    sys.path.insert(0, str(ROOT / "tools"))
+    import pass_rate_filter
+
+    problems = load_problems("linear", split="test", limit=6)
+    verdicts = [[False] * 4, [True, False, False, False], [True, True, False, False], [True] * 3 + [False],
+                [True] * 4]  # 0, 0.25, 0.5, 0.75, 1; the sixth problem was not evaluated
+    samples = tmp_path / "rates.samples.jsonl"
+    samples.write_text("".join(json.dumps({"bench": "linear", "id": p["id"], "answer": p["answer"],
+                                           "correct": v, "extracted": [None] * 4}) + "\n"
+                               for p, v in zip(problems, verdicts)))
+    out = tmp_path / "band.jsonl"
+    pass_rate_filter.main([str(samples), "--data", "linear", "--split", "test", "--min", "0.25", "--max", "0.75",
+                           "--out", str(out)])
+    kept = load_problems(str(out))
+    assert all(k["id"].endswith("/" + p["id"]) for k, p in zip(kept, problems[1:4]))  # namespaced by the file
+    assert [(p["prompt"], p["answer"], p["solution"]) for p in kept] == \
+        [(p["prompt"], p["answer"], p["solution"]) for p in problems[1:4]]
+    assert [json.loads(line)["pass_rate"] for line in out.read_text().splitlines()] == [0.25, 0.5, 0.75]
+
+    for argv, words in [(["--min", "0.9", "--max", "0.1"], "--min <= --max"),
+                        (["--data", "arith"], "are not in --data 'arith'")]:
+        with pytest.raises(SystemExit) as stopped:
+            pass_rate_filter.main([str(samples), "--data", "linear", "--split", "test", "--out", str(out), *argv])
+        assert words in str(stopped.value) and "\n" not in str(stopped.value)

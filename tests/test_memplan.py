@@ -9,6 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import grpo
+import sft
 from mathrl import flags, memplan, models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,13 +56,14 @@ TINY = "[64, 2, 4, 2, 128]"  # hidden, layers, heads, kv heads, intermediate: ev
 
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_weights_gradients_and_adam_per_rank_equal_what_fsdp_holds(ranks):
-    measured = memory_bench.run(TINY, ranks, micro_batches=2, seq=64, vocab=1000)
-    plan = memory_bench.planned(TINY, ranks, 2, 64, vocab=1000)
-    assert len(measured) == ranks
-    for rank in measured:
-        assert rank["parameters"] == plan["parameters"]
-        for what in ("weights", "gradients", "adam"):
-            assert rank[what] == plan[what], what
+    for variant in ("full", "lora"):  # LoRA: the frozen base's weights; gradients and Adam of the adapters
+        measured = memory_bench.run(TINY, ranks, micro_batches=2, seq=64, vocab=1000, variant=variant)
+        plan = memory_bench.planned(TINY, ranks, 2, 64, vocab=1000, variant=variant)
+        assert len(measured) == ranks
+        for rank in measured:
+            assert rank["parameters"] == plan["parameters"]
+            for what in ("weights", "gradients", "adam"):
+                assert rank[what] == plan[what], (variant, what)
 
 
 def plan_of(trainer, argv):
@@ -235,3 +238,18 @@ def test_one_process_keeps_its_reference_in_fp32():
         plan = plan_of("grpo", ["--preset", "limo", "--plan-gpus", str(gpus)])
         [(what, bytes_)] = [(w, b) for _, w, b in plan.rows if w.startswith("reference")]
         assert dtype in what and bytes_ == size * memplan.KNOWN_MODELS["Qwen/Qwen2.5-Math-1.5B"].parameters()
+
+
+@pytest.mark.parametrize("trainer, module, seq_flags", [
+    ("grpo", grpo, ["--preset", "limo"]), ("sft", sft, ["--preset", "limo", "--max-length", "4096"])])
+def test_a_token_budget_plans_the_budget_not_the_row_count(trainer, module, seq_flags):
+    """With --max-tokens-per-micro-batch a micro-batch holds up to that many tokens whatever
+    --micro-batch-size says: 16,384 tokens plan like 4 rows of 4,096."""
+    plan = lambda *argv: memplan.make_plan(trainer, flags.parse_args(module.Config, module.PRESETS,
+                                                                     [*seq_flags, *argv]), 8, 80)
+    rows = lambda p: {what.split(" ")[0]: size for _, what, size in p.rows}
+    budget, four_rows = plan("--max-tokens-per-micro-batch", "16384", "--micro-batch-size", "1"), \
+        plan("--micro-batch-size", "4")
+    assert budget.update_bytes == four_rows.update_bytes
+    assert rows(budget)["activations"] == rows(four_rows)["activations"] > rows(plan("--micro-batch-size", "1"))[
+        "activations"]

@@ -15,6 +15,10 @@ per micro-batch, gradient checkpointing on, fp32. Every rank measures:
 and the table shows the largest rank. The "plan" columns are memplan.make_plan's numbers for the same
 model and config (gradients + Adam moments + the larger of FSDP's gathered layers + activations + log-prob
 chunk and the root's fp32 reduce-scatter at the end of backward).
+
+Variants: "full" trains every weight; "lora" trains rank-16 adapters (alpha 16) on the 7 projections, the base
+frozen; "budget" cuts the rows by --max-tokens-per-micro-batch = 2 x seq (two rows a micro-batch) instead of
+one row each. `--variants lora,budget` runs only those rows.
 """
 import argparse
 import gc
@@ -35,10 +39,15 @@ MODELS = {  # hidden, layers, heads, kv heads, intermediate: ~52M and ~134M para
     "52M": (320, 4, 5, 1, 864),
     "134M": (768, 4, 12, 2, 2048),
 }
-# (model, ranks, micro-batches, sequence): ranks and micro-batches at 512 tokens, then length on 1 rank.
-GRID = [("52M", 1, 1, 512), ("52M", 2, 1, 512), ("52M", 4, 1, 512), ("52M", 1, 4, 512), ("52M", 2, 4, 512),
-        ("52M", 4, 4, 512), ("134M", 1, 1, 512), ("134M", 2, 1, 512), ("52M", 1, 1, 1024),
-        ("52M", 1, 1, 2048), ("52M", 1, 1, 4096)]
+# (model, ranks, rows, sequence, variant): ranks and micro-batches at 512 tokens, then length on 1 rank,
+# then LoRA and token budgets
+GRID = [("52M", 1, 1, 512, "full"), ("52M", 2, 1, 512, "full"), ("52M", 4, 1, 512, "full"),
+        ("52M", 1, 4, 512, "full"), ("52M", 2, 4, 512, "full"), ("52M", 4, 4, 512, "full"),
+        ("134M", 1, 1, 512, "full"), ("134M", 2, 1, 512, "full"), ("52M", 1, 1, 1024, "full"),
+        ("52M", 1, 1, 2048, "full"), ("52M", 1, 1, 4096, "full"),
+        ("52M", 1, 1, 512, "lora"), ("52M", 2, 1, 512, "lora"), ("134M", 1, 1, 512, "lora"),
+        ("134M", 2, 1, 512, "lora"), ("52M", 1, 4, 512, "budget"), ("52M", 2, 8, 512, "budget")]
+LORA_RANK = 16
 
 
 def rss() -> int:
@@ -67,7 +76,7 @@ def worker(args):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     import grpo
-    from mathrl import distributed, fsdp
+    from mathrl import distributed, fsdp, lora
 
     dist = distributed.init_distributed()
     hidden, layers, heads, kv_heads, intermediate = MODELS[args.model] if args.model in MODELS else \
@@ -78,12 +87,15 @@ def worker(args):
                          max_position_embeddings=args.seq, tie_word_embeddings=True)
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config)
+    if args.variant == "lora":
+        lora.apply_lora(model, LORA_RANK, float(LORA_RANK))
     num_parameters = sum(p.numel() for p in model.parameters())
     model = fsdp.shard_model(model, dist, bf16=False, gradient_checkpointing=True)
     cfg = grpo.Config(micro_batch_size=1, num_iterations=1, beta=0.0, bf16=False,
                       gradient_checkpointing=True, max_prompt_length=16, max_completion_length=args.seq - 16,
-                      lr=1e-6)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+                      lr=1e-6, max_tokens_per_micro_batch=2 * args.seq if args.variant == "budget" else 0)
+    trained = lora.trainable_parameters(model) if args.variant == "lora" else model.parameters()
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr)
     scheduler = fsdp.cosine_schedule(optimizer, 1, 0.0, 1.0)
     gradient_bytes = []  # the gradients this rank holds when the optimizer steps
     optimizer.register_step_pre_hook(lambda *_: gradient_bytes.append(
@@ -107,7 +119,8 @@ def worker(args):
     distributed.shutdown(dist)
 
 
-def run(model: str, ranks: int, micro_batches: int, seq: int, vocab: int = VOCAB) -> list[dict]:
+def run(model: str, ranks: int, micro_batches: int, seq: int, vocab: int = VOCAB,
+        variant: str = "full") -> list[dict]:
     """One configuration under torchrun; each rank's measurements."""
     with tempfile.TemporaryDirectory(prefix="memory-bench-") as scratch:
         out = Path(scratch) / "result.json"
@@ -117,23 +130,32 @@ def run(model: str, ranks: int, micro_batches: int, seq: int, vocab: int = VOCAB
                    f"--nproc_per_node={ranks}",
                    __file__, "--worker", "--model", model,
                    "--micro-batches", str(micro_batches), "--seq", str(seq), "--vocab", str(vocab),
-                   "--out", str(out)]
+                   "--variant", variant, "--out", str(out)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
         subprocess.run(command, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
         return json.loads(out.read_text())
 
 
-def planned(model: str, ranks: int, micro_batches: int, seq: int, vocab: int = VOCAB) -> dict:
+def planned(model: str, ranks: int, micro_batches: int, seq: int, vocab: int = VOCAB,
+            variant: str = "full") -> dict:
     """memplan's per-rank numbers for the same run (fp32, checkpointed, no reference, no engine)."""
+    from mathrl import lora
+
     hidden, layers, heads, kv_heads, intermediate = MODELS[model] if model in MODELS else json.loads(model)
     shape = memplan.Shape(hidden, layers, heads, kv_heads, intermediate, vocab, tied=True)
-    tokens = micro_batches * seq  # one row per micro-batch: the plan's micro-batch is one row of seq tokens
+    tokens = micro_batches * seq  # all rows; a micro-batch holds one row of seq tokens, or two under a budget
+    micro_tokens = 2 * seq if variant == "budget" else seq
     P = shape.parameters()
-    transient = (memplan.gathered_bytes(shape, ranks, 4) + memplan.activation_bytes(shape, seq, 4, True)
-                 + memplan.logprob_bytes(shape, seq, 1024, 4))
-    transient = max(transient, memplan.root_reduce_bytes(shape, ranks, 4))  # the end of backward's moment
-    return {"parameters": P, "weights": 4 * P / ranks, "gradients": 4 * P / ranks, "adam": 8 * P / ranks,
-            "peak": 12 * P / ranks + transient, "tokens": tokens}
+    trained = lora.adapter_parameter_count(shape, LORA_RANK) if variant == "lora" else P
+    weights = P + trained if variant == "lora" else P
+    adapters_per_layer = trained // layers if variant == "lora" else 0
+    transient = (memplan.gathered_bytes(shape, ranks, 4, adapters_per_layer=adapters_per_layer)
+                 + memplan.activation_bytes(shape, micro_tokens, 4, True)
+                 + memplan.logprob_bytes(shape, micro_tokens, 1024, 4))
+    if variant != "lora":  # the frozen root has no gradients to reduce-scatter
+        transient = max(transient, memplan.root_reduce_bytes(shape, ranks, 4))  # the end of backward's moment
+    return {"parameters": weights, "weights": 4 * weights / ranks, "gradients": 4 * trained / ranks,
+            "adam": 8 * trained / ranks, "peak": 12 * trained / ranks + transient, "tokens": tokens}
 
 
 def main():
@@ -144,23 +166,26 @@ def main():
     parser.add_argument("--micro-batches", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--seq", type=int, default=512, help=argparse.SUPPRESS)
     parser.add_argument("--vocab", type=int, default=VOCAB, help=argparse.SUPPRESS)
+    parser.add_argument("--variants", default="full,lora,budget", help="which rows of the grid to run")
+    parser.add_argument("--variant", default="full", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
 
-    print("| model | ranks | micro-batches | seq | weights MiB | gradients MiB | Adam MiB | "
+    variants = args.variants.split(",")
+    print("| model | variant | ranks | rows | seq | weights MiB | gradients MiB | Adam MiB | "
           "update peak MiB | plan: state MiB | plan: peak MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
-    for model, ranks, micro_batches, seq in GRID:
-        measured = run(model, ranks, micro_batches, seq)
-        plan = planned(model, ranks, micro_batches, seq)
+    for model, ranks, micro_batches, seq, variant in (row for row in GRID if row[-1] in variants):
+        measured = run(model, ranks, micro_batches, seq, variant=variant)
+        plan = planned(model, ranks, micro_batches, seq, variant=variant)
         top = max(measured, key=lambda r: r["peak"])
         state = lambda r: r["weights"] + r["gradients"] + r["adam"]
-        rows.append({"model": model, "ranks": ranks, "micro_batches": micro_batches,
+        rows.append({"model": model, "variant": variant, "ranks": ranks, "micro_batches": micro_batches,
                      "seq": seq, "measured": measured, "plan": plan})
-        print(f"| {model} | {ranks} | {micro_batches} | {seq} | {top['weights'] / MiB:.0f} | "
+        print(f"| {model} | {variant} | {ranks} | {micro_batches} | {seq} | {top['weights'] / MiB:.0f} | "
               f"{top['gradients'] / MiB:.0f} | {top['adam'] / MiB:.0f} | {top['peak'] / MiB:.0f} | "
               f"{state(plan) / MiB:.0f} | {plan['peak'] / MiB:.0f} |", flush=True)
     if args.json:
