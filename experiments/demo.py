@@ -6,7 +6,8 @@
 2. sft.py --preset tiny: supervised fine-tuning on worked solutions of `linear` train problems
 3. grpo.py --preset tiny: GRPO from the SFT model, rewarded only for the right final answer, on
    the RL pool: 512 one-unknown train problems (and with --with-ppo, ppo.py --preset tiny from the
-   same SFT model on the same pool: about 2 more minutes). The SFT model solves 1-2% of the
+   same SFT model on the same pool: about 2 more minutes; with --lora-rank R, GRPO again with LoRA
+   adapters of rank R on the 7 projections, the base frozen, at --lora-lr). The SFT model solves 1-2% of the
    two-unknown systems, so their groups are almost all-wrong and carry no advantage; experiments/dynamic_sampling.py
    measures GRPO over all train problems against this pool (docs/experiments.md, "DAPO's dynamic sampling").
 4. evaluate.py on the 200 held-out `linear` test problems: greedy pass@1, and pass@1 / pass@8
@@ -73,9 +74,15 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (OMP_NUM_THREADS)")
     parser.add_argument("--with-ppo", action="store_true",
                         help="also run PPO with a critic from the same SFT model")
+    parser.add_argument("--lora-rank", type=int, default=0,
+                        help="also run GRPO with LoRA adapters of this rank from the same SFT model (0: no)")
+    parser.add_argument("--lora-lr", type=float, default=5e-4,
+                        help="that run's learning rate (the adapters start at zero: ten times the preset's)")
     parser.add_argument("--figure", default="docs/figures/demo.png",
                         help="training curves of the RL runs (tools/plot.py curves), as a PNG")
     args = parser.parse_args()
+    if args.lora_rank < 0 or not args.lora_lr > 0:
+        raise SystemExit("error: need --lora-rank >= 0 and --lora-lr > 0")
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     out = Path(args.out_dir)
 
@@ -95,6 +102,12 @@ def main():
             run([sys.executable, "ppo.py", "--preset", "tiny", "--model", str(sft), "--data", str(pool),
                  "--output-dir", str(ppo)])
         models.append(("SFT + PPO", ppo))
+    if args.lora_rank:
+        lora_run = out / f"grpo-lora{args.lora_rank}"
+        if not (lora_run / "model.safetensors").exists():
+            run([sys.executable, "grpo.py", "--preset", "tiny", "--model", str(sft), "--data", str(pool),
+                 "--lora-rank", str(args.lora_rank), "--lr", str(args.lora_lr), "--output-dir", str(lora_run)])
+        models.append((f"SFT + GRPO LoRA r={args.lora_rank}", lora_run))
 
     rl_runs = [(name, model_dir) for name, model_dir in models if "+" in name]
     run([sys.executable, "tools/plot.py", "curves", *(str(m) for _, m in rl_runs), "--labels",

@@ -35,7 +35,7 @@ class TrainFlags:
     bf16: bool = flag(True, "bf16 compute (GPU); master weights stay fp32")
     gradient_checkpointing: bool = flag(True, "recompute activations in backward")
     logprob_chunk_size: int = flag(1024, "tokens whose full-vocabulary logits exist at once in the log-prob "
-                                         "pass (memory: chunk x vocab x ~14 bytes)", **COUNT)
+                                         "pass (memory: chunk x vocab x 16-24 bytes)", **COUNT)
     max_tokens_per_micro_batch: int = flag(0, "cut length-sorted rows into micro-batches of at most N padded "
                                               "tokens (rows x longest) instead of --micro-batch-size rows each "
                                               "(0: off); the step is the same, the memory flat", **NON_NEGATIVE)

@@ -18,7 +18,7 @@ The arithmetic, per GPU, with W ranks sharing each model (FSDP2) and P parameter
                           whole forward and backward; two layers at a time, one being prefetched) with
                           the unsharded gradients of the root and of one layer; the activations (with
                           checkpointing: each layer's input, one layer recomputed, the gradients inside
-                          its backward); the log-prob chunk (chunk tokens x vocab x 14 bytes). At the
+                          its backward); the log-prob chunk (chunk tokens x vocab x 16-24 bytes). At the
                           end of backward: the root's gradients and their fp32 reduce-scatter copy.
   during generation       vLLM's --vllm-gpu-memory-utilization share of the GPU (its bf16 weights,
                           activations, KV cache); the training state stays, gradients are freed
@@ -209,12 +209,18 @@ def activation_bytes(shape: Shape, tokens: int, compute_bytes: int, checkpointin
     return shape.layers * one_layer + backward + final_norm
 
 
-def logprob_bytes(shape: Shape, tokens: int, chunk: int | None, compute_bytes: int) -> float:
-    """One chunk's logits: compute dtype, the fp32 copy over the temperature, the logsumexp/softmax
-    temporary, and in backward the fp32 gradient of the logits (see sequences.next_token_scores).
+def logprob_bytes(shape: Shape, tokens: int, chunk: int | None, compute_bytes: int,
+                  temperature: bool = True) -> float:
+    """One chunk's log-prob computation at the peak of its backward (sequences.next_token_scores): four
+    fp32 [chunk, V] tensors (the fp32 logits logsumexp saved, its exp temporary, its gradient, gather's
+    scattered gradient), a fifth where the head divides by the sampling temperature (grpo, ppo; not
+    sft), and under bf16 the bf16 logits and their bf16 gradient beside them. Counted, not estimated:
+    tests/test_memplan.py tracks every live [n, V] tensor through forward and backward of the real heads
+    (fp32: 16 and 20 B per element; bf16: 18.9 and 22.9 against the 20 and 24 charged here).
     Without chunking (chunk None) the whole micro-batch is one chunk."""
     chunk = tokens if not chunk else min(chunk, tokens)
-    return chunk * shape.vocab * (compute_bytes + 4 + 4 + 4)
+    per_element = 4 * 4 + (4 if temperature else 0) + (2 + 2 if compute_bytes == 2 else 0)
+    return chunk * shape.vocab * per_element
 
 
 def root_parameters(shape: Shape, critic: bool = False) -> int:
@@ -308,7 +314,7 @@ def make_plan(trainer: str, cfg, world_size: int, gpu_memory_gb: float,
     lora_layer = (trained // shape.layers) if weights != trained else 0  # adapters of one layer
     gathered = gathered_bytes(shape, W, cb, fsdp=fsdp, adapters_per_layer=lora_layer)
     policy_activations = activation_bytes(shape, tokens, cb, checkpointing, fsdp)
-    logprobs = logprob_bytes(shape, tokens, chunk, cb)
+    logprobs = logprob_bytes(shape, tokens, chunk, cb, temperature=trainer != "sft")
     policy_step = gathered + policy_activations + logprobs
     rows.append(("update", "gradients, fp32, sharded", grads))
     rows.append(("update", (f"gathered by FSDP: root + 2 layers, {'adapters' if lora_layer else 'unsharded'} "

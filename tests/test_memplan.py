@@ -3,11 +3,14 @@ FSDP holds on 1 and 2 ranks (measured by tools/bench/memory.py), and --dry-run's
 import dataclasses
 import importlib
 import sys
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import grpo
 import sft
@@ -87,8 +90,47 @@ def test_presets_fit_on_eight_80gb_gpus_and_sharding_divides_the_state():
 def test_logprob_memory_stops_growing_at_the_chunk():
     shape = memplan.KNOWN_MODELS["Qwen/Qwen2.5-Math-7B"]
     sizes = [memplan.logprob_bytes(shape, tokens, 1024, 2) for tokens in (512, 1024, 4096, 16384)]
-    assert sizes[0] == 512 * 152064 * 14 and sizes[1] == sizes[2] == sizes[3] == 1024 * 152064 * 14
+    assert sizes[0] == 512 * 152064 * 24 and sizes[1] == sizes[2] == sizes[3] == 1024 * 152064 * 24
     assert memplan.logprob_bytes(shape, 4096, None, 2) == 4 * sizes[1]  # unchunked grows with length
+
+
+class PeakOfVocabularyWideTensors(TorchDispatchMode):
+    """The largest number of bytes held at once by [n, V] tensors (V the vocabulary, parameters aside)."""
+
+    def __init__(self, vocab: int, parameters):
+        super().__init__()
+        self.vocab, self.storages, self.peak = vocab, [], 0
+        self.parameter_storages = {p.untyped_storage().data_ptr() for p in parameters}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if (isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[-1] == self.vocab
+                    and t.untyped_storage().data_ptr() not in self.parameter_storages):
+                self.storages.append(weakref.ref(t.untyped_storage()))
+        live = {id(s()): s().nbytes() for s in self.storages if s() is not None}
+        self.peak = max(self.peak, sum(live.values()))
+        return out
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("trainer", ["grpo", "sft"])
+def test_the_logprob_term_holds_what_the_heads_keep_at_their_peak(trainer, bf16):
+    """Forward and backward of one chunk of the trainers' real log-prob heads (grpo's at a temperature,
+    sft's without), counting every live [n, V] tensor: the plan charges no less, and at most 10% more."""
+    from mathrl import sequences
+
+    model, _ = models.build_tiny_model(hidden_size=32, num_layers=1, num_heads=2)
+    ids, completion_mask = sequences.pack([[5, 6, 7]], [list(range(8, 28))], 0, "cpu")
+    counter = PeakOfVocabularyWideTensors(model.config.vocab_size, model.parameters())
+    with counter, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logp = (grpo.token_logprobs(model, ids, completion_mask, 0.7, 64)[0] if trainer == "grpo" else
+                sequences.next_token_scores(model, ids, sft.log_softmax_at, 64)[0])
+        logp.sum().backward()
+    shape = memplan.model_shape("tiny")
+    positions = ids.shape[1] - 1
+    plan = memplan.logprob_bytes(shape, positions, 64, 2 if bf16 else 4, temperature=trainer == "grpo")
+    assert 0.9 * plan <= counter.peak <= plan
 
 
 def run_dry(trainer, argv, capsys):

@@ -144,4 +144,4 @@ def test_grpo_with_lora_plans_no_second_model_for_the_reference():
     rows = {what.split(",")[0]: size for _, what, size in plan.rows}
     adapters = lora.adapter_parameter_count(memplan.model_shape(cfg.model), 16)
     assert rows["Adam moments"] == 8 * adapters and rows["gradients"] == 4 * adapters
-    assert plan.update_bytes < 0.5 * full.update_bytes  # 21.8 against 47.4 GiB on one GPU
+    assert plan.update_bytes < 0.5 * full.update_bytes  # 23.2 against 48.8 GiB on one GPU
