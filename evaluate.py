@@ -363,7 +363,8 @@ def parse_args(argv=None):
     if args.vllm_cpu_kv_cache_gb is not None and not 0 < args.vllm_cpu_kv_cache_gb < math.inf:
         p.error(f"--vllm-cpu-kv-cache-gb must be a positive number of GiB, got {args.vllm_cpu_kv_cache_gb}")
     if args.engine == "vllm" and args.model.endswith(".gguf"):
-        p.error("--model: a GGUF file loads with --engine hf (vLLM takes a model folder or hub id)")
+        p.error(f"--model: a GGUF file loads with --engine hf; for vLLM make a model folder first: "
+                f"python tools/model_folder.py {args.model} FOLDER")
     one_process = int(os.environ.get("WORLD_SIZE", "1")) == 1  # torchrun runs one engine per GPU instead
     if args.tensor_parallel_size > 1 and (args.engine != "vllm" or not one_process):
         p.error("--tensor-parallel-size > 1 needs --engine vllm in one process, not under torchrun")

@@ -71,6 +71,32 @@ def load_model(name_or_path: str, dtype=torch.float32, rope_theta: float = 0.0, 
     return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **kwargs)
 
 
+def save_model_folder(source: str, out) -> Path:
+    """The one way in for a local model: `source` (a .gguf file, a hub id or a model folder) written as
+    the save_pretrained folder every trainer, evaluate.py and vLLM load. A GGUF file is dequantised to
+    fp32 (transformers' GGUF reader) and re-saved as a plain model: transformers refuses to save a model
+    it marks as GGUF-quantised, and vLLM's trainers' engine takes a folder. The tokenizer is saved beside
+    it and reloaded: a probe text must tokenise to the same ids (transformers 5 can reload a custom
+    tokenizer as another class that drops spaces), else ValueError."""
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out)
+    model, tokenizer = load_model(source), load_tokenizer(source)
+    if getattr(model.config, "quantization_config", None) is not None and source.endswith(".gguf"):
+        del model.config.quantization_config  # dequantised already: what remains is a plain model
+        plain = AutoModelForCausalLM.from_config(model.config)
+        plain.load_state_dict(model.state_dict())
+        model = plain
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    probe = "Solve for x:  2x + 3 = 11.\n Answer: \\boxed{4}  "
+    reloaded = load_tokenizer(str(out))
+    if reloaded(probe)["input_ids"] != tokenizer(probe)["input_ids"]:
+        raise ValueError(f"{out}: the saved tokenizer ({type(reloaded).__name__}) tokenises differently from "
+                         f"{source}'s ({type(tokenizer).__name__})")
+    return out
+
+
 def config_overrides(config, rope_theta: float = 0.0, max_positions: int = 0) -> dict:
     """Set --rope-theta / --max-position-embeddings on a transformers config (in place) and return them as
     vLLM's hf_overrides, so the engine computes as the trainer does. Longer context for Qwen2.5-Math

