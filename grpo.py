@@ -29,11 +29,13 @@ Which equation each function implements:
   rollout             steps 1-3
   policy_update       step 4; --tis-cap is truncated importance sampling (Yao et al., 2025)
 
+With --lora-rank the policy is W + (alpha / r) B A with W frozen (mathrl/lora.py): the optimizer holds the
+adapters only, pi_ref is the same model with its adapters switched off, and the engine receives the merged W.
+
 Left out, and why: no value model (that is the point of GRPO; ppo.py has one); no reward model (math
-answers are checked, mathrl/grader.py); no overlong reward shaping or soft length penalty (DAPO sec. 3.4:
-the cosine reward of rewards.py is this project's length control); no asynchronous or off-policy
-generation (each step samples with the weights it updates, so rho = 1 at mu = 1); no sequence
-packing across rows (right padding, sorted by length, costs ~30% less than unsorted and is simpler).
+answers are checked, mathrl/grader.py); no asynchronous or off-policy generation (each step samples
+with the weights it updates, so rho = 1 at mu = 1); no sequence packing across rows (right padding,
+sorted by length, costs ~30% less than unsorted and is simpler).
 The plumbing (processes, FSDP, checkpoints, the engine) lives in mathrl/: no step of GRPO is there.
 """
 import time

@@ -193,5 +193,6 @@ def check_flags(config):
     if getattr(config, "lora_rank", 0) == 0 and lora_given:
         raise SystemExit(f"error: {lora_given[0]} needs --lora-rank > 0 (0 is LoRA off)")
     if getattr(config, "engine", None) == "vllm" and str(getattr(config, "model", "")).endswith(".gguf"):
-        raise SystemExit(f"error: --model {config.model!r} is a GGUF file; --engine vllm loads a model folder: "
-                         f"make one with `python tools/model_folder.py {config.model} FOLDER` (or use --engine hf)")
+        raise SystemExit(f"error: --model {config.model!r} is a GGUF file; --engine vllm loads a model "
+                         f"folder: make one with `python tools/model_folder.py {config.model} FOLDER` "
+                         f"(or use --engine hf)")

@@ -1,6 +1,7 @@
 """One GRPO policy update on fixed rollouts; run as a script (1 process) or under torchrun (N ranks).
 
-Arguments: OUT [MINI_BATCHES [MAX_TOKENS_PER_MICRO_BATCH [LORA_RANK]]]. Writes OUT/result.pt with the updated weights, the starting weights and the update's statistics,
+Arguments: OUT [MINI_BATCHES [MAX_TOKENS_PER_MICRO_BATCH [LORA_RANK]]]. Writes OUT/result.pt with the
+updated weights, the starting weights and the update's statistics,
 so tests/test_grpo.py can check that N ranks take exactly the step one process takes.
 """
 import sys
@@ -48,7 +49,8 @@ def main(out: str, mini_batches: int = 1, max_tokens_per_micro_batch: int = 0, l
     policy = fsdp.shard_model(policy, dist, bf16=False, gradient_checkpointing=False)
     reference = policy if lora_rank else \
         fsdp.shard_model(reference, dist, bf16=False, gradient_checkpointing=False).eval()
-    optimizer = torch.optim.AdamW(lora.trainable_parameters(policy) if lora_rank else policy.parameters(), lr=cfg.lr)
+    trained = lora.trainable_parameters(policy) if lora_rank else policy.parameters()
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr)
     scheduler = fsdp.cosine_schedule(optimizer, 2, 0.0, 1.0)
     rows = fixed_rollouts()
     mine = [row for p in range(dist.rank, PROMPTS, dist.world_size) for row in rows[p * G:(p + 1) * G]]
