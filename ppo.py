@@ -60,7 +60,7 @@ from tqdm import tqdm
 import data
 import lim
 import rewards
-from mathrl import checkpoints, distributed, flags, fsdp, logs, memplan, models, sequences
+from mathrl import checkpoints, distributed, flags, fsdp, logs, lora, memplan, models, sequences
 from mathrl.engine import Sampling, trainer_engine
 from mathrl.flags import COUNT, FRACTION, NON_NEGATIVE, flag
 from mathrl.grader import Grader
@@ -341,7 +341,10 @@ def make_experience(actor, critic, reference, rollouts: list[Rollout], cfg: Conf
             mask = mb["mask"]
             with fsdp.autocast(dist, cfg.bf16):
                 mb["old_logp"] = logprobs(actor, mb)
-                ref_logp = logprobs(reference, mb) if reference is not None else mb["old_logp"]
+                ref_logp = mb["old_logp"]
+                if reference is not None:
+                    with lora.adapters_disabled(reference):  # LoRA: the reference is the actor, adapters off
+                        ref_logp = logprobs(reference, mb)
                 mb["values"] = critic_values(critic, mb["input_ids"]) * mask
             mb["kl"] = (mb["old_logp"] - ref_logp) * mask            # log pi_old - log pi_ref, per token
             mb["rewards"] = -cfg.kl_coef * mb["kl"] + mb["score"]    # score: s_i on the last token, else 0
@@ -449,9 +452,6 @@ def ppo_update(experience, optimizers: dict, schedulers: dict, cfg: Config, dist
 
 def main(argv=None):
     cfg = flags.parse_args(Config, PRESETS, argv, description=__doc__.split("\n\n")[0])
-    if cfg.lora_rank:  # the critic's and the actor's adapters, their checkpoints: not built yet
-        raise SystemExit(f"error: --lora-rank {cfg.lora_rank}: LoRA is not yet wired into ppo.py "
-                         f"(sft.py and grpo.py train adapters)")
     dist = distributed.init_distributed(cfg.dist_timeout_minutes)
     distributed.seed_everything(cfg.seed)
     try:
@@ -483,24 +483,37 @@ def main(argv=None):
     models.check_model_path(cfg.model)
     if cfg.critic:
         models.check_model_path(cfg.critic, "--critic")
+    lora.check_checkpoint_kind(checkpoint, cfg.lora_rank)
+    if cfg.lora_rank:  # LoRA's flags against the model's architecture (its config only, no weights yet)
+        from transformers import AutoConfig
+        try:
+            lora_alpha, targets = lora.settings(cfg, AutoConfig.from_pretrained(cfg.model))
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
     tokenizer = models.load_tokenizer(cfg.model)
     problems, prompts, prompt_ids = data.prepare_prompts(problems, tokenizer, cfg.template,
                                                          cfg.max_prompt_length, dist, "ppo")
 
-    # ---- models: actor and critic (from the newest checkpoint when resuming), the frozen reference
-    actor_path = str(checkpoint) if checkpoint else cfg.model
+    # ---- models: actor and critic (from the newest checkpoint when resuming), the frozen reference. With
+    # LoRA the actor is the base model plus adapters (a checkpoint holds its adapters only), the reference is
+    # the actor with its adapters off, and the critic is trained in full as without LoRA.
+    actor_path = str(checkpoint) if checkpoint and not cfg.lora_rank else cfg.model
     context = dict(rope_theta=cfg.rope_theta, max_positions=cfg.max_position_embeddings)  # overrides, if any
     actor = models.load_model(actor_path, **context)
+    if cfg.lora_rank:  # before sharding: every rank wraps the whole model alike (A from its own seed)
+        lora.apply_lora(actor, cfg.lora_rank, lora_alpha, targets, cfg.lora_dropout, seed=cfg.seed)
     actor = fsdp.shard_model(actor, dist, cfg.bf16, cfg.gradient_checkpointing)
     critic_path = str(checkpoint / "critic") if checkpoint else cfg.critic or cfg.model
     critic = load_critic(critic_path, cfg.seed, **context)
     critic = fsdp.shard_model(critic, dist, cfg.bf16, cfg.gradient_checkpointing)
-    reference = fsdp.load_reference(cfg.model, dist, cfg.bf16, **context) if cfg.kl_coef > 0 else None
+    reference = None if cfg.kl_coef == 0 else actor if cfg.lora_rank else \
+        fsdp.load_reference(cfg.model, dist, cfg.bf16, **context)
     distributed.seed_per_rank(cfg.seed, dist)  # models (the critic's new head too) alike on all ranks first
-    adamw = lambda model, lr: torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay,
-                                                betas=(0.9, cfg.adam_beta2))
-    optimizers = {"actor": (actor, adamw(actor, cfg.actor_lr)),
-                  "critic": (critic, adamw(critic, cfg.critic_lr))}
+    adamw = lambda parameters, lr: torch.optim.AdamW(parameters, lr=lr, weight_decay=cfg.weight_decay,
+                                                     betas=(0.9, cfg.adam_beta2))
+    actor_trained = lora.trainable_parameters(actor) if cfg.lora_rank else actor.parameters()
+    optimizers = {"actor": (actor, adamw(actor_trained, cfg.actor_lr)),
+                  "critic": (critic, adamw(critic.parameters(), cfg.critic_lr))}
     actor_updates = max(1, cfg.max_steps - cfg.critic_warmup_steps) * updates_per_step  # the actor waits
     # --schedule-steps spans both models when set (OpenRLHF gives the critic the actor's max_steps)
     schedule = lambda name, updates: fsdp.lr_schedule(optimizers[name][1], cfg.lr_schedule,
@@ -511,12 +524,16 @@ def main(argv=None):
     start_step = 0
     if checkpoint is not None:
         state = checkpoints.load_trainer_state(checkpoint)
+        if cfg.lora_rank:
+            lora.load_adapter(actor, checkpoint / "adapter")  # each rank copies in its shard of A and B
         start_step = checkpoints.restore_checkpoint(state, optimizers, schedulers, dist,
                                                     seed=cfg.seed)["step"]
         if dist.is_main:
             print(f"ppo: resumed from {checkpoint} at step {start_step}")
     logs.truncate_logs(cfg.output_dir, start_step, dist)  # lines of steps that will be redone go
     engine = trainer_engine(cfg, actor, tokenizer, actor_path, dist)
+    if cfg.lora_rank and checkpoint is not None:  # the engine loaded the base: give it the resumed adapters
+        engine.push_weights(actor)
     logger = logs.MetricsLogger(cfg.output_dir, cfg.report_to, asdict(cfg), dist)
     grader = Grader(num_workers=cfg.grader_workers)
     if dist.is_main:

@@ -60,7 +60,8 @@ class TrainFlags:
     plan_gpus: int = flag(0, "GPUs the memory plan is for (0: this launch's ranks)", **NON_NEGATIVE)
     gpu_memory_gb: float = flag(80.0, "memory of one GPU for the memory plan, GiB", above=0)
     # LoRA (mathrl/lora.py): a low-rank update of the listed projections, the base weights frozen.
-    lora_rank: int = flag(0, "LoRA rank r (0: off, full fine-tuning); sft.py and grpo.py", low=0)
+    lora_rank: int = flag(0, "LoRA rank r (0: off, full fine-tuning); ppo.py: the actor's, its critic is "
+                              "trained in full", low=0)
     # alpha = r, a scale alpha / r of 1: peft's LoraConfig defaults (r=8, lora_alpha=8: peft 0.21.2
     # tuners/lora/config.py:632,652) and Unsloth's notebooks' (r=16, lora_alpha=16) both have this ratio.
     lora_alpha: float = flag(0.0, "LoRA alpha: the update is scaled by alpha / rank (0: alpha = rank, "

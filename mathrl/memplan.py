@@ -282,17 +282,19 @@ def make_plan(trainer: str, cfg, world_size: int, gpu_memory_gb: float,
         critic_shape = model_shape(cfg.critic) if cfg.critic else shape
         if critic_shape is None:
             return None
-        critic, with_reference = critic_shape.critic_parameters(), cfg.kl_coef > 0
+        critic, with_reference = critic_shape.critic_parameters(), cfg.kl_coef > 0 and not cfg.lora_rank
     elif trainer == "grpo":
         with_reference = cfg.beta > 0 and not getattr(cfg, "lora_rank", 0)  # LoRA: the policy, adapters off
     trained = policy + critic
     weights = trained
-    if getattr(cfg, "lora_rank", 0):  # LoRA (sft, grpo): the base frozen in fp32; gradients, Adam of A, B only
+    adapters = 0
+    if getattr(cfg, "lora_rank", 0):  # LoRA: the base frozen in fp32; gradients, Adam of A, B (and PPO's critic)
         from mathrl import lora
         try:
-            trained = lora.adapter_parameter_count(shape, cfg.lora_rank, cfg.lora_targets)
+            adapters = lora.adapter_parameter_count(shape, cfg.lora_rank, cfg.lora_targets)
         except ValueError as error:
             raise SystemExit(f"error: {error}") from None
+        trained = adapters + critic
         weights = policy + trained
     budget = getattr(cfg, "max_tokens_per_micro_batch", 0)  # rows are then cut by tokens, not counted
     tokens = budget or cfg.micro_batch_size * seq
@@ -311,7 +313,7 @@ def make_plan(trainer: str, cfg, world_size: int, gpu_memory_gb: float,
     # FSDP gathered, activations, a log-prob chunk) and the root's reduce-scatter at its end
     grads = 4 * trained / W
     checkpointing = cfg.gradient_checkpointing
-    lora_layer = (trained // shape.layers) if weights != trained else 0  # adapters of one layer
+    lora_layer = adapters // shape.layers  # adapters of one layer (0 without LoRA)
     gathered = gathered_bytes(shape, W, cb, fsdp=fsdp, adapters_per_layer=lora_layer)
     policy_activations = activation_bytes(shape, tokens, cb, checkpointing, fsdp)
     logprobs = logprob_bytes(shape, tokens, chunk, cb, temperature=trainer != "sft")
@@ -333,7 +335,7 @@ def make_plan(trainer: str, cfg, world_size: int, gpu_memory_gb: float,
         rows.append(("update", "critic micro-batch: gathered + activations (alternates)", critic_step))
         step = max(policy_step, critic_step)
         root_reduce = max(root_reduce, root_reduce_bytes(critic_shape, W, cb, critic=True, fsdp=fsdp))
-    if fsdp and not lora_layer:
+    if root_reduce:  # under FSDP, of a trained root (LoRA freezes the policy's; PPO's critic trains its own)
         rows.append(("update", "root's gradients, fp32 reduce-scatter copy (alternates)",
                      root_reduce))
     rows.append(("always", "reserve: CUDA context, NCCL, vLLM asleep, fragmentation", RESERVE_GIB * GiB))

@@ -1,7 +1,7 @@
-"""grpo.py --lora-rank on CPU: the reference policy is the policy with its adapters off (the same KL as a
-separate copy of the base model), only the adapters move, a resumed run reaches the uninterrupted run's
-weights, and the final folder is the merged plain model. (The vLLM push of the merged weights is in
-tests/test_grpo_vllm.py.)"""
+"""grpo.py and ppo.py --lora-rank on CPU: the reference policy is the policy with its adapters off (the same
+KL as a separate copy of the base model), only the adapters move (and PPO's critic, trained in full), a resumed
+run reaches the uninterrupted run's weights, and the final folder is the merged plain model. (The vLLM push of
+the merged weights is in tests/test_grpo_vllm.py.)"""
 import json
 import shutil
 
@@ -85,3 +85,33 @@ def test_a_lora_run_trains_the_adapters_resumes_exactly_and_ends_merged(tmp_path
             assert torch.equal(tensor, base[name]), name  # norms, embeddings: frozen
     logged = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logged] == [1, 2, 3] and logged[-1]["kl"] > 0  # the reference stayed the base
+
+
+def test_a_ppo_lora_run_resumes_exactly_with_its_critic_trained_in_full(tmp_path):
+    import ppo
+    from conftest import save_tiny_model
+
+    start = save_tiny_model(tmp_path / "start", hidden_size=64, num_layers=2, num_heads=2, seed=1)
+    args = lambda out: ["--preset", "tiny", "--model", str(start), "--max-steps", "3", "--save-steps", "2",
+                        "--prompts-per-step", "4", "--num-generations", "2", "--train-batch-size", "4",
+                        "--micro-batch-size", "4", "--max-completion-length", "12", "--critic-warmup-steps", "1",
+                        "--kl-coef", "0.05", "--actor-lr", "1e-2", "--lora-rank", "4", "--output-dir", str(out)]
+    ppo.main(args(tmp_path / "straight"))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", resumed / "checkpoint-2")
+    ppo.main(args(resumed))
+
+    checkpoint = tmp_path / "straight" / "checkpoint-2"
+    assert (checkpoint / "adapter" / "adapter_model.safetensors").exists()
+    assert (checkpoint / "critic" / "model.safetensors").exists()  # the critic is a full model
+    base = load_file(str(start / "model.safetensors"))
+    for part in ("model.safetensors", "critic/model.safetensors"):
+        a, b = (load_file(str(d / part)) for d in (tmp_path / "straight", resumed))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    actor = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    moved = {k for k in actor if not torch.equal(actor[k], base[k])}
+    assert moved and all(k.endswith("proj.weight") for k in moved)  # only the adapted projections, merged
+    logged = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    # the reference stayed the base: pi_old and pi_ref differ (the k1 mean may have either sign; 0 if they were one)
+    assert logged[-1]["actor_grad_norm"] > 0 and abs(logged[-1]["kl"]) > 1e-6

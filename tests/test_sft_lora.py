@@ -95,7 +95,6 @@ def test_two_ranks_reach_the_same_lora_weights_as_one_process(tmp_path):
     ("sft.py", ["--lora-rank", "4", "--lora-targets", "q,nope"], "'nope' matches no nn.Linear"),
     ("sft.py", ["--lora-alpha", "16"], "--lora-alpha needs --lora-rank > 0"),
     ("sft.py", ["--lora-rank", "4", "--lora-dropout", "1"], "--lora-dropout 1.0: must be in [0, 1)"),
-    ("ppo.py", ["--lora-rank", "4"], "not yet wired into ppo.py"),
 ])
 def test_bad_lora_flags_are_one_line_before_any_model_loads(tmp_path, script, extra, words):
     result = run([script, "--preset", "tiny", *extra, "--output-dir", str(tmp_path / "o")], check=False,
