@@ -174,12 +174,18 @@ def test_two_rank_update_on_fixed_rollouts_equals_one_process(tiny_model_dir, tm
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     worker = str(ROOT / "tests" / "ppo_update_worker.py")
     subprocess.run([sys.executable, worker, str(tiny_model_dir), str(tmp_path / "one")], cwd=ROOT, env=env, check=True)
-    # --max-restarts 1: in full-suite CI runs a gloo rank of this worker twice aborted mid-update
-    # ("terminate called without an active exception", never reproduced alone); the worker is
-    # deterministic, so a relaunch computes the same update and the equality below still decides.
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    "--max-restarts=1", worker, str(tiny_model_dir), str(tmp_path / "two"), str(max_tokens)], cwd=ROOT,
-                   env=env, check=True)
+    # Two launches at most: in full-suite CI runs a gloo rank of this worker twice aborted mid-update
+    # ("terminate called without an active exception", never reproduced alone). The worker is
+    # deterministic, so a fresh launch computes the same update and the equality below still decides.
+    # (Not torchrun's --max-restarts: it reuses the rendezvous store, and the restarted ranks dial the
+    # dead ranks' old ports, as tools/bench/memory.py found.)
+    for attempt in (1, 2):
+        launch = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 worker, str(tiny_model_dir), str(tmp_path / "two"), str(max_tokens)], cwd=ROOT,
+                                env=env, capture_output=True, text=True)
+        if launch.returncode == 0:
+            break
+    assert launch.returncode == 0, launch.stderr[-3000:]
     one, two = torch.load(tmp_path / "one" / "result.pt"), torch.load(tmp_path / "two" / "result.pt")
     for model in ("actor", "critic"):
         start = one["start"][model]

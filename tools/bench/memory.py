@@ -124,16 +124,25 @@ def run(model: str, ranks: int, micro_batches: int, seq: int, vocab: int = VOCAB
     """One configuration under torchrun; each rank's measurements."""
     with tempfile.TemporaryDirectory(prefix="memory-bench-") as scratch:
         out = Path(scratch) / "result.json"
-        # one relaunch: gloo can abort at exit ("terminate called without an active exception"); the worker is
-        # deterministic, so a rerun measures the same thing
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--max-restarts=1",
-                   f"--nproc_per_node={ranks}",
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
                    __file__, "--worker", "--model", model,
                    "--micro-batches", str(micro_batches), "--seq", str(seq), "--vocab", str(vocab),
                    "--variant", variant, "--out", str(out)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-        subprocess.run(command, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
-        return json.loads(out.read_text())
+        # gloo can abort at exit ("terminate called without an active exception") after rank 0 wrote every
+        # rank's figures: those stand. Without them, one fresh launch (a new rendezvous: torchrun's own
+        # --max-restarts reuses the store, and the restarted ranks dial the dead ranks' old ports); the
+        # worker is deterministic, so a rerun measures the same thing.
+        for attempt in (1, 2):
+            launch = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True)
+            try:
+                results = json.loads(out.read_text())
+                if len(results) == ranks:
+                    return results
+            except (OSError, ValueError):  # not written, or cut short
+                pass
+        raise RuntimeError(f"memory bench worker failed twice (exit {launch.returncode}):\n{launch.stderr[-3000:]}")
 
 
 def planned(model: str, ranks: int, micro_batches: int, seq: int, vocab: int = VOCAB,
