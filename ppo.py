@@ -483,13 +483,7 @@ def main(argv=None):
     models.check_model_path(cfg.model)
     if cfg.critic:
         models.check_model_path(cfg.critic, "--critic")
-    lora.check_checkpoint_kind(checkpoint, cfg.lora_rank)
-    if cfg.lora_rank:  # LoRA's flags against the model's architecture (its config only, no weights yet)
-        from transformers import AutoConfig
-        try:
-            lora_alpha, targets = lora.settings(cfg, AutoConfig.from_pretrained(cfg.model))
-        except ValueError as error:
-            raise SystemExit(f"error: {error}") from None
+    lora_alpha, targets = lora.checked_flags(cfg, checkpoint)  # against the model's config; no weights yet
     tokenizer = models.load_tokenizer(cfg.model)
     problems, prompts, prompt_ids = data.prepare_prompts(problems, tokenizer, cfg.template,
                                                          cfg.max_prompt_length, dist, "ppo")

@@ -110,6 +110,21 @@ def settings(cfg, architecture) -> tuple[float, tuple[str, ...]]:
     return alpha, targets
 
 
+def checked_flags(cfg, checkpoint) -> tuple[float | None, tuple[str, ...] | None]:
+    """The RL trainers' LoRA checks, as one line each (SystemExit): the checkpoint to resume is of the same
+    kind, and the flags fit --model's architecture (its config.json only). (alpha, targets); None, None
+    without LoRA."""
+    check_checkpoint_kind(checkpoint, cfg.lora_rank)
+    if not cfg.lora_rank:
+        return None, None
+    from transformers import AutoConfig
+
+    try:
+        return settings(cfg, AutoConfig.from_pretrained(cfg.model))
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
 def check_checkpoint_kind(checkpoint, rank: int):
     """A LoRA checkpoint (an adapter/ folder) resumes only with LoRA on, a full one only with it off."""
     if checkpoint is not None and (Path(checkpoint) / "adapter").is_dir() != bool(rank):

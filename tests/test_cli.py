@@ -43,6 +43,8 @@ BAD_INPUTS = [
     ("ppo.py", [*TINY, "--max-tokens-per-micro-batch", "100"], "--max-tokens-per-micro-batch"),
     ("sft.py", ["--preset", "tiny", "--max-tokens-per-micro-batch", "100"], "--max-tokens-per-micro-batch"),
     ("ppo.py", [*TINY, "--train-batch-size", "0"], "--train-batch-size"),
+    ("grpo.py", [*TINY, "--lora-rank", "4", "--lora-targets", "q,nope"], "--lora-targets"),  # config only
+    ("ppo.py", [*TINY, "--lora-rank", "4", "--lora-alpha", "-1"], "--lora-alpha"),
     ("sft.py", ["--output-dir", "{dir}/a-file"], "--output-dir"),
     ("sft.py", ["--output-dir", "{dir}/a-file/run"], "--output-dir"),
     ("grpo.py", ["--preset", "tiny"], "--model"),  # the default model is a hub id, absent from the cache
