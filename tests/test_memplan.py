@@ -3,18 +3,16 @@ FSDP holds on 1 and 2 ranks (measured by tools/bench/memory.py), and --dry-run's
 import dataclasses
 import importlib
 import sys
-import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import grpo
 import sft
 from mathrl import flags, memplan, models
+from test_grpo import VocabWideTensors
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools" / "bench"))
@@ -94,20 +92,16 @@ def test_logprob_memory_stops_growing_at_the_chunk():
     assert memplan.logprob_bytes(shape, 4096, None, 2) == 4 * sizes[1]  # unchunked grows with length
 
 
-class PeakOfVocabularyWideTensors(TorchDispatchMode):
-    """The largest number of bytes held at once by [n, V] tensors (V the vocabulary, parameters aside)."""
+class PeakOfVocabularyWideTensors(VocabWideTensors):
+    """tests/test_grpo.py's record of [n, V] tensors (V the vocabulary, parameters aside), also keeping the
+    largest number of bytes those alive held at once."""
 
     def __init__(self, vocab: int, parameters):
-        super().__init__()
-        self.vocab, self.storages, self.peak = vocab, [], 0
-        self.parameter_storages = {p.untyped_storage().data_ptr() for p in parameters}
+        super().__init__(vocab, parameters)
+        self.peak = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if (isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[-1] == self.vocab
-                    and t.untyped_storage().data_ptr() not in self.parameter_storages):
-                self.storages.append(weakref.ref(t.untyped_storage()))
+        out = super().__torch_dispatch__(func, types, args, kwargs)
         live = {id(s()): s().nbytes() for s in self.storages if s() is not None}
         self.peak = max(self.peak, sum(live.values()))
         return out
